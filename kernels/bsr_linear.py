@@ -1,0 +1,354 @@
+"""``y = x @ W^T + bias`` with a BSR weight: launcher, autotuned kernel, ``torch.library`` op.
+
+``torch.ops.sparse_compile.bsr_linear(x, values, crow_indices, col_indices, bias, out_features)``
+is a ``torch.library.triton_op``: on CUDA its body launches the Triton kernel through
+``wrap_triton`` (so Inductor sees the kernel), on every other device it computes with torch
+ops (see ``_bsr_linear_torch`` for why that way). Importing this module registers the op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import wrap_triton  # called by bare name: triton_op's kernel discovery (AST) looks for it
+
+from .autotune_configs import INTERPRET_CONFIG, all_configs, prune_configs
+from .bsr_format import BsrWeight
+from .bsr_linear_kernels import bsr_linear_kernel
+
+__all__ = ["bsr_linear", "bsr_linear_triton", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# triton.jit decides at decoration time whether kernels are interpreted; follow the same knob.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
+
+if _INTERPRET:
+    _bsr_linear_autotuned = triton.autotune(configs=[INTERPRET_CONFIG], key=[])(bsr_linear_kernel)
+else:
+    _bsr_linear_autotuned = triton.autotune(
+        configs=all_configs(),
+        key=["m_bucket", "N", "K", "nnz_bucket", "BLOCKSIZE", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": prune_configs},
+    )(bsr_linear_kernel)
+
+
+def _dtype_names() -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+
+
+def _check_inputs(
+    x: Tensor,
+    values: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    bias: Optional[Tensor],
+    out_features: int,
+) -> None:
+    """Shape/dtype checks that need no data (they also run in the fake implementation)."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"bsr_linear: x must be one of {_dtype_names()}, got {x.dtype}")
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        got = f"x {x.dtype}, values {values.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
+        raise TypeError(f"bsr_linear: x, values and bias must share one dtype ({_dtype_names()}); got {got}")
+    if x.dim() < 1:
+        raise ValueError("bsr_linear: x must have at least one dim [..., in_features]")
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"bsr_linear: values must be [nnz_blocks, b, b], got {tuple(values.shape)}")
+    b = values.shape[1]
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"bsr_linear: block size must be a power of two >= 16, got {b}")
+    if crow_indices.dtype != torch.int32 or col_indices.dtype != torch.int32:
+        raise TypeError(
+            "bsr_linear: crow_indices and col_indices must be int32, "
+            f"got {crow_indices.dtype} and {col_indices.dtype}"
+        )
+    if crow_indices.dim() != 1 or col_indices.dim() != 1 or col_indices.shape[0] != values.shape[0]:
+        raise ValueError(
+            "bsr_linear: expected crow_indices [N/b + 1], col_indices [nnz_blocks] matching values; got "
+            f"{tuple(crow_indices.shape)}, {tuple(col_indices.shape)}, values {tuple(values.shape)}"
+        )
+    if out_features < 0 or crow_indices.shape[0] != -(-out_features // b) + 1:
+        raise ValueError(
+            f"bsr_linear: out_features={out_features} needs ceil(out_features/{b}) + 1 = "
+            f"{-(-out_features // b) + 1} row pointers, got {crow_indices.shape[0]}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bsr_linear: bias must be [{out_features}], got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, values, crow_indices, col_indices) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"bsr_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _next_pow2(n):
+    """Autotune bucket. A SymInt (dynamic shapes under torch.compile) is passed through
+    unchanged: bucketing it would guard on its value, and Inductor autotunes on its own."""
+    if not isinstance(n, int):
+        return n
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # Match what dense fp32 matmul does on this process; fp16/bf16 ignore the setting.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch(x2d, values, crow_indices, col_indices, bias, out_features: int) -> Tensor:
+    """Run the kernel on ``x2d`` ``[M, K]``; returns ``[M, out_features]`` in ``x2d.dtype``."""
+    m, k = x2d.shape
+    b = values.shape[1]
+    out = torch.empty((m, out_features), dtype=x2d.dtype, device=x2d.device)
+    if m == 0 or out_features == 0:
+        return out
+    crow_indices = crow_indices.contiguous()
+    col_indices = col_indices.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else out  # never read when HAS_BIAS is False
+    n_block_rows = crow_indices.shape[0] - 1
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * n_block_rows,)
+
+    # wrap_triton cannot take interpreted kernels (it unwraps `.fn` until it finds a
+    # JITFunction, and an InterpretedFunction's `.fn` is a plain function); under the
+    # interpreter there is no compiler to show the kernel to anyway.
+    kernel = _bsr_linear_autotuned if _INTERPRET else wrap_triton(_bsr_linear_autotuned)
+    kernel[grid](
+        x2d,
+        values,
+        crow_indices,
+        col_indices,
+        bias_arg,
+        out,
+        m,
+        out_features,
+        k,
+        x2d.stride(0),
+        x2d.stride(1),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        out.stride(0),
+        out.stride(1),
+        _next_pow2(m),
+        _next_pow2(values.shape[0]),
+        HAS_BIAS=bias is not None,
+        BLOCKSIZE=b,
+        INPUT_PRECISION=_input_precision(x2d.dtype),
+        INTERPRET=_INTERPRET,
+    )
+    return out
+
+
+def bsr_linear_triton(
+    x2d: Tensor,
+    values: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    bias: Optional[Tensor],
+    out_features: int,
+) -> Tensor:
+    """Launch the Triton kernel directly (no op dispatch): ``x2d`` ``[M, K]`` -> ``[M, out_features]``.
+
+    Works on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests use that).
+    """
+    _check_inputs(x2d, values, crow_indices, col_indices, bias, out_features)
+    if x2d.dim() != 2:
+        raise ValueError(f"bsr_linear_triton: x2d must be [M, K], got {tuple(x2d.shape)}")
+    if x2d.device.type == "cpu" and not _INTERPRET:
+        raise RuntimeError("bsr_linear_triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return _launch(x2d, values, crow_indices, col_indices, bias, out_features)
+
+
+def _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features: int) -> Tensor:
+    """Non-CUDA op body: rebuild the dense weight from the blocks, then one addmm.
+
+    Traceable (plain aten ops, no data-dependent shapes), so it is also what torch.compile on
+    CPU sees; with frozen weights Inductor folds the rebuild into a constant. Eager CPU calls
+    pick between this and ``_bsr_linear_gather_bmm`` by block density (``_bsr_linear_cpu``).
+    fp16/bf16: computed in fp32 (fp32 accumulation, as on the GPU), returned in x.dtype.
+    """
+    xc, values, bias = _to_compute_dtype(x2d, values, bias)
+    w = _dense_weight(values, crow_indices, col_indices, out_features, x2d.shape[1])
+    out = xc @ w.t() if bias is None else torch.addmm(bias, xc, w.t())
+    return out.to(x2d.dtype)
+
+
+def _to_compute_dtype(x2d, values, bias):
+    """fp16/bf16 -> fp32: CPU half matmuls do not all promise fp32 accumulation; the GPU kernel does."""
+    if x2d.dtype == torch.float32:
+        return x2d, values, bias
+    return x2d.float(), values.float(), None if bias is None else bias.float()
+
+
+def _dense_weight(values, crow_indices, col_indices, out_features: int, k: int) -> Tensor:
+    """``[out_features, k]`` dense weight from BSR tensors, with traceable aten ops only."""
+    b = values.shape[1]
+    nb = crow_indices.shape[0] - 1
+    kb = -(-k // b)
+    counts = (crow_indices[1:] - crow_indices[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(nb, device=values.device), counts, output_size=values.shape[0])
+    w = values.new_zeros((nb * b, kb * b))
+    # Scatter the blocks straight into the [nb, b, kb, b] view: one pass, no extra copy.
+    w.view(nb, b, kb, b).permute(0, 2, 1, 3).index_put_((rows, col_indices.long()), values)
+    return w[:out_features, :k]
+
+
+def _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features: int) -> Tensor:
+    """Sparse CPU path: per stored block, ``x[:, cols] @ block^T`` in one bmm, then sum per block row.
+
+    The [nnz, rows, b] product is computed over chunks of rows so memory stays bounded.
+    """
+    xc, values, bias = _to_compute_dtype(x2d, values, bias)
+    m, k = xc.shape
+    b = values.shape[1]
+    nb = crow_indices.shape[0] - 1
+    kb = -(-k // b)
+    nnz = values.shape[0]
+    rows = torch.repeat_interleave(torch.arange(nb), (crow_indices[1:] - crow_indices[:-1]).long(), output_size=nnz)
+    cols = col_indices.long()
+    x_blocks = torch.nn.functional.pad(xc, (0, kb * b - k)).view(m, kb, b)
+    w_t = values.transpose(1, 2)  # [nnz, k, n]
+    out = xc.new_empty((m, out_features))
+    chunk = max(1, _GATHER_CHUNK_ELEMS // max(1, nnz * b))
+    for m0 in range(0, m, chunk):
+        xs = x_blocks[m0 : m0 + chunk].index_select(1, cols).transpose(0, 1)  # [nnz, chunk, b]
+        acc = xc.new_zeros((nb, xs.shape[1], b)).index_add_(0, rows, torch.bmm(xs, w_t))
+        out[m0 : m0 + chunk] = acc.transpose(0, 1).reshape(-1, nb * b)[:, :out_features]
+    if bias is not None:
+        out += bias
+    return out.to(x2d.dtype)
+
+
+# Gather path: at most this many elements in the [nnz, chunk, b] intermediate (64 MiB fp32).
+_GATHER_CHUNK_ELEMS = 1 << 24
+# Eager CPU: gather+bmm when density <= 0.25 and b >= 32, dense rebuild + addmm otherwise.
+# Measured (fp32, M = 2 * 197, K = 768, N = 3072, median of 15 round-robin runs after 3
+# warm-ups, torch 2.11, shared 2-core box so torch.set_num_threads(1) for stable numbers):
+#   .venv/bin/python -W ignore -c "import torch; torch.set_num_threads(1);
+#       from sparse_compile.kernels.bsr_linear import _measure_cpu; _measure_cpu()"
+#   ms                 | dense+addmm | gather+bmm+index_add | torch.sparse BSR | dense W kept
+#   b=32, 90% sparse   |    42.4     |        16.9          |      24.0        |    42.2
+#   b=32, 50% sparse   |    43.6     |       146.8          |      88.7        |    40.2
+#   b=64, 90% sparse   |    46.9     |        14.5          |      28.2        |    44.1
+#   b=64, 50% sparse   |    51.7     |        44.4          |     102.2        |    43.9
+# Rebuilding W costs only 2-8 ms over a kept dense weight; torch.sparse BSR never wins; the
+# gather path wins 2.5-3x at 90% sparsity but loses badly at 50% with b = 32 (1152 tiny
+# GEMMs). b = 16 was not measured: it stays on the dense path.
+_GATHER_MAX_DENSITY = 0.25
+_GATHER_MIN_BLOCKSIZE = 32
+
+
+@torch.library.triton_op("sparse_compile::bsr_linear", mutates_args=())
+def _bsr_linear_op(
+    x: Tensor,
+    values: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    bias: Optional[Tensor],
+    out_features: int,
+) -> Tensor:
+    _check_inputs(x, values, crow_indices, col_indices, bias, out_features)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cuda":
+        out = _launch(x2d, values, crow_indices, col_indices, bias, out_features)
+    else:
+        # Reached for CPU under torch.compile (the op is decomposed into its body); eager CPU
+        # calls go to the registered "cpu" kernel below, which is the same code.
+        out = _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features)
+    return out.reshape(*lead, out_features)
+
+
+@_bsr_linear_op.register_kernel("cpu")
+def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features):
+    _check_inputs(x, values, crow_indices, col_indices, bias, out_features)
+    x2d = x.reshape(-1, x.shape[-1])
+    b = values.shape[1]
+    all_blocks = (crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b)
+    sparse_enough = values.shape[0] <= _GATHER_MAX_DENSITY * all_blocks
+    if sparse_enough and b >= _GATHER_MIN_BLOCKSIZE and x2d.shape[0] > 0:
+        out = _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features)
+    else:
+        out = _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+@_bsr_linear_op.register_fake
+def _bsr_linear_fake(x, values, crow_indices, col_indices, bias, out_features):
+    _check_inputs(x, values, crow_indices, col_indices, bias, out_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def bsr_linear(x: Tensor, weight: BsrWeight, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W^T + bias`` for a :class:`BsrWeight` ``W``; ``x`` is ``[..., in_features]``."""
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(
+            f"bsr_linear: x has {x.shape[-1]} features in its last dim, the weight expects {weight.in_features}"
+        )
+    return torch.ops.sparse_compile.bsr_linear(
+        x, weight.values, weight.crow_indices, weight.col_indices, bias, weight.out_features
+    )
+
+
+def _cpu_candidates(x2d, values, crow_indices, col_indices, bias, out_features):
+    """The ways of computing the op on CPU that were measured (see ``_bsr_linear_torch``)."""
+    m, k = x2d.shape
+    b = values.shape[1]
+    nb = crow_indices.shape[0] - 1
+    kb = -(-k // b)
+
+    def gather_bmm():
+        return _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features)
+
+    def torch_sparse():
+        w = torch.sparse_bsr_tensor(crow_indices, col_indices, values, size=(nb * b, kb * b))
+        x_pad = torch.nn.functional.pad(x2d, (0, kb * b - k))
+        out = (w @ x_pad.t()).t()[:, :out_features]
+        return out + bias if bias is not None else out
+
+    dense_w = _dense_weight(values, crow_indices, col_indices, out_features, k).contiguous()
+
+    return {
+        "dense+addmm": lambda: _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features),
+        "gather+bmm+index_add": gather_bmm,
+        "torch.sparse BSR": torch_sparse,
+        "F.linear, dense W kept": lambda: torch.nn.functional.linear(x2d, dense_w, bias),
+    }
+
+
+def _measure_cpu(m: int = 2 * 197, k: int = 768, n: int = 3072, reps: int = 15) -> None:
+    """Time the CPU candidates (fp32); command in ``_bsr_linear_torch``'s docstring."""
+    import statistics
+    import time
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    torch.manual_seed(0)
+    print(f"M={m} K={k} N={n} fp32 threads={torch.get_num_threads()}; median ms of {reps} after 3 warm-ups")
+    for b in (32, 64):
+        for sparsity in (0.9, 0.5):
+            keep = torch.rand(-(-n // b), -(-k // b)) >= sparsity
+            w = torch.randn(n, k) * keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+            bw = BsrWeight.from_dense(w, b)
+            x, bias = torch.randn(m, k), torch.randn(n)
+            ref = x.double() @ w.double().t() + bias.double()
+            fns = _cpu_candidates(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
+            times = {name: [] for name in fns}
+            for name, fn in fns.items():
+                torch.testing.assert_close(fn().double(), ref, atol=1e-3, rtol=1e-3)
+                for _ in range(3):
+                    fn()
+            # Round-robin so that load from other processes hits every candidate alike.
+            for _ in range(reps):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            row = [f"{name} {statistics.median(t):.1f}" for name, t in times.items()]
+            print(f"b={b} sparsity={sparsity:.0%} density={bw.density:.2f}: " + " | ".join(row))
+
