@@ -4,3 +4,18 @@ Inference: ``torch.compile(model, backend="sparse", options={...})`` (registered
 ``torch_dynamo_backends`` entry point, so no import of this package is needed) and
 :func:`report` to see what happened to every linear layer. Training: ``sparse_compile.training``.
 """
+
+from sparse_compile.options import DEFAULT_DENSITY_THRESHOLD, SparseOptions
+from sparse_compile.pruning import prune_blocks_, prune_linear_blocks_
+from sparse_compile.report import CompileReport, LayerRecord, clear_reports, report
+
+__all__ = [
+    "CompileReport",
+    "DEFAULT_DENSITY_THRESHOLD",
+    "LayerRecord",
+    "SparseOptions",
+    "clear_reports",
+    "prune_blocks_",
+    "prune_linear_blocks_",
+    "report",
+]

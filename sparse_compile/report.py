@@ -1,0 +1,142 @@
+"""The compile report: what the ``sparse`` backend did to every linear layer, in plain words.
+
+Every graph the backend compiles gets a :class:`GraphReport`; :func:`report` gathers the ones
+that belong to a model. A compile that silently did nothing is a bug nobody can see, so the
+backend also logs a one-line summary per graph on the ``sparse_compile`` logger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import weakref
+from typing import Iterable
+
+import torch
+from tabulate import tabulate
+
+log = logging.getLogger("sparse_compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """One linear layer as the pass saw it."""
+
+    name: str
+    out_features: int
+    in_features: int
+    dtype: str
+    format: str  # "bsr" or "dense"
+    blocksize: int | None
+    density: float | None
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """The layers of one compiled graph, plus a note when the graph was not analysed at all."""
+
+    graph_id: int
+    layers: list[LayerRecord] = dataclasses.field(default_factory=list)
+    note: str = ""
+    # Weak references to the parameters and buffers the graph read, to tell which model it
+    # belongs to without keeping the model alive.
+    _tensor_refs: list[weakref.ref] = dataclasses.field(default_factory=list, repr=False)
+
+    def remember_tensors(self, tensors: Iterable[object]) -> None:
+        self._tensor_refs = [weakref.ref(t) for t in tensors if isinstance(t, torch.Tensor)]
+
+    def reads_any_of(self, tensor_ids: set[int]) -> bool:
+        return any((t := ref()) is not None and id(t) in tensor_ids for ref in self._tensor_refs)
+
+    def summary(self) -> str:
+        if self.note:
+            return f"sparse backend, graph {self.graph_id}: {self.note}"
+        sparse = [layer for layer in self.layers if layer.format == "bsr"]
+        return (
+            f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
+            f"layers run as BSR" + (" (call sparse_compile.report(model) for details)" if self.layers else "")
+        )
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """All graphs compiled for one model (or for everything, when no model is given)."""
+
+    graphs: list[GraphReport]
+
+    @property
+    def layers(self) -> list[LayerRecord]:
+        return [layer for graph in self.graphs for layer in graph.layers]
+
+    @property
+    def sparse_layers(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if layer.format == "bsr"]
+
+    @property
+    def dense_layers(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if layer.format != "bsr"]
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return (
+                "sparse backend: nothing compiled yet. torch.compile is lazy: call the compiled "
+                "model once, then ask for the report."
+            )
+        rows = [
+            [
+                layer.name,
+                f"{layer.out_features}x{layer.in_features}",
+                layer.dtype,
+                layer.format,
+                layer.blocksize if layer.blocksize is not None else "-",
+                f"{layer.density:.3f}" if layer.density is not None else "-",
+                layer.reason,
+            ]
+            for layer in self.layers
+        ]
+        lines = [graph.summary() for graph in self.graphs]
+        if rows:
+            headers = ["layer", "out x in", "dtype", "format", "block", "block density", "why dense"]
+            lines.append(tabulate(rows, headers=headers))
+        return "\n".join(lines)
+
+
+_graph_ids = itertools.count()
+_reports: list[GraphReport] = []
+
+
+def new_graph_report() -> GraphReport:
+    graph_report = GraphReport(graph_id=next(_graph_ids))
+    _reports.append(graph_report)
+    return graph_report
+
+
+def report(model: torch.nn.Module | None = None) -> CompileReport:
+    """What the ``sparse`` backend did to the linear layers of ``model``.
+
+    Args:
+        model: the module returned by ``torch.compile(..., backend="sparse")`` or the module it
+            wraps. ``None`` gives every graph compiled by the backend in this process (e.g. for
+            a compiled function).
+
+    Returns:
+        a :class:`CompileReport`; ``print`` it for a table with, per layer, name, shape, dtype,
+        format, block size, block density and, for dense layers, why.
+    """
+    if model is None:
+        return CompileReport(list(_reports))
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"sparse_compile.report takes the compiled nn.Module (or None for every graph), "
+            f"got {type(model).__name__}"
+        )
+    module = getattr(model, "_orig_mod", model)
+    tensor_ids = {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+    return CompileReport([graph for graph in _reports if graph.reads_any_of(tensor_ids)])
+
+
+def clear_reports() -> None:
+    """Forgets every recorded graph (the counter of graph ids keeps running)."""
+    _reports.clear()

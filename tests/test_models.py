@@ -1,0 +1,57 @@
+"""torchvision models with block-sparse weights, compiled with backend="sparse" on CPU.
+
+Reduced sizes and random weights; the reference is the same model run eagerly in float64.
+"""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch._inductor.utils import run_and_get_code
+
+import sparse_compile
+from sparse_compile.pruning import prune_linear_blocks_
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    sparse_compile.clear_reports()
+    yield
+    torch._dynamo.reset()
+
+
+def run_compiled(model, x, options):
+    compiled = torch.compile(model, backend="sparse", fullgraph=True, options=options)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x)
+        expected = copy.deepcopy(model).double()(x.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=2e-4)
+    return sparse_compile.report(compiled), "\n".join(codes)
+
+
+def test_vision_transformer():
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+    ).eval()
+    prune_linear_blocks_(model, sparsity=0.9, blocksize=16, filter_fn=lambda name, _: name.startswith("encoder"))
+    report, code = run_compiled(model, torch.randn(3, 3, 32, 32), {"blocksize": 16})
+
+    # Per encoder block: attention in/out projections and the two MLP linears; then the head.
+    sparse = [layer for layer in report.layers if layer.format == "bsr"]
+    assert len(sparse) == 2 * 4, str(report)
+    assert {(layer.out_features, layer.in_features) for layer in sparse} == {(192, 64), (64, 64), (128, 64), (64, 128)}
+    assert any("self_attention" in layer.name for layer in sparse)
+    assert any(layer.name.endswith("mlp.0") for layer in sparse)
+    head = [layer for layer in report.layers if layer.name == "heads.head"]
+    assert head and head[0].format == "dense" and "smaller than one" in head[0].reason
+    assert code.count("sparse_compile.bsr_linear") >= 8
+
+
+def test_resnet18_final_linear():
+    model = torchvision.models.resnet18(num_classes=100).eval()
+    prune_linear_blocks_(model, sparsity=0.8, blocksize=32)
+    report, code = run_compiled(model, torch.randn(2, 3, 32, 32), {"blocksize": 32})
+    assert [(layer.name, layer.format) for layer in report.layers] == [("fc", "bsr")], str(report)
+    assert "sparse_compile.bsr_linear" in code
