@@ -229,3 +229,40 @@ def test_entry_point_works_without_import():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ok (2, 32)" in result.stdout
+
+
+# --- GPU: the compiled Triton path. Skipped without CUDA; run on the GPU machine with `pytest -m gpu`.
+
+GPU_TOLERANCES = {torch.float32: (1e-3, 1e-3), torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 5e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 33, 64), (300, 64)])
+def test_gpu_compiled_triton_path(dtype, shape):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = ThreeLinears(dtype=dtype).cuda().eval()
+    x = torch.randn(shape, dtype=dtype, device="cuda")
+    compiled, out, code = compile_and_run(model, x, options={"blocksize": 16})
+    assert out.dtype == dtype and OP_NAME in code
+    atol, rtol = GPU_TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=atol, rtol=rtol)
+    assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr", "bsr", "dense"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_vit_b_16_sized_layers(dtype):
+    import torchvision
+
+    from sparse_compile.pruning import prune_linear_blocks_
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = torchvision.models.vit_b_16(image_size=64).to(dtype).cuda().eval()
+    prune_linear_blocks_(model, 0.9, 64, filter_fn=lambda name, _: name.startswith("encoder"))
+    x = torch.randn(4, 3, 64, 64, dtype=dtype, device="cuda")
+    compiled, out, code = compile_and_run(model, x, options={"blocksize": 64})
+    assert len(sparse_compile.report(compiled).sparse_layers) == 12 * 4
+    expected = float64_reference(model, x)
+    scale = expected.abs().max()
+    assert (out.double() - expected).abs().max() <= 2e-2 * scale
