@@ -99,7 +99,7 @@ class CompileReport:
         lines = [graph.summary() for graph in self.graphs]
         if rows:
             headers = ["layer", "out x in", "dtype", "format", "block", "block density", "why dense"]
-            lines.append(tabulate(rows, headers=headers))
+            lines.append(tabulate(rows, headers=headers, disable_numparse=True))
         return "\n".join(lines)
 
 
