@@ -1,0 +1,297 @@
+"""N:M / Bi-Mask: mask invariants, gradients against hand-written references, permutation search."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from sparse_compile.training import NMMask, finalize, post_step_projection
+from sparse_compile.training.nm_mask import _BiMaskConv2d, _BiMaskLinear, backward_kept_counts
+
+NM = [(1, 4), (2, 4), (2, 8), (4, 8), (1, 16)]
+
+
+def rand_weight(*shape):
+    """float64, never zero, distinct magnitudes (no ties)."""
+    w = torch.rand(shape, dtype=torch.float64) + 0.1
+    return w * torch.where(torch.rand(shape) < 0.5, -1.0, 1.0).double()
+
+
+def param(layer, nm):
+    parametrize.register_parametrization(layer, "weight", nm)
+    return layer.parametrizations.weight.original
+
+
+@pytest.mark.parametrize("n,m", NM)
+@pytest.mark.parametrize("shape", [(32, 48), (16, 4, 2, 2), (32, 2, 3, 8)])
+def test_mask_invariants(n, m, shape):
+    w = rand_weight(*shape)
+    nm = NMMask(n, m, seed=1).double()
+    nm.right_inverse(w)
+    nm.search_permutation(w)
+    mf, mb = nm.masks(w)
+    out = shape[0]
+    mf2, mb2 = mf.reshape(out, -1), mb.reshape(out, -1)
+    k = mf2.shape[1]
+    # Mf: exactly N per group of M consecutive (flattened) input entries, and they are the largest |W|
+    groups = mf2.reshape(out, k // m, m)
+    assert bool((groups.sum(-1) == n).all())
+    aw = w.reshape(out, -1).abs().reshape(out, k // m, m)
+    kept_min = torch.where(groups.bool(), aw, torch.inf).amin(-1)
+    pruned_max = torch.where(groups.bool(), -torch.inf, aw).amax(-1)
+    assert bool((kept_min > pruned_max).all())
+    # Mb ⊆ Mf
+    assert bool((mb2 <= mf2).all())
+    # Mb is N:M along the output dim inside each permuted group: min(N, #Mf in group), the largest |W|
+    perm = nm.perm
+    gp_b = mb2[perm].reshape(out // m, m, k)
+    gp_f = mf2[perm].reshape(out // m, m, k)
+    assert bool((gp_b.sum(1) == gp_f.sum(1).clamp(max=n)).all())
+    awp = (w.reshape(out, -1).abs() * mf2)[perm].reshape(out // m, m, k)
+    kept_min = torch.where(gp_b.bool(), awp, torch.inf).amin(1)
+    other_max = torch.where(gp_b.bool(), -torch.inf, awp).amax(1)
+    assert bool((kept_min > other_max).all())
+
+
+def test_unstructured_and_target():
+    w = rand_weight(20, 30)
+    nm = NMMask(2, 4, mode="unstructured", keep_ratio=0.3)
+    mf, _ = nm.masks(w)
+    assert int(mf.sum()) == round(0.3 * 600)
+    assert w.abs()[mf.bool()].min() > w.abs()[~mf.bool()].max()
+    assert nm.target_sparsity == pytest.approx(0.7)
+    assert NMMask(1, 4).target_sparsity == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_bimask_linear_gradients(n, m):
+    lam = 0.05
+    lin = nn.Linear(16, 24).double()
+    with torch.no_grad():
+        lin.weight.copy_(rand_weight(24, 16))
+    w = param(lin, NMMask(n, m, decay=lam, seed=3))
+    nm = lin.parametrizations.weight[0]
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 5, 24, dtype=torch.float64)
+    y = lin(x)  # training forward: searches the permutation first
+    mf, mb = nm.masks(w)
+    assert not torch.equal(mf, mb)  # the case tests something
+    wd = w.detach()
+    torch.testing.assert_close(y, x.detach() @ (wd * mf).T + lin.bias.detach())
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ (wd * mb))
+    dy2, x2 = dy.reshape(-1, 24), x.detach().reshape(-1, 16)
+    torch.testing.assert_close(w.grad, dy2.T @ x2 + lam * (1 - mf) * wd)
+    torch.testing.assert_close(lin.bias.grad, dy2.sum(0))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(stride=1, padding=1),
+        dict(stride=2, padding=0, dilation=2),
+        dict(stride=1, padding=1, groups=2),
+        dict(stride=1, padding=2, padding_mode="circular"),
+        dict(padding="same", dilation=(1, 2)),
+        dict(padding="same", k=(2, 4)),  # odd total padding: the extra pixel goes right/bottom
+        dict(padding="valid"),
+    ],
+)
+def test_bimask_conv_gradients(kw):
+    lam = 0.03
+    kw = dict(kw)
+    k = kw.pop("k", 3)
+    conv = nn.Conv2d(8, 8, k, **kw).double()
+    with torch.no_grad():
+        conv.weight.copy_(rand_weight(*conv.weight.shape))
+    w = param(conv, NMMask(2, 4, decay=lam, seed=5))
+    nm = conv.parametrizations.weight[0]
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    mf, mb = nm.masks(w)
+    assert not torch.equal(mf, mb)
+    wd = w.detach()
+    # hand-written reference: ordinary convs with the masked weights, differentiated by autograd
+    xr = x.detach().clone().requires_grad_()
+    wf = (wd * mf).requires_grad_()
+    ref = nn.Conv2d(8, 8, k, bias=False, **kw).double()
+    yf = ref._conv_forward(xr, wf, conv.bias.detach())
+    torch.testing.assert_close(y, yf)
+    (gw,) = torch.autograd.grad(yf, wf, dy)
+    (gx,) = torch.autograd.grad(ref._conv_forward(xr, wd * mb, None), xr, dy)
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(w.grad, gw + lam * (1 - mf) * wd)
+    torch.testing.assert_close(conv.bias.grad, dy.sum((0, 2, 3)))
+
+
+def test_forward_mode_gradients():
+    lam = 0.1
+    lin = nn.Linear(16, 12).double()
+    with torch.no_grad():
+        lin.weight.copy_(rand_weight(12, 16))
+    w = param(lin, NMMask(2, 4, mode="forward", decay=lam))
+    mf = lin.parametrizations.weight[0].forward_mask(w)
+    x = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(7, 12, dtype=torch.float64)
+    lin(x).backward(dy)
+    wd = w.detach()
+    torch.testing.assert_close(x.grad, dy @ (wd * mf))
+    torch.testing.assert_close(w.grad, dy.T @ x.detach() + lam * (1 - mf) * wd)
+
+
+def test_gradcheck_input_paths():
+    """Exact gradients where they are exact: forward mode w.r.t. x, and the Bi-Mask ops with Mb = Mf."""
+    lin = nn.Linear(8, 4).double()
+    with torch.no_grad():
+        lin.weight.copy_(rand_weight(4, 8))
+    param(lin, NMMask(2, 4, mode="forward", decay=0.0))
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lin, (x,))
+    w = rand_weight(4, 8)
+    mf = NMMask(2, 4).forward_mask(w)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: _BiMaskLinear.apply(x, w, mf, mf, b, 0.0), (x, b))
+    wc = rand_weight(4, 2, 2, 2)
+    mfc = NMMask(2, 4).forward_mask(wc)
+    xc = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    bc = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, b: _BiMaskConv2d.apply(x, wc, mfc, mfc, b, (2, 1), (1, 0), (1, 1), 1, 0.0), (xc, bc)
+    )
+
+
+def test_post_mode_projection():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    for i in (0, 2):
+        param(model[i], NMMask(2, 4, mode="post"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    post_step_projection(model)
+    for i in (0, 2):
+        orig = model[i].parametrizations.weight.original
+        assert int((orig != 0).sum()) == orig.numel() // 2
+        assert torch.equal(model[i].weight, orig)
+
+
+def test_permutation_search_beats_identity():
+    # 1:2 on a 4x2 weight: rows 0,1 keep column 0, rows 2,3 keep column 1. Identity groups
+    # rows {0,1} and {2,3}: one survivor per (group, column) pair that has any -> 2; grouping
+    # {0,2},{1,3} (or {0,3},{1,2}) keeps all 4.
+    w = torch.tensor([[3.0, 1.0], [3.0, 1.0], [1.0, 3.0], [1.0, 3.0]], dtype=torch.float64)
+    nm = NMMask(1, 2, perm_candidates=20, seed=0).double()
+    nm.right_inverse(w)
+    assert int(nm.masks(w)[1].sum()) == 2  # identity
+    counts = nm.search_permutation(w)
+    assert int(counts[1]) == 2  # candidate 1 is the identity
+    assert int(counts.max()) == 4
+    assert int(nm.masks(w)[1].sum()) == 4
+    assert not torch.equal(nm.perm, torch.arange(4))
+
+
+def test_permutation_search_never_worse_than_identity():
+    torch.manual_seed(1)
+    for _ in range(5):
+        w = rand_weight(16, 16)
+        nm = NMMask(2, 4, perm_candidates=10).double()
+        nm.right_inverse(w)
+        ident = int(nm.masks(w)[1].sum())
+        counts = nm.search_permutation(w)
+        after = int(nm.masks(w)[1].sum())
+        assert after == int(counts.max()) >= ident
+        # the count formula agrees with the mask it describes
+        nz = (w * nm.forward_mask(w)) != 0
+        assert int(backward_kept_counts(nz, nm.perm[None], 2, 4)[0]) == after
+
+
+def test_search_schedule_and_eval_forward():
+    lin = nn.Linear(8, 8)
+    param(lin, NMMask(2, 4, perm_every=3, perm_candidates=2))
+    nm = lin.parametrizations.weight[0]
+    assert nm._searches == 1  # at registration
+    for _ in range(7):
+        lin(torch.randn(2, 8)).sum().backward()
+    assert nm._calls == 7 and nm._searches == 3  # after backward 3 and 6
+    lin.eval()
+    lin(torch.randn(2, 8))
+    with torch.no_grad():
+        lin.train()
+        y = lin(torch.randn(2, 8))
+    assert nm._calls == 7
+    assert type(lin).forward is not nn.Linear.forward and y.shape == (2, 8)
+    # a deep copy (tensor hooks are not copied) counts on its own weight, the original is unaffected
+    cp = copy.deepcopy(lin)
+    for _ in range(3):
+        cp(torch.randn(2, 8)).sum().backward()
+    assert cp.parametrizations.weight[0]._calls == 10 and nm._calls == 7
+    # after finalize the hook left on the weight is inert
+    finalize(lin)
+    lin(torch.randn(2, 8)).sum().backward()
+    assert nm._calls == 7 and type(lin) is nn.Linear
+
+
+def test_bimask_on_weight_requires_linear_or_conv_weight():
+    mha = nn.MultiheadAttention(8, 2)
+    with pytest.warns(UserWarning, match="forward-mode gradients"):
+        parametrize.register_parametrization(mha, "in_proj_weight", NMMask(2, 4))
+    x = torch.randn(3, 1, 8)
+    mha(x, x, x)[0].sum().backward()  # works, with dx through W * Mf
+    # forward mode is fine on any 2-D tensor, silently
+    mha2 = nn.MultiheadAttention(8, 2)
+    parametrize.register_parametrization(mha2, "in_proj_weight", NMMask(2, 4, mode="forward"))
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((3, 2), {}, "n <= m"),
+        ((0, 4), {}, "n must be"),
+        ((2, 4), {"mode": "m2"}, "unknown NMMask mode"),
+        ((2, 4), {"keep_ratio": 0.5}, "keep_ratio only applies"),
+        ((2, 4), {"mode": "unstructured", "keep_ratio": 0.0}, "keep_ratio must be"),
+        ((2, 4), {"perm_every": 0}, "perm_every"),
+        ((2, 4), {"decay": -1.0}, "decay"),
+    ],
+)
+def test_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NMMask(*args, **kwargs)
+
+
+def test_shape_errors_name_the_fix():
+    with pytest.raises(ValueError, match="not divisible by M=4.*leave this layer dense"):
+        parametrize.register_parametrization(nn.Linear(10, 8), "weight", NMMask(2, 4))
+    with pytest.raises(ValueError, match="output dim.*mode='forward'"):
+        parametrize.register_parametrization(nn.Linear(8, 10), "weight", NMMask(2, 4))
+    parametrize.register_parametrization(nn.Linear(8, 10), "weight", NMMask(2, 4, mode="forward"))
+
+
+def test_float32_and_no_grad_path():
+    lin = nn.Linear(16, 8)
+    param(lin, NMMask(2, 4))
+    x = torch.randn(4, 16)
+    y = lin(x)
+    with torch.no_grad():
+        y0 = lin(x)
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(y0, F.linear(x, lin.weight, lin.bias))
+
+
+def test_bimask_under_autocast():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 8))
+    for i in (0, 3):
+        param(model[i], NMMask(2, 4))
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    for i in (0, 3):
+        g = model[i].parametrizations.weight.original.grad
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()

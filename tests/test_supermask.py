@@ -1,0 +1,145 @@
+"""Supermask: tile mask invariants, straight-through gradients, options, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from sparse_compile.training import Supermask
+
+
+def expand_ref(tile_mask, shape, tile):
+    """Hand-written tile expansion: entry [i0, i1, ...] of the full mask is tile_mask[i0 // tile, i1 // tile, ...]."""
+    idx = torch.meshgrid(*[torch.arange(d) // tile for d in shape], indexing="ij")
+    return tile_mask[idx]
+
+
+def threshold_ref(scores, sparsity):
+    flat = sorted(scores.reshape(-1).tolist())
+    k = 1 + round(sparsity * (len(flat) - 1))
+    return flat[k - 1]
+
+
+SHAPES = [
+    ((64, 48), 8, 0.5),
+    ((50, 30), 8, 0.8),  # ragged tiles
+    ((37, 23), 1, 0.9),
+    ((16, 8, 3, 3), 2, 0.6),  # conv: tiles over every dim
+    ((16, 8, 1, 1), 4, 0.5),
+    ((24, 12, 5, 5), 8, 0.75),
+]
+
+
+@pytest.mark.parametrize("shape,tile,sparsity", SHAPES)
+def test_kept_fraction_and_expansion(shape, tile, sparsity):
+    sm = Supermask(shape, sparsity, tile)
+    assert tuple(sm.scores.shape) == tuple(math.ceil(d / tile) for d in shape)
+    num_tiles = sm.scores.numel()
+    kept = int(sm.tile_mask().sum())
+    assert kept == num_tiles - round(sparsity * (num_tiles - 1)) == sm.kept_tiles
+    # the rule itself: keep the scores >= k-th smallest
+    ref_tiles = (sm.scores >= threshold_ref(sm.scores.detach(), sparsity)).double()
+    assert torch.equal(sm.tile_mask().double(), ref_tiles)
+    mask = sm.mask()
+    assert mask.shape == torch.Size(shape)
+    assert torch.equal(mask.double(), expand_ref(ref_tiles, shape, tile))
+    w = torch.randn(shape, dtype=torch.float64) + 3.0  # never zero
+    eff = sm.double()(w)
+    assert torch.equal(eff, w * expand_ref(ref_tiles, shape, tile))
+
+
+def test_registered_on_linear_and_conv():
+    lin = nn.Linear(32, 24)
+    w = lin.weight.detach().clone()
+    parametrize.register_parametrization(lin, "weight", Supermask(lin.weight.shape, 0.75, 4))
+    sm = lin.parametrizations.weight[0]
+    assert torch.equal(lin.weight, w * sm.mask())
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(lin(x), x @ (w * sm.mask()).T + lin.bias)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    parametrize.register_parametrization(conv, "weight", Supermask(conv.weight.shape, 0.5, 2))
+    assert (conv.weight == 0).float().mean() > 0.3
+    assert conv(torch.randn(2, 4, 6, 6)).shape == (2, 8, 6, 6)
+
+
+@pytest.mark.parametrize("shape,tile", [((12, 10), 4), ((6, 4, 3, 3), 2)])
+def test_straight_through_gradients(shape, tile):
+    sm = Supermask(shape, 0.5, tile).double()
+    w = (torch.randn(shape, dtype=torch.float64) + 2.0).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64)
+    (sm(w) * g).sum().backward()
+    mask = sm.mask().detach()
+    # W: ordinary gradient through W * mask
+    torch.testing.assert_close(w.grad, g * mask, rtol=0, atol=0)
+    # scores: dL/dmask = g * W, summed over each tile (straight through the threshold)
+    gm = (g * w.detach()).numpy()
+    ref = torch.zeros(sm.scores.shape, dtype=torch.float64)
+    for idx in torch.cartesian_prod(*[torch.arange(d) for d in shape]).tolist():
+        ref[tuple(i // tile for i in idx)] += gm[tuple(idx)]
+    torch.testing.assert_close(sm.scores.grad, ref)
+
+
+def test_gradcheck_weight():
+    sm = Supermask((6, 5), 0.4, 2).double()
+    w = (torch.randn(6, 5, dtype=torch.float64) + 2.0).requires_grad_()
+    assert torch.autograd.gradcheck(sm, (w,))
+
+
+def test_cap_at_reachable_sparsity():
+    with pytest.warns(UserWarning, match="capped"):
+        sm = Supermask((8, 8), 0.99, 4)  # 4 tiles: at most 3/4 prunable
+    assert sm.sparsity == pytest.approx(0.75)
+    # the reference's threshold rule at the capped sparsity: k = 1 + round(0.75 * 3) = 3, so 2 of 4
+    # tiles are kept (the cap bounds the request; the k rule decides the count)
+    assert int(sm.tile_mask().sum()) == 4 - round(0.75 * 3) == 2
+
+
+def test_zero_sparsity_keeps_everything():
+    sm = Supermask((10, 7), 0.0, 3)
+    assert bool(sm.mask().all())
+
+
+def test_fixed_mask_and_fixed_weight():
+    lin = nn.Linear(8, 8)
+    parametrize.register_parametrization(lin, "weight", Supermask((8, 8), 0.5, 2, fixed_mask=True, fixed_weight=True))
+    sm = lin.parametrizations.weight[0]
+    assert not sm.scores.requires_grad
+    assert not lin.parametrizations.weight.original.requires_grad
+    lin(torch.randn(3, 8)).sum().backward()
+    assert lin.parametrizations.weight.original.grad is None
+    assert sm.scores.grad is None
+    assert lin.bias.grad is not None
+    # fixed_weight also holds when someone re-enables requires_grad: the parametrization detaches W
+    lin.parametrizations.weight.original.requires_grad_(True)
+    lin(torch.randn(3, 8)).sum().backward()
+    assert lin.parametrizations.weight.original.grad is None
+
+
+def test_mask_follows_scores():
+    sm = Supermask((4, 4), 0.5, 1)
+    with torch.no_grad():
+        sm.scores.copy_(torch.arange(16.0).reshape(4, 4))
+    # k = 1 + round(0.5 * 15) = 9 (banker's rounding of 7.5 -> 8): threshold 8, keep 8..15
+    assert torch.equal(sm.mask(), (torch.arange(16.0).reshape(4, 4) >= 8).float())
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_bad_sparsity(sparsity):
+    with pytest.raises(ValueError, match="sparsity"):
+        Supermask((4, 4), sparsity, 1)
+
+
+@pytest.mark.parametrize("tile", [0, -2, 1.5])
+def test_bad_tile_size(tile):
+    with pytest.raises(ValueError, match="tile_size"):
+        Supermask((4, 4), 0.5, tile)
+
+
+def test_bad_shape():
+    with pytest.raises(ValueError, match="2 dims"):
+        Supermask((4,), 0.5, 1)
+    sm = Supermask((4, 4), 0.5, 1)
+    with pytest.raises(ValueError, match="shape"):
+        sm(torch.randn(4, 5))

@@ -1,0 +1,273 @@
+"""Model-wide helpers: put masks on a model, project, finalize, summarize.
+
+Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
+
+- ``nn.Linear`` (subclasses included, e.g. ``nn.MultiheadAttention.out_proj``) -> the
+  ``linear_*`` settings; ``nn.Conv2d`` with a 1x1 kernel -> ``conv1x1_*``; other ``nn.Conv2d``
+  -> ``conv_*``. A kind whose sparsity is 0 stays dense. :func:`apply_nm` masks every Linear and
+  Conv2d.
+- ``nn.MultiheadAttention.in_proj_weight`` is a raw Parameter of the attention module, not a
+  Linear: it is *not* masked, as in SuperBlock, which only replaces ``nn.Linear`` modules. (The
+  inference backend does see those projections as linear ops; they simply stay dense.) The
+  ``out_proj`` Linear is masked; note that MultiheadAttention reads ``out_proj.weight`` directly,
+  so with a parametrization the mask is applied — SuperBlock's module replacement never ran
+  ``SupermaskLinear.forward`` there, so its ``out_proj`` trained dense.
+- ``skip_last_layer``: the last ``nn.Linear`` in ``model.named_modules()`` order (the
+  classifier: ``heads.head`` in torchvision ViT, ``fc`` in ResNet) stays dense.
+- ``skip_first_transformer``: every layer under the first transformer block stays dense. The
+  block is found generically: the first ``nn.Sequential``/``nn.ModuleList`` (in
+  ``named_modules()`` order) with at least two children, all of which contain an attention module
+  (``nn.MultiheadAttention`` or a module whose class name ends in ``Attention``); its first child
+  is the first block (torchvision ViT: ``encoder.layers.encoder_layer_0``; ``nn.TransformerEncoder``:
+  ``layers.0``). A container with a single such child is used when there is no larger one.
+  No block found -> ValueError.
+- ``filter_fn(name, module) -> bool``: when given, only layers for which it returns True are
+  masked (on top of the rules above).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from sparse_compile.training.nm_mask import NMMask, _post_project
+from sparse_compile.training.supermask import Supermask
+
+__all__ = [
+    "apply_supermask",
+    "apply_nm",
+    "finalize",
+    "sparsity_summary",
+    "format_sparsity_summary",
+    "post_step_projection",
+    "layer_kind",
+    "first_transformer_block",
+]
+
+OURS = (Supermask, NMMask)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1x1"``, ``"conv"`` or None for layers we do not mask."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return None
+
+
+def _contains_attention(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention") for m in module.modules()
+    )
+
+
+def first_transformer_block(model: nn.Module) -> str:
+    """Qualified name of the first transformer block (rule in the module docstring)."""
+    single = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            children = list(mod.named_children())
+            if children and all(_contains_attention(c) for _, c in children):
+                first = f"{name}.{children[0][0]}" if name else children[0][0]
+                if len(children) >= 2:
+                    return first
+                if single is None:
+                    single = first
+    if single is not None:
+        return single
+    raise ValueError(
+        "skip_first_transformer: no transformer block found (looked for an nn.Sequential/nn.ModuleList whose "
+        "children all contain an attention module); use filter_fn to choose the layers instead"
+    )
+
+
+def _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
+    """(name, module, kind) of the layers the rules allow, in named_modules order."""
+    layers = [(n, m, layer_kind(m)) for n, m in model.named_modules()]
+    layers = [t for t in layers if t[2] is not None]
+    skip = set()
+    if skip_last_layer:
+        linears = [n for n, _, k in layers if k == "linear"]
+        if linears:
+            skip.add(linears[-1])
+    prefix = None
+    if skip_first_transformer:
+        prefix = first_transformer_block(model)
+    out = []
+    for name, mod, kind in layers:
+        if name in skip:
+            continue
+        if prefix is not None and (name == prefix or name.startswith(prefix + ".")):
+            continue
+        if filter_fn is not None and not filter_fn(name, mod):
+            continue
+        if parametrize.is_parametrized(mod, "weight"):
+            raise ValueError(f"layer {name!r} already has a parametrization on its weight; finalize() it first")
+        out.append((name, mod, kind))
+    return out
+
+
+def apply_supermask(
+    model: nn.Module,
+    linear_sparsity: float = 0.0,
+    linear_tile_size: int = 1,
+    conv1x1_sparsity: float = 0.0,
+    conv1x1_tile_size: int = 1,
+    conv_sparsity: float = 0.0,
+    conv_tile_size: int = 1,
+    skip_first_transformer: bool = False,
+    skip_last_layer: bool = False,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> list[str]:
+    """Register a :class:`Supermask` on the weight of every selected layer; returns their names."""
+    settings = {
+        "linear": (linear_sparsity, linear_tile_size),
+        "conv1x1": (conv1x1_sparsity, conv1x1_tile_size),
+        "conv": (conv_sparsity, conv_tile_size),
+    }
+    for kind, (s, t) in settings.items():  # validate all, even unused kinds, before touching the model
+        if not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"{kind}_sparsity must be in [0, 1), got {s}")
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise ValueError(f"{kind}_tile_size must be an integer >= 1, got {t!r}")
+    names = []
+    for name, mod, kind in _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
+        sparsity, tile = settings[kind]
+        if sparsity == 0.0:
+            continue
+        w = mod.weight
+        p = Supermask(w.shape, sparsity, tile).to(device=w.device)
+        parametrize.register_parametrization(mod, "weight", p)
+        names.append(name)
+    return names
+
+
+def apply_nm(
+    model: nn.Module,
+    n: int,
+    m: int,
+    mode: str = "bidirectional",
+    perm_every: int = 100,
+    perm_candidates: int = 100,
+    decay: float = 2e-4,
+    keep_ratio: float | None = None,
+    skip_first_transformer: bool = False,
+    skip_last_layer: bool = False,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> list[str]:
+    """Register an :class:`NMMask` on the weight of every selected Linear/Conv2d; returns their names.
+
+    Layers whose shape does not fit N:M raise ValueError before the model is changed.
+    """
+    kw = dict(mode=mode, perm_every=perm_every, perm_candidates=perm_candidates, decay=decay, keep_ratio=keep_ratio)
+    NMMask(n, m, **kw, seed=0)  # validate the arguments
+    chosen = _candidates(model, skip_first_transformer, skip_last_layer, filter_fn)
+    for name, mod, _ in chosen:  # check shapes first, so a bad layer leaves the model untouched
+        try:
+            NMMask(n, m, **kw, seed=0).right_inverse(mod.weight.detach())
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+    names = []
+    for name, mod, _ in chosen:
+        parametrize.register_parametrization(mod, "weight", NMMask(n, m, **kw))
+        names.append(name)
+    return names
+
+
+def _our_plists(model: nn.Module):
+    """(name, module, tensor_name, ParametrizationList) for every parametrization list holding one of ours."""
+    for name, mod in model.named_modules():
+        if not parametrize.is_parametrized(mod):
+            continue
+        for tname, plist in mod.parametrizations.items():
+            if any(isinstance(p, OURS) for p in plist):
+                yield name, mod, tname, plist
+
+
+def post_step_projection(model: nn.Module) -> None:
+    """Set pruned weights to zero for every ``NMMask(mode="post")`` (Bi-Mask fork's m4).
+
+    Call it after every ``optimizer.step()``::
+
+        loss.backward(); optimizer.step(); post_step_projection(model)
+
+    Layers in other modes are left alone.
+    """
+    for _, _, _, plist in list(_our_plists(model)):
+        for p in plist:
+            if isinstance(p, NMMask) and p.mode == "post":
+                _post_project(p, plist.original)
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Remove every parametrization list that holds a Supermask/NMMask, leaving ``W * mask`` in the tensor.
+
+    In place (``remove_parametrizations(..., leave_parametrized=True)``); returns ``model``. The
+    module gets its original class (and forward) back once it has no parametrization left.
+    """
+    with torch.no_grad():
+        for _, mod, tname, plist in list(_our_plists(model)):
+            for p in plist:
+                if isinstance(p, NMMask):
+                    p._hooked = None  # its grad hook on the (kept) tensor stops counting
+            parametrize.remove_parametrizations(mod, tname, leave_parametrized=True)
+    return model
+
+
+def _describe(plist) -> tuple[str, float]:
+    p = plist[0]
+    if isinstance(p, Supermask):
+        return f"supermask tile={p.tile_size}", p.sparsity
+    if isinstance(p, NMMask):
+        if p.mode == "unstructured":
+            return f"unstructured keep={p.keep_ratio:g}", p.target_sparsity
+        return f"{p.n}:{p.m} {p.mode}", p.target_sparsity
+    return type(p).__name__, float("nan")
+
+
+@torch.no_grad()
+def sparsity_summary(model: nn.Module, include_dense: bool = False) -> list[dict]:
+    """One dict per masked layer: name, kind, shape, method, target_sparsity, sparsity.
+
+    ``sparsity`` is the measured fraction of zeros of the effective weight (``W * mask``).
+    ``include_dense=True`` also lists the Linear/Conv2d layers without a mask (method "dense").
+    """
+    rows = []
+    for name, mod in model.named_modules():
+        kind = layer_kind(mod)
+        if kind is None:
+            continue
+        ours = parametrize.is_parametrized(mod, "weight") and any(
+            isinstance(p, OURS) for p in mod.parametrizations["weight"]
+        )
+        if not ours and not include_dense:
+            continue
+        w = mod.weight
+        method, target = _describe(mod.parametrizations["weight"]) if ours else ("dense", 0.0)
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "shape": tuple(w.shape),
+                "method": method,
+                "target_sparsity": float(target),
+                "sparsity": float((w == 0).sum().item() / max(1, w.numel())),
+            }
+        )
+    return rows
+
+
+def format_sparsity_summary(model_or_rows, include_dense: bool = False) -> str:
+    """:func:`sparsity_summary` as a text table (tabulate); accepts a model or the rows."""
+    from tabulate import tabulate
+
+    rows = model_or_rows
+    if isinstance(model_or_rows, nn.Module):
+        rows = sparsity_summary(model_or_rows, include_dense=include_dense)
+    if not rows:
+        return "(no masked layers)"
+    return tabulate(rows, headers="keys", floatfmt=".4f", disable_numparse=[0])  # names like "0" stay text

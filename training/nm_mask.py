@@ -1,0 +1,496 @@
+"""N:M masks and Bi-Mask (bidirectional N:M) as a ``torch.nn.utils.parametrize`` parametrization.
+
+Usage (the only call a user needs)::
+
+    import torch.nn.utils.parametrize as P
+    P.register_parametrization(lin, "weight", NMMask(2, 4))          # Bi-Mask 2:4
+
+Masks (ALGORITHMS.md, following zyxxmu/Bi-Mask and the fabfish/Bi-Mask fork):
+
+- Forward mask ``Mf``: the weight is viewed as ``W2 = W.reshape(out, -1)``. For a Linear that is
+  ``[out, in]``; for a Conv2d ``[out, in*kh*kw]`` (the reference's choice: a group of M
+  consecutive entries of the flattened ``in, kh, kw`` dims, so for a 3x3 kernel a group can span
+  two input channels; 2:4 hardware would want groups along input channels only). In every group
+  of M consecutive columns of each row keep the N largest ``|W|``. Recomputed from the current
+  dense weight at every forward. The flattened in-dim must be divisible by M (else ValueError at
+  registration: leave that layer dense with ``filter_fn``/``skip_last_layer``).
+- Backward mask ``Mb`` (mode ``"bidirectional"``): rows (output channels) are reordered by the
+  permutation buffer ``perm``; for each column, in every group of M consecutive permuted rows keep
+  the N largest ``|W * Mf|``; intersect with ``Mf``; un-permute. ``Mb ⊆ Mf`` and ``Mb`` is N:M
+  along the output dim within each permuted group. Needs ``out % M == 0``.
+- Permutation search: once when the mask is registered, then after every ``perm_every``-th
+  backward pass that reaches the weight (a post-accumulate-grad hook on ``original``: one per
+  training step, or per micro-batch with gradient accumulation — the reference counts forward
+  passes, which is the same in a training loop; the new ``perm`` is used from the next forward
+  on). Candidates = the current ``perm``, the identity and ``perm_candidates`` random
+  permutations; the first with the most nonzeros in ``Mb`` wins (so a search never keeps fewer
+  nonzeros than the identity or the permutation it replaces). ``Mb``'s nonzero count is computed
+  without building ``Mb``: per (group, column) it is ``min(N, #nonzeros of W*Mf in the group)``.
+  Random permutations come from a CPU generator seeded with ``(seed, search index)``, so every
+  DDP rank draws the same ones. ``perm`` is a buffer and the counters are the module's extra
+  state, so both are in the ``state_dict``. Doing the search outside the forward keeps the
+  forward free of data-dependent Python control flow: under ``torch.compile`` a Bi-Mask layer
+  causes no graph break and no recompilation.
+
+Gradients (``y = x W^T``; ``dW`` is the gradient of ``original``):
+
+===============  ======================  ========================================================
+mode             forward uses            backward
+===============  ======================  ========================================================
+bidirectional    ``W * Mf``              ``dx = dy (W * Mb)``; ``dW = dy^T x + λ (1 - Mf) * W``
+forward (m3)     ``W * Mf``              ``dx = dy (W * Mf)``; ``dW = dy^T x + λ (1 - Mf) * W``
+post (m4)        ``W * Mf``              as forward; then :func:`post_step_projection` sets the
+                                         pruned weights to zero after each ``optimizer.step()``
+unstructured     ``W * top-k |W|``       as forward with the top-k mask (``keep_ratio`` kept)
+===============  ======================  ========================================================
+
+``dW`` is SR-STE: the dense straight-through gradient plus the decay λ (``decay``) on pruned
+weights. (The fork's m3 code uses the dense ``W`` for ``dx``; we follow ALGORITHMS.md,
+``dx = dy (W * Mf)``, which is the exact gradient of the forward.)
+
+How the bidirectional ``dx`` really uses ``Mb``
+-----------------------------------------------
+A parametrization returns one tensor, and ``F.linear``/``F.conv2d`` use that tensor for both the
+forward and the input-gradient matmul; its backward only ever receives ``dL/dW_eff``. So Bi-Mask
+must own the layer's op. ``register_parametrization`` swaps the module's class for a per-instance
+subclass (``ParametrizedLinear``...); when an ``NMMask`` in bidirectional mode is registered on a
+Linear/Conv2d ``weight``, we set ``forward`` on *that per-instance class* (found through a global
+module-registration hook, see ``supermask.py``). The new forward calls one autograd.Function,
+``_BiMaskLinear``/``_BiMaskConv2d``, with ``(x, W, Mf, Mb, bias)``, whose backward computes the
+three formulas above (conv: ``aten.convolution_backward`` with ``W * Mb``, so ``dx`` is a
+transposed conv with the backward mask). Nothing else changes: the parameter is still
+``parametrizations.weight.original``; ``module.weight`` still reads ``W * Mf``; without grad
+(eval, ``no_grad``) the module's own forward runs; ``remove_parametrizations``/``finalize``
+restores the original class and with it the original forward. This works with plain loops, DDP
+(the parameter is used normally) and ``torch.compile`` (a class-level forward and a traceable
+autograd.Function).
+
+Limits:
+
+- An NMMask(mode="bidirectional") on anything but the ``weight`` of a Linear/Conv2d (e.g.
+  ``nn.MultiheadAttention.in_proj_weight``) warns at registration and gets forward-mode gradients.
+- A module whose forward is not called (``nn.MultiheadAttention`` reads ``out_proj.weight``
+  directly) sees only ``W * Mf`` and gets forward-mode (m3) gradients.
+- A bidirectional NMMask registered on a module that was parametrized *before*
+  ``sparse_compile.training`` was imported cannot be attached automatically; it warns at its
+  first training forward and behaves as mode "forward" until :meth:`NMMask.attach` is called.
+- ``copy.deepcopy`` does not copy tensor hooks: a copy re-registers its search hook at its first
+  eager (not compiled) forward with grad enabled.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from sparse_compile.training import supermask as _supermask  # noqa: F401  (installs the registration hook)
+
+__all__ = ["NMMask", "nm_mask", "bimask_backward_mask", "backward_kept_counts", "unstructured_mask"]
+
+MODES = ("bidirectional", "forward", "post", "unstructured")
+
+
+# --------------------------------------------------------------------------------------------
+# Masks (no autograd; inputs are detached)
+# --------------------------------------------------------------------------------------------
+
+
+def nm_mask(w2: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """0/1 mask of ``w2`` (``[rows, K]``, ``K % m == 0``): top-``n`` ``|w2|`` in each group of ``m`` columns."""
+    rows, k = w2.shape
+    g = w2.detach().abs().reshape(rows, k // m, m)
+    idx = g.topk(n, dim=-1).indices
+    return torch.zeros_like(g).scatter_(-1, idx, 1.0).reshape(rows, k)
+
+
+def bimask_backward_mask(w2: torch.Tensor, mf: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Backward mask ``Mb`` of ``w2`` (``[out, K]``) given its forward mask ``mf`` and permutation ``perm``."""
+    out, k = w2.shape
+    mf_p = mf[perm]
+    g = (w2.detach() * mf).abs()[perm].reshape(out // m, m, k)
+    idx = g.topk(n, dim=1).indices
+    mb_p = torch.zeros_like(g).scatter_(1, idx, 1.0).reshape(out, k) * mf_p
+    return mb_p[torch.argsort(perm)]
+
+
+def backward_kept_counts(nonzero: torch.Tensor, perms: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Nonzeros ``Mb`` keeps under each permutation (``perms``: ``[C, out]``), given ``nonzero = (W*Mf != 0)``.
+
+    Per group of ``m`` permuted rows and per column, ``Mb`` keeps ``min(n, #nonzeros)``.
+    """
+    out, k = nonzero.shape
+    nz = nonzero.to(torch.int32)
+    chunk = max(1, (1 << 24) // max(1, out * k))
+    counts = []
+    for start in range(0, perms.shape[0], chunk):
+        p = perms[start : start + chunk]
+        c = nz[p].reshape(p.shape[0], out // m, m, k).sum(2).clamp_(max=n)
+        counts.append(c.sum((1, 2)))
+    return torch.cat(counts)
+
+
+def unstructured_mask(w: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """0/1 mask keeping the ``round(keep_ratio * numel)`` largest ``|w|`` (at least one)."""
+    flat = w.detach().abs().reshape(-1)
+    k = max(1, min(flat.numel(), round(keep_ratio * flat.numel())))
+    idx = flat.topk(k).indices
+    return torch.zeros_like(flat).scatter_(0, idx, 1.0).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd Functions
+# --------------------------------------------------------------------------------------------
+
+
+class _SRSTE(torch.autograd.Function):
+    """``W * mask`` forward; backward ``g + decay * (1 - mask) * W`` (dense STE + SR-STE decay)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay: float):
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        gw = grad
+        if ctx.decay != 0.0:
+            gw = grad + ctx.decay * (1 - mask) * weight
+        return gw, None, None
+
+
+class _BiMaskLinear(torch.autograd.Function):
+    """``y = x (W*Mf)^T + b``; ``dx = dy (W*Mb)``; ``dW = dy^T x + decay (1-Mf) W``; ``db = sum dy``.
+
+    The backward computes in ``dy``'s dtype (under autocast the forward ran in half precision)
+    and returns each gradient in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mf, mb, bias, decay: float):
+        ctx.save_for_backward(x, weight, mf, mb)
+        ctx.decay = decay
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight * mf, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mf, mb = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.matmul((weight * mb).to(dy.dtype)).to(x.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t().matmul(x.reshape(-1, x.shape[-1]).to(dy.dtype)).to(weight.dtype)
+            if ctx.decay != 0.0:
+                dw = dw + ctx.decay * (1 - mf) * weight
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, None, None, db, None
+
+
+class _BiMaskConv2d(torch.autograd.Function):
+    """Conv2d with ``W*Mf`` forward, ``W*Mb`` in the input gradient, SR-STE weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mf, mb, bias, stride, padding, dilation, groups, decay: float):
+        ctx.save_for_backward(x, weight, mf, mb)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.decay = decay
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.conv2d(x, weight * mf, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mf, mb = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        want_b = ctx.bias_dtype is not None and ctx.needs_input_grad[4]
+        # The weight gradient of a conv does not depend on the weight's values; the input
+        # gradient is the transposed conv with W * Mb.
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dy, x.to(dy.dtype), (weight * mb).to(dy.dtype), [weight.shape[0]] if want_b else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], want_b],
+        )
+        if dx is not None:
+            dx = dx.to(x.dtype)
+        if dw is not None:
+            dw = dw.to(weight.dtype)
+            if ctx.decay != 0.0:
+                dw = dw + ctx.decay * (1 - mf) * weight
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        return dx, dw, None, None, db, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The forward installed on the per-instance parametrized class of a bidirectional layer
+# --------------------------------------------------------------------------------------------
+
+
+def _bimask_forward(self, input):
+    cls = type(self)
+    nm = None
+    plists = getattr(self, "parametrizations", None)
+    if plists is not None and "weight" in plists:
+        plist = plists["weight"]
+        if len(plist) == 1 and isinstance(plist[0], NMMask) and plist[0].mode == "bidirectional":
+            nm = plist[0]
+    if nm is None or not torch.is_grad_enabled():
+        return cls._sc_base_forward(self, input)
+    weight = plist.original
+    if not torch.compiler.is_compiling():
+        nm._ensure_hook(self, weight)
+    mf, mb = nm.masks(weight)
+    if isinstance(self, nn.Linear):
+        return _BiMaskLinear.apply(input, weight, mf, mb, self.bias, nm.decay)
+    # Conv2d (checked at registration)
+    padding = self.padding
+    if self.padding_mode != "zeros":
+        input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        padding = (0, 0)
+    elif padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":  # as F.conv2d does it: the odd extra pixel goes right/bottom
+        pads = []
+        for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        input = F.pad(input, pads)
+        padding = (0, 0)
+    return _BiMaskConv2d.apply(
+        input, weight, mf, mb, self.bias, tuple(self.stride), tuple(padding), tuple(self.dilation), self.groups, nm.decay
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The parametrization
+# --------------------------------------------------------------------------------------------
+
+
+class NMMask(nn.Module):
+    """N:M weight mask; ``mode`` is ``"bidirectional"`` (Bi-Mask), ``"forward"``, ``"post"`` or ``"unstructured"``.
+
+    Args:
+        n, m: keep ``n`` of every ``m`` consecutive weights along the reduction dim (``1 <= n <= m``).
+        mode: see the module docstring.
+        perm_every: permutation search after every this many backward passes, i.e. training steps (bidirectional).
+        perm_candidates: random permutations tried per search (bidirectional).
+        decay: SR-STE decay λ on pruned weights (``dW += λ (1 - Mf) W``).
+        keep_ratio: fraction of weights kept, mode ``"unstructured"`` only (default 0.5, the fork's).
+        seed: seed of the permutation candidates (default: drawn from torch's global RNG, so it
+            follows ``torch.manual_seed``).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        m: int,
+        mode: str = "bidirectional",
+        perm_every: int = 100,
+        perm_candidates: int = 100,
+        decay: float = 2e-4,
+        keep_ratio: float | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown NMMask mode {mode!r}; choose one of {', '.join(MODES)}")
+        for name, v in (("n", n), ("m", m)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if n > m:
+            raise ValueError(f"N:M needs n <= m, got n={n}, m={m}")
+        if keep_ratio is not None and mode != "unstructured":
+            raise ValueError(f"keep_ratio only applies to mode 'unstructured' (got mode {mode!r})")
+        if mode == "unstructured":
+            keep_ratio = 0.5 if keep_ratio is None else float(keep_ratio)
+            if not 0.0 < keep_ratio <= 1.0:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if int(perm_every) < 1 or int(perm_candidates) < 1:
+            raise ValueError(f"perm_every and perm_candidates must be >= 1, got {perm_every}, {perm_candidates}")
+        if decay < 0:
+            raise ValueError(f"decay must be >= 0, got {decay}")
+        self.n, self.m, self.mode = n, m, mode
+        self.perm_every = int(perm_every)
+        self.perm_candidates = int(perm_candidates)
+        self.decay = float(decay)
+        self.keep_ratio = keep_ratio
+        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        self._calls = 0  # backward passes that reached the weight (bidirectional)
+        self._hooked = None  # weakref to the tensor whose grad hook counts them
+        self._owner = None  # weakref to the module
+        self._searches = 0
+        self._attached = False
+        self._warned = False
+        self._registering = False
+        self.register_buffer("perm", None)
+
+    # -- masks --------------------------------------------------------------------------------
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1.0 - (self.keep_ratio if self.mode == "unstructured" else self.n / self.m)
+
+    def forward_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """``Mf`` (or the unstructured mask) in ``weight``'s shape and dtype."""
+        if self.mode == "unstructured":
+            return unstructured_mask(weight, self.keep_ratio)
+        return nm_mask(weight.reshape(weight.shape[0], -1), self.n, self.m).reshape(weight.shape)
+
+    def masks(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Mf, Mb)`` in ``weight``'s shape (``Mb`` uses the current ``perm``; ``Mb = Mf`` unless bidirectional)."""
+        mf = self.forward_mask(weight)
+        if self.mode != "bidirectional":
+            return mf, mf
+        w2 = weight.reshape(weight.shape[0], -1)
+        mb = bimask_backward_mask(w2, mf.reshape(w2.shape), self.perm, self.n, self.m)
+        return mf, mb.reshape(weight.shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if (
+            self.mode == "bidirectional"
+            and not self._attached
+            and not self._warned
+            and not self._registering
+            and torch.is_grad_enabled()
+            and weight.requires_grad
+            and self.training
+        ):
+            self._warned = True
+            warnings.warn(
+                "NMMask(mode='bidirectional') is not attached to its module, so the input gradient uses "
+                "the forward mask (mode 'forward'). Call NMMask.attach(module) once.",
+                stacklevel=2,
+            )
+        self._registering = False  # the first call after right_inverse is parametrize's own check
+        return _SRSTE.apply(weight, self.forward_mask(weight).to(weight.dtype), self.decay)
+
+    # -- permutation search -------------------------------------------------------------------
+
+    def _ensure_hook(self, module: nn.Module, weight: torch.Tensor) -> None:
+        """Count backward passes on ``weight`` (re-registered after e.g. ``copy.deepcopy``, which drops tensor hooks)."""
+        if self._owner is None or self._owner() is not module:
+            self._owner = weakref.ref(module)
+        if weight.requires_grad and (self._hooked is None or self._hooked() is not weight):
+            weight.register_post_accumulate_grad_hook(self._after_backward)
+            self._hooked = weakref.ref(weight)
+
+    def _after_backward(self, weight: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of ``original``: one more training step; search every ``perm_every``."""
+        owner = self._owner() if self._owner is not None else None
+        plists = getattr(owner, "parametrizations", None)
+        if (
+            self._hooked is None
+            or self._hooked() is not weight
+            or plists is None
+            or "weight" not in plists
+            or plists["weight"][0] is not self
+        ):
+            return  # stale hook: the parametrization was removed, or this is a copy's old tensor
+        self._calls += 1
+        if self._calls % self.perm_every == 0:
+            self.search_permutation(weight)
+
+    @torch.no_grad()
+    def search_permutation(self, weight: torch.Tensor) -> torch.Tensor:
+        """Set ``perm`` to the best of (current, identity, ``perm_candidates`` random); returns the kept counts."""
+        w2 = weight.detach().reshape(weight.shape[0], -1)
+        out = w2.shape[0]
+        nonzero = (w2 * nm_mask(w2, self.n, self.m)) != 0
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._searches)
+        rand = torch.rand(self.perm_candidates, out, generator=gen).argsort(dim=1).to(w2.device)
+        ident = torch.arange(out, device=w2.device)
+        cands = torch.cat([self.perm[None].to(w2.device), ident[None], rand])
+        counts = backward_kept_counts(nonzero, cands, self.n, self.m)
+        self.perm.copy_(cands[counts.argmax()])
+        self._searches += 1
+        return counts
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """Identity (``module.weight = X`` stores ``X``); validates the shape and creates ``perm``."""
+        if weight.dim() < 2:
+            raise ValueError(f"NMMask needs a weight with at least 2 dims, got shape {tuple(weight.shape)}")
+        out, k = weight.shape[0], weight[0].numel()
+        if self.mode != "unstructured" and k % self.m != 0:
+            raise ValueError(
+                f"NMMask {self.n}:{self.m}: the reduction dim of weight {tuple(weight.shape)} has {k} entries, "
+                f"not divisible by M={self.m}; leave this layer dense (apply_nm(..., filter_fn=...) or "
+                f"skip_last_layer=True) or choose an M that divides {k}"
+            )
+        self._registering = True
+        if self.mode == "bidirectional":
+            if out % self.m != 0:
+                raise ValueError(
+                    f"NMMask {self.n}:{self.m} bidirectional: the output dim of weight {tuple(weight.shape)} is {out}, "
+                    f"not divisible by M={self.m} (the backward mask groups output channels); leave this layer "
+                    f"dense (filter_fn / skip_last_layer=True) or use mode='forward' for it"
+                )
+            if self.perm is None or self.perm.shape != (out,):
+                self.perm = torch.arange(out, device=weight.device)
+        return weight
+
+    def _on_registered(self, owner: nn.Module, tensor_name: str, plist: parametrize.ParametrizationList) -> None:
+        if self.mode != "bidirectional":
+            return
+        if tensor_name != "weight" or not isinstance(owner, (nn.Linear, nn.Conv2d)):
+            # Raising here would leave the module half-registered; warn and act as mode "forward".
+            self._warned = True
+            warnings.warn(
+                f"NMMask(mode='bidirectional') on {type(owner).__bases__[0].__name__}.{tensor_name}: only the "
+                "'weight' of nn.Linear/nn.Conv2d gets the backward mask; this tensor gets forward-mode "
+                "gradients (dx uses Mf)",
+                stacklevel=4,
+            )
+            return
+        self.attach(owner, tensor_name)
+        self.search_permutation(plist.original)
+        self._ensure_hook(owner, plist.original)
+
+    def attach(self, module: nn.Module, tensor_name: str = "weight") -> None:
+        """Route ``module``'s forward through the Bi-Mask op (done automatically on registration)."""
+        if tensor_name != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ValueError(
+                f"NMMask(mode='bidirectional') applies to the 'weight' of nn.Linear or nn.Conv2d, got "
+                f"{type(module).__name__}.{tensor_name}"
+            )
+        cls = type(module)
+        if not isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) or cls.__name__ != (
+            f"Parametrized{cls.__bases__[0].__name__}"
+        ):
+            raise ValueError("attach: register the NMMask with torch.nn.utils.parametrize.register_parametrization first")
+        if "_sc_base_forward" not in cls.__dict__:
+            cls._sc_base_forward = cls.__bases__[0].forward
+            cls.forward = _bimask_forward
+        self._attached = True
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def get_extra_state(self):
+        return {"calls": self._calls, "searches": self._searches, "seed": self.seed}
+
+    def set_extra_state(self, state) -> None:
+        self._calls = int(state["calls"])
+        self._searches = int(state["searches"])
+        self.seed = int(state["seed"])
+
+    def extra_repr(self) -> str:
+        s = f"n={self.n}, m={self.m}, mode={self.mode!r}, decay={self.decay:g}"
+        if self.mode == "bidirectional":
+            s += f", perm_every={self.perm_every}, perm_candidates={self.perm_candidates}"
+        if self.mode == "unstructured":
+            s += f", keep_ratio={self.keep_ratio:g}"
+        return s
+
+
+def _post_project(module: NMMask, original: torch.Tensor) -> None:
+    with torch.no_grad():
+        original.mul_(module.forward_mask(original).to(original.dtype))

@@ -1,0 +1,191 @@
+"""Supermask: a learned, tile-wise weight mask as a ``torch.nn.utils.parametrize`` parametrization.
+
+Usage::
+
+    import torch.nn.utils.parametrize as P
+    P.register_parametrization(lin, "weight", Supermask(lin.weight.shape, sparsity=0.9, tile_size=32))
+
+``lin.weight`` is then ``W * mask(scores)`` where ``W`` is stored as
+``lin.parametrizations.weight.original`` and ``scores`` as ``lin.parametrizations.weight[0].scores``.
+
+Definition (ALGORITHMS.md, following pytorch-labs/superblock ``SupermaskLinear``):
+
+- ``scores`` has one entry per tile: shape ``ceil(d / tile_size)`` for *every* dim ``d`` of the
+  weight (Conv ``[out, in, kh, kw]`` included: a 3x3 kernel with tile 8 has one score along
+  each kernel dim). Initialised kaiming-uniform with ``a = sqrt(5)``.
+- Threshold: the k-th smallest score, ``k = 1 + round(sparsity * (num_tiles - 1))``
+  (Python's ``round``, as the reference). ``mask = score >= threshold``, so exactly
+  ``num_tiles - (k - 1)`` tiles are kept when scores are distinct. The tile mask is expanded to
+  the weight's shape (each tile repeated ``tile_size`` times along each dim, then cut to size).
+- Backward: straight-through; ``dL/dscores`` is the gradient w.r.t. the expanded mask summed
+  over each tile. ``W`` gets its ordinary gradient through ``W * mask``.
+- The threshold is a 0-dim tensor from ``kthvalue`` on the scores' device: no host sync.
+- Sparsity above the highest reachable one, ``1 - 1/num_tiles``, is capped with a warning.
+- ``fixed_mask=True`` creates ``scores`` with ``requires_grad=False``.
+  ``fixed_weight=True``: the parametrization receives ``original`` and detaches it, so no
+  gradient reaches ``W``; in addition ``original.requires_grad`` is set to ``False`` when the
+  parametrization is registered, so optimizers and DDP see a frozen parameter.
+
+The reference's ``scale``/``shift`` (effective weight ``(W * scale + shift) * mask``, both
+one-element, frozen, 1 and 0 unless the reference quantizes weights) are not kept as state:
+:func:`sparse_compile.training.load_superblock_checkpoint` folds them into ``original``.
+
+This module also installs a global module-registration hook (:func:`_registration_hook`)
+that tells our parametrizations which module and tensor they were registered on; see
+``nm_mask.py`` for why Bi-Mask needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+__all__ = ["Supermask"]
+
+
+# --------------------------------------------------------------------------------------------
+# Registration hook shared by Supermask and NMMask.
+#
+# ``register_parametrization(module, name, p)`` never tells ``p`` which module it belongs to.
+# It does, however, assign ``module.parametrizations = ModuleDict()`` (first parametrization of
+# that module) and then ``module.parametrizations[name] = ParametrizationList([p], ...)``; both
+# assignments run the global module-registration hooks. The first tells us the owner of the
+# ModuleDict, the second which tensor and which parametrization.
+# --------------------------------------------------------------------------------------------
+
+_DICT_OWNER: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _registration_hook(parent: nn.Module, name: str, child: nn.Module | None):
+    if child is None:
+        return None
+    if name == "parametrizations" and isinstance(child, nn.ModuleDict):
+        _DICT_OWNER[child] = weakref.ref(parent)
+    elif isinstance(child, parametrize.ParametrizationList) and isinstance(parent, nn.ModuleDict):
+        ref = _DICT_OWNER.get(parent)
+        owner = ref() if ref is not None else None
+        if owner is not None:
+            for p in child:
+                cb = getattr(p, "_on_registered", None)
+                if cb is not None:
+                    cb(owner, name, child)
+    return None
+
+
+if not getattr(torch.nn.modules.module, "_sparse_compile_registration_hook", False):
+    torch.nn.modules.module.register_module_module_registration_hook(_registration_hook)
+    torch.nn.modules.module._sparse_compile_registration_hook = True
+
+
+# --------------------------------------------------------------------------------------------
+# Supermask
+# --------------------------------------------------------------------------------------------
+
+
+class _STEThreshold(torch.autograd.Function):
+    """``scores >= kth-smallest(scores)`` as a 0/1 tensor; straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: int) -> torch.Tensor:
+        threshold = scores.detach().reshape(-1).kthvalue(k).values
+        return (scores >= threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def expand_tiles(tile_mask: torch.Tensor, shape: torch.Size | tuple[int, ...], tile_size: int) -> torch.Tensor:
+    """Repeat every entry of ``tile_mask`` ``tile_size`` times along each dim, cut to ``shape``."""
+    if tile_size == 1:
+        return tile_mask
+    out = tile_mask
+    for dim, size in enumerate(shape):
+        out = out.repeat_interleave(tile_size, dim=dim).narrow(dim, 0, size)
+    return out
+
+
+class Supermask(nn.Module):
+    """Tile-wise learned mask: ``forward(W) = W * expand(scores >= kth-smallest(scores))``.
+
+    Args:
+        weight_shape: shape of the weight it will parametrize (Linear ``[out, in]``,
+            Conv2d ``[out, in, kh, kw]``).
+        sparsity: fraction of tiles to prune, in ``[0, 1)``; capped at ``1 - 1/num_tiles``.
+        tile_size: side of the square (hyper-cubic) tile, ``>= 1``.
+        fixed_mask: freeze the scores (``requires_grad=False``).
+        fixed_weight: freeze the weight (no gradient reaches ``original``).
+    """
+
+    def __init__(
+        self,
+        weight_shape,
+        sparsity: float,
+        tile_size: int,
+        fixed_mask: bool = False,
+        fixed_weight: bool = False,
+    ):
+        super().__init__()
+        weight_shape = tuple(int(d) for d in weight_shape)
+        if len(weight_shape) < 2:
+            raise ValueError(f"Supermask needs a weight with at least 2 dims, got shape {weight_shape}")
+        if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1:
+            raise ValueError(f"tile_size must be an integer >= 1, got {tile_size!r}")
+        sparsity = float(sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        score_shape = [max(1, math.ceil(d / tile_size)) for d in weight_shape]
+        num_tiles = math.prod(score_shape)
+        max_sparsity = 1.0 - 1.0 / num_tiles
+        if sparsity > max_sparsity:
+            warnings.warn(
+                f"Supermask: sparsity {sparsity} is not reachable for weight shape {weight_shape} with "
+                f"tile size {tile_size} ({num_tiles} tiles); capped at {max_sparsity:.6g}",
+                stacklevel=2,
+            )
+            sparsity = max_sparsity
+        self.weight_shape = weight_shape
+        self.sparsity = sparsity
+        self.tile_size = tile_size
+        self.fixed_mask = bool(fixed_mask)
+        self.fixed_weight = bool(fixed_weight)
+        self.num_tiles = num_tiles
+        # k-th smallest score is the threshold; Python round (banker's) as the reference.
+        self.k = 1 + round(sparsity * (num_tiles - 1))
+        self.scores = nn.Parameter(torch.empty(score_shape), requires_grad=not fixed_mask)
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+
+    @property
+    def kept_tiles(self) -> int:
+        """Tiles the mask keeps (when scores are distinct)."""
+        return self.num_tiles - (self.k - 1)
+
+    def tile_mask(self) -> torch.Tensor:
+        """The 0/1 mask over tiles, shape of ``scores``, differentiable (STE) w.r.t. scores."""
+        return _STEThreshold.apply(self.scores, self.k)
+
+    def mask(self) -> torch.Tensor:
+        """The 0/1 mask expanded to the weight's shape."""
+        return expand_tiles(self.tile_mask(), self.weight_shape, self.tile_size)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"Supermask built for weight shape {self.weight_shape}, got {tuple(weight.shape)}")
+        if self.fixed_weight:
+            weight = weight.detach()
+        return weight * self.mask().to(weight.dtype)
+
+    def _on_registered(self, owner: nn.Module, tensor_name: str, plist: parametrize.ParametrizationList) -> None:
+        if self.fixed_weight:
+            plist.original.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight_shape={self.weight_shape}, sparsity={self.sparsity:.4g}, tile_size={self.tile_size}, "
+            f"fixed_mask={self.fixed_mask}, fixed_weight={self.fixed_weight}"
+        )
