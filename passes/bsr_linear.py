@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx
@@ -51,11 +51,17 @@ class BsrLinearPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         names = _LayerNamer()
+        constants = _ConstantEvaluator(gm)
         for node in list(graph.nodes):
-            match = _match_linear(node, gm)
+            match = _match_linear(node)
             if match is None:
                 continue
-            x, weight, bias = match
+            x, weight_t_node, bias = match
+            weight_t = constants(weight_t_node)
+            if weight_t is None:
+                self._record_runtime_weight(node, weight_t_node, names)
+                continue
+            weight = weight_t.t()
             decision = decide(weight, self.options)
             self.graph_report.layers.append(
                 LayerRecord(
@@ -74,9 +80,27 @@ class BsrLinearPass(CustomGraphPass):
         graph.eliminate_dead_code()
         gm.recompile()
 
+    def _record_runtime_weight(self, node, weight_t_node, names) -> None:
+        """A linear whose weight is computed from graph inputs: say so rather than skip it silently."""
+        if weight_t_node.target not in (aten.permute.default, aten.t.default):
+            return  # a matmul of two activations, not a linear layer
+        shape = weight_t_node.meta["val"].shape
+        self.graph_report.layers.append(
+            LayerRecord(
+                name=names(node, shape[1], shape[0]),
+                out_features=int(shape[1]),
+                in_features=int(shape[0]),
+                dtype=str(weight_t_node.meta["val"].dtype).removeprefix("torch."),
+                format="dense",
+                blocksize=None,
+                density=None,
+                reason="weight is not a constant of the graph (computed from a runtime input)",
+            )
+        )
 
-def _match_linear(node: torch.fx.Node, gm: torch.fx.GraphModule):
-    """``(x node, weight [N, K], bias node or None)`` if ``node`` is a linear with a constant weight."""
+
+def _match_linear(node: torch.fx.Node):
+    """``(x, transposed weight, bias or None)`` nodes if ``node`` is a linear's matmul."""
     if node.op != "call_function":
         return None
     if node.target is aten.mm.default:
@@ -92,20 +116,52 @@ def _match_linear(node: torch.fx.Node, gm: torch.fx.GraphModule):
             return None
     else:
         return None
-    weight_t = _constant(weight_t, gm)
-    if weight_t is None or weight_t.dim() != 2 or not isinstance(x, torch.fx.Node):
+    if not isinstance(x, torch.fx.Node) or not isinstance(weight_t, torch.fx.Node):
         return None
-    return x, weight_t.t(), bias
+    return x, weight_t, bias
 
 
-def _constant(arg: Any, gm: torch.fx.GraphModule) -> torch.Tensor | None:
-    """The tensor behind a ``get_attr`` node (a frozen constant), else ``None``."""
-    if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr":
-        return None
-    value = gm
-    for part in str(arg.target).split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
+class _ConstantEvaluator:
+    """Values of nodes computed only from constants, evaluated once with real tensors.
+
+    Freezing folds most weight expressions into one ``get_attr`` constant, but Inductor's
+    constant folder deliberately leaves some ops for run time (``full``, and everything after
+    it: an N:M mask built by ``scatter`` into a ``full`` tensor stays unfolded). The pass needs
+    the final weight, so it evaluates what is left. Nodes fed by a graph input, impure nodes
+    and random ops are not constants.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self._values: dict[torch.fx.Node, torch.Tensor | None] = {}
+
+    def __call__(self, node: torch.fx.Node) -> torch.Tensor | None:
+        if node not in self._values:
+            self._values[node] = self._evaluate(node)
+        value = self._values[node]
+        return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+    def _evaluate(self, node: torch.fx.Node):
+        if node.op == "get_attr":
+            value = self.gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            return value
+        if node.op != "call_function" or node.is_impure() or _is_random(node.target):
+            return None
+        inputs = node.all_input_nodes
+        for input_node in inputs:
+            if input_node not in self._values:
+                self._values[input_node] = self._evaluate(input_node)
+            if self._values[input_node] is None:
+                return None
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self._values[n])
+        with torch.no_grad():
+            return node.target(*args, **kwargs)
+
+
+def _is_random(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _replace_with_bsr(gm, node, x, weight, bias, blocksize: int) -> None:

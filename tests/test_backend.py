@@ -266,3 +266,26 @@ def test_gpu_vit_b_16_sized_layers(dtype):
     expected = float64_reference(model, x)
     scale = expected.abs().max()
     assert (out.double() - expected).abs().max() <= 2e-2 * scale
+
+
+class InputScaledWeight(nn.Module):
+    """A linear whose weight depends on the input: it cannot be a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 32)
+        prune_blocks_(self.linear.weight.data, 0.9, 16)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.linear.weight * x.mean(), self.linear.bias)
+
+
+def test_runtime_weight_is_reported_dense_with_reason():
+    model = InputScaledWeight().eval()
+    x = torch.randn(4, 64)
+    compiled, out, code = compile_and_run(model, x, options={"blocksize": 16})
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+    assert OP_NAME not in code
+    (layer,) = sparse_compile.report(compiled).layers
+    assert (layer.format, layer.out_features, layer.in_features) == ("dense", 32, 64)
+    assert "not a constant" in layer.reason
