@@ -1,0 +1,318 @@
+"""What every benchmark shares: command-line flags, timing, output checks, environment, tables.
+
+Timing follows DESIGN.md: warm-up calls first, then many timed calls, and the median is reported
+with the number of timed calls. On CUDA each call is timed with CUDA events (GPU time, not launch
+time) after flushing the L2 cache, as ``triton.testing.do_bench`` does; on CPU with
+``time.perf_counter`` around each call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from tabulate import tabulate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+#: Block sizes the sparse backend takes (sparse_compile.options.CANDIDATE_BLOCKSIZES).
+BLOCKSIZES = (16, 32, 64, 128)
+
+#: Largest accepted ``max |out - ref| / max |ref|`` per dtype, ref being dense eager in the same
+#: dtype. fp32 without TF32 differs only by summation order; the half types round every
+#: intermediate, and a whole network compounds that (measured on CPU: bf16 tiny ViT ~1e-2).
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+TF32_TOLERANCE = 1e-2
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def comma_list(convert: Callable[[str], Any]) -> Callable[[str], list]:
+    """argparse ``type=`` for ``--flag a,b`` that may also be repeated (``--flag a --flag b``).
+
+    Errors need not name the flag: argparse prefixes "argument --flag:".
+    """
+
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        try:
+            return [convert(item) for item in items]
+        except (ValueError, KeyError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _dtype(text: str) -> torch.dtype:
+    name = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {text!r}; use one of {', '.join(DTYPES)} (or fp32, bf16, fp16)")
+    return DTYPES[name]
+
+
+def _sparsity(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity {text} is outside [0, 1) (fraction of blocks set to zero)")
+    return value
+
+
+def _blocksize(text: str) -> int:
+    value = int(text)
+    if value not in BLOCKSIZES:
+        raise ValueError(f"block size {text} is not supported; use one of {list(BLOCKSIZES)}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags both benchmarks take. Defaults of ``None`` are filled per device by :func:`finish_args`."""
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument(
+        "--dtype", action="append", type=comma_list(_dtype),
+        help="float32, bfloat16, float16; comma list or repeated (default: GPU fp32,bf16; CPU fp32)",
+    )
+    parser.add_argument(
+        "--sparsity", action="append", type=comma_list(_sparsity),
+        help="fraction of weight blocks pruned, e.g. 0.8,0.9",
+    )
+    parser.add_argument(
+        "--blocksize", action="append", type=comma_list(_blocksize),
+        help=f"block side, one of {list(BLOCKSIZES)}; comma list or repeated",
+    )
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed calls before timing")
+    parser.add_argument("--reps", type=positive_int, help="timed calls; the median is reported")
+    parser.add_argument(
+        "--tf32", action="store_true",
+        help="allow TF32 for fp32 matmuls in every row (default off: true fp32 everywhere)",
+    )
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--output", metavar="FILE", help="also write the tables and raw numbers as markdown")
+
+
+def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, dict]) -> None:
+    """Flattens repeated list flags, then fills unset flags from ``defaults["cuda" | "cpu"]``."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    for key, value in vars(args).items():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            # Keep the order given, drop repeats.
+            setattr(args, key, list(dict.fromkeys(item for chunk in value for item in chunk)))
+    for key, value in defaults[args.device].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def set_matmul_precision(tf32: bool) -> None:
+    """The same fp32 matmul precision for every row: TF32 on or off for cuBLAS, cuDNN and Triton."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Per-call times of one timed loop, in milliseconds."""
+
+    times_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def reps(self) -> int:
+        return len(self.times_ms)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> Timing:
+    """Calls ``fn`` ``warmup`` times untimed, then ``reps`` times timed, one time per call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if device.type == "cuda":
+        return _measure_cuda(fn, device, reps)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return Timing(tuple(times))
+
+
+def _measure_cuda(fn: Callable[[], Any], device: torch.device, reps: int) -> Timing:
+    # Zeroing a buffer larger than L2 before each call means no call starts with the previous
+    # call's weights in cache (what triton.testing.do_bench does; 256 MB > H100's 50 MB L2).
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return Timing(tuple(start.elapsed_time(end) for start, end in zip(starts, ends)))
+
+
+def warm_up_compiler(device: torch.device) -> None:
+    """Compiles a trivial function once, so that the first compiled variant of a run does not
+    pay alone for what every process pays once (imports, C++/Triton toolchain checks)."""
+    torch._dynamo.reset()
+    torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
+    torch._dynamo.reset()
+
+
+def first_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``(fn(), seconds)``: for a compiled function the first call is where compiling happens."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Checking outputs
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|``, in float64: one number comparable across layers and dtypes."""
+    out, ref = out.double(), ref.double()
+    scale = ref.abs().max().item()
+    return (out - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def tolerance(dtype: torch.dtype, tf32: bool) -> float:
+    if dtype == torch.float32 and tf32:
+        return TF32_TOLERANCE
+    return TOLERANCE[dtype]
+
+
+def describe_error(error: BaseException, limit: int = 90) -> str:
+    """One line for a table cell: the exception type and the start of its first line."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and output
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device, tf32: bool) -> list[tuple[str, str]]:
+    """The facts a reader needs to reproduce or compare a run."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    rows = [
+        ("device", f"{device.type}: {device_name(device)}"),
+        ("torch", torch.__version__),
+        ("triton", triton_version),
+        ("python", platform.python_version()),
+    ]
+    if device.type == "cuda":
+        rows.append(("CUDA", str(torch.version.cuda)))
+    else:
+        rows.append(("CPU threads", str(torch.get_num_threads())))
+    rows.append(("fp32 matmul", "TF32 allowed" if tf32 else "true fp32 (TF32 off)"))
+    return rows
+
+
+def command_line(argv: Sequence[str] | None, module: str) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", "-m", module, *map(shlex.quote, args)])
+
+
+def print_key_values(rows: Sequence[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}} : {value}")
+
+
+@dataclasses.dataclass
+class Table:
+    """A titled table, printed as text and written as markdown."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+
+    def text(self, fmt: str = "simple") -> str:
+        return tabulate(self.rows, headers=self.headers, tablefmt=fmt, disable_numparse=True)
+
+
+def write_markdown(
+    path: str, title: str, command: str, facts: Sequence[tuple[str, str]], tables: Sequence[Table],
+    raw: Sequence[dict[str, Any]],
+) -> None:
+    """The file for ``benchmarks/results/<gpu>.md``: command, environment, tables, raw per-call times."""
+    lines = [f"# {title}", "", "```", command, "```", ""]
+    lines += [f"- {key}: {value}" for key, value in facts]
+    for table in tables:
+        lines += ["", f"## {table.title}", "", table.text("github")]
+    lines += ["", "## Raw per-call times (ms)", ""]
+    for record in raw:
+        label = ", ".join(f"{k}={v}" for k, v in record.items() if k != "times_ms")
+        times = " ".join(f"{t:.4f}" for t in record["times_ms"])
+        lines.append(f"- {label}: {times}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator <= 0:
+        return "-"
+    return f"{numerator / denominator:.2f}x"

@@ -1,0 +1,290 @@
+"""Single linear layers of ViT-B: dense F.linear, torch.sparse BSR, and sparse_compile's bsr_linear.
+
+    python -m benchmarks.kernels                   # GPU: M = 256 * 197 tokens, four shapes
+    python -m benchmarks.kernels --help
+
+Each shape is ``x [M, K] @ W^T [K, N] + bias`` with ``M = batch * tokens``; ``W`` is random and
+block-pruned by magnitude. Every row gets the same ``x``, ``W`` and bias, and is checked
+against dense ``F.linear`` on that ``W``. The dense row does not depend on sparsity or block
+size, so it runs once per shape and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+from sparse_compile.kernels import BsrWeight, bsr_linear
+from sparse_compile.pruning import prune_blocks_
+
+#: (K, N) = (in, out features) of ViT-B/16's linears: MLP up, MLP down, attention in, attention out.
+VIT_B_SHAPES = [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
+VIT_TOKENS = 197  # 14 x 14 patches + the class token
+
+DEFAULTS = {
+    "cuda": dict(
+        batch_size=256, shapes=VIT_B_SHAPES, dtype=[torch.float32, torch.bfloat16],
+        sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=10, reps=50,
+    ),
+    # About a minute on 2 shared cores.
+    "cpu": dict(
+        batch_size=2, shapes=VIT_B_SHAPES[:2], dtype=[torch.float32],
+        sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=3, reps=15,
+    ),
+}
+
+#: Dense peak throughput (FLOP/s; fp32 without and with TF32, half types on tensor cores) and
+#: memory bandwidth (B/s) from NVIDIA's data sheets, matched against the device name in order.
+#: Used only for the "floor" column: the time below which no kernel can go.
+PEAKS = [
+    ("H100 PCIe", dict(fp32=51.2e12, tf32=378e12, half=756e12, bandwidth=2.0e12)),
+    ("H100", dict(fp32=66.9e12, tf32=494.7e12, half=989.4e12, bandwidth=3.35e12)),  # SXM
+    ("H200", dict(fp32=66.9e12, tf32=494.7e12, half=989.4e12, bandwidth=4.8e12)),
+    ("A100", dict(fp32=19.5e12, tf32=156e12, half=312e12, bandwidth=2.0e12)),  # 80 GB SXM
+]
+
+HEADERS = [
+    "K x N", "M", "sparsity", "block", "variant", "median ms", "reps",
+    "eff TFLOP/s", "vs dense", "FLOP/B", "floor ms", "rel err", "check",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"shape {text!r} is not KxN with positive integers, e.g. 768x3072")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--shapes", action="append", type=common.comma_list(_shape),
+        help="KxN (in x out features), comma list; default: ViT-B's "
+        + ",".join(f"{k}x{n}" for k, n in VIT_B_SHAPES) + " (first two on CPU)",
+    )
+    parser.add_argument("--batch-size", type=common.positive_int, help="M = batch size * --tokens")
+    parser.add_argument("--tokens", type=common.positive_int, default=VIT_TOKENS)
+    common.add_common_args(parser)
+    args = parser.parse_args(argv)
+    common.finish_args(parser, args, DEFAULTS)
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Cost: FLOPs, bytes and the floor they give
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    m: int
+    k: int
+    n: int
+    dtype: torch.dtype
+
+    @property
+    def dense_flops(self) -> int:
+        return 2 * self.m * self.n * self.k
+
+
+def work(problem: Problem, bsr: BsrWeight | None) -> tuple[float, float]:
+    """``(FLOPs, bytes)`` a kernel cannot avoid: read x, the weight (only stored blocks for BSR,
+    plus its indices) and the bias once, write the output once; multiply only stored blocks."""
+    p, elem = problem, problem.dtype.itemsize
+    activations = (p.m * p.k + p.m * p.n + p.n) * elem
+    if bsr is None:
+        return p.dense_flops, activations + p.n * p.k * elem
+    stored = bsr.nnz_blocks * bsr.blocksize**2
+    indices = (bsr.nnz_blocks + bsr.crow_indices.numel()) * 4
+    return 2 * p.m * stored, activations + stored * elem + indices
+
+
+def intensity(problem: Problem, bsr: BsrWeight | None) -> float:
+    flops, nbytes = work(problem, bsr)
+    return flops / nbytes
+
+
+def floor_ms(problem: Problem, bsr: BsrWeight | None, device: torch.device, tf32: bool) -> float | None:
+    """max(FLOPs / peak FLOP/s, bytes / peak bandwidth), or ``None`` for an unknown device."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = next((peaks for key, peaks in PEAKS if key in name), None)
+    if peaks is None:
+        return None
+    if problem.dtype == torch.float32:
+        flop_rate = peaks["tf32" if tf32 else "fp32"]
+    else:
+        flop_rate = peaks["half"]
+    flops, nbytes = work(problem, bsr)
+    return max(flops / flop_rate, nbytes / peaks["bandwidth"]) * 1e3
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclasses.dataclass
+class Row:
+    variant: str
+    sparsity: float | None = None
+    blocksize: int | None = None
+    timing: common.Timing | None = None
+    rel_err: float | None = None
+    tol: float | None = None
+    intensity: float | None = None  # unavoidable FLOPs / unavoidable bytes
+    floor: float | None = None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.timing is not None and self.rel_err is not None and self.rel_err <= self.tol
+
+    @property
+    def median_ms(self) -> float | None:
+        # A wrong answer gets no throughput or speedup.
+        return self.timing.median_ms if self.ok else None
+
+
+def run_row(row: Row, make: Callable[[], Callable[[], torch.Tensor]], ref: torch.Tensor,
+            args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Row:
+    """Builds the variant (weight conversion is not timed), checks its output, then times it."""
+    try:
+        fn = make()
+        row.rel_err, row.tol = common.relative_error(fn(), ref), common.tolerance(dtype, args.tf32)
+        row.timing = common.measure(fn, device, args.warmup, args.reps)
+    except Exception as error:  # noqa: BLE001 - reported in the table instead
+        row.note = f"not run: {common.describe_error(error)}"
+    return row
+
+
+def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """The dense row, then torch.sparse and ours for every (sparsity, block size)."""
+    dtype = problem.dtype
+    torch.manual_seed(0)
+    x = torch.randn(problem.m, problem.k, device=device, dtype=dtype)
+    dense_weight = torch.randn(problem.n, problem.k, device=device, dtype=dtype) / problem.k**0.5
+    bias = torch.randn(problem.n, device=device, dtype=dtype)
+
+    dense = Row("dense F.linear (" + ("cuBLAS" if device.type == "cuda" else "CPU BLAS") + ")")
+    dense.intensity, dense.floor = intensity(problem, None), floor_ms(problem, None, device, args.tf32)
+    rows = [run_row(dense, lambda: lambda: F.linear(x, dense_weight, bias),
+                    F.linear(x, dense_weight, bias), args, device, dtype)]
+    for sparsity in args.sparsity:
+        for b in args.blocksize:
+            w = prune_blocks_(dense_weight.clone(), sparsity, b)
+            ref = F.linear(x, w, bias)
+            bsr = BsrWeight.from_dense(w, b)
+            cost = dict(intensity=intensity(problem, bsr), floor=floor_ms(problem, bsr, device, args.tf32))
+
+            def torch_sparse(w=w, b=b):
+                w_bsr = w.to_sparse_bsr(b)
+                return lambda: F.linear(x, w_bsr, bias)
+
+            rows.append(run_row(Row("torch.sparse BSR", sparsity, b, **cost), torch_sparse,
+                                ref, args, device, dtype))
+            rows.append(run_row(Row("sparse_compile bsr_linear", sparsity, b, **cost),
+                                lambda bsr=bsr: lambda: bsr_linear(x, bsr, bias), ref, args, device, dtype))
+    return rows
+
+
+def table_rows(problem: Problem, rows: list[Row]) -> list[list[str]]:
+    dense_ms = rows[0].median_ms
+    out = []
+    for row in rows:
+        cells = [
+            f"{problem.k}x{problem.n}", str(problem.m),
+            "-" if row.sparsity is None else f"{row.sparsity:.0%}",
+            "-" if row.blocksize is None else str(row.blocksize),
+            row.variant,
+        ]
+        if row.timing is None:
+            out.append(cells + ["-"] * 7 + [row.note])
+            continue
+        tflops = None if row.median_ms is None else problem.dense_flops / (row.median_ms * 1e-3) / 1e12
+        check = "ok" if row.ok else f"WRONG: err > {row.tol:.0e}"
+        out.append(cells + [
+            common.fmt(row.timing.median_ms, 3), str(row.timing.reps), common.fmt(tflops, 3),
+            common.fmt_ratio(dense_ms, row.median_ms), common.fmt(row.intensity, 0), common.fmt(row.floor, 3), f"{row.rel_err:.1e}", check,
+        ])
+    return out
+
+
+def raw_records(problem: Problem, rows: list[Row]) -> list[dict[str, Any]]:
+    return [
+        dict(dtype=common.dtype_name(problem.dtype), shape=f"{problem.k}x{problem.n}", m=problem.m,
+             variant=row.variant, sparsity=row.sparsity, block=row.blocksize, times_ms=row.timing.times_ms)
+        for row in rows if row.timing is not None
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer."""
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common.set_matmul_precision(args.tf32)
+    device = torch.device(args.device)
+    m = args.batch_size * args.tokens
+
+    facts = common.environment(device, args.tf32) + [
+        ("M", f"{m} = batch {args.batch_size} x {args.tokens} tokens"),
+        ("shapes (K x N)", ", ".join(f"{k}x{n}" for k, n in args.shapes)),
+        ("dtypes", ", ".join(common.dtype_name(d) for d in args.dtype)),
+        ("sparsity", ", ".join(f"{s:.0%}" for s in args.sparsity) + " of the weight blocks"),
+        ("block sizes", ", ".join(map(str, args.blocksize))),
+        ("timing", f"median of {args.reps} calls after {args.warmup} warm-up calls"),
+    ]
+    common.print_key_values(facts)
+
+    tables, raw, all_ok = [], [], True
+    with torch.no_grad():
+        for dtype in args.dtype:
+            cells = []
+            for k, n in args.shapes:
+                problem = Problem(m, k, n, dtype)
+                rows = shape_rows(problem, args, device)
+                cells += table_rows(problem, rows)
+                raw += raw_records(problem, rows)
+                all_ok &= all(row.ok or row.timing is None for row in rows)
+            table = common.Table(f"linear layers, {common.dtype_name(dtype)}", HEADERS, cells)
+            print(f"\n{table.title}\n{table.text()}", flush=True)
+            tables.append(table)
+
+    print(
+        "\neff TFLOP/s: 2*M*N*K (dense-equivalent work) / median time. vs dense: dense median / this "
+        "row's median. FLOP/B: unavoidable FLOPs / unavoidable bytes (low: memory-bound). floor ms: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with only the "
+        "stored blocks multiplied and read (known GPUs only). rel err: max |out - dense out| / "
+        "max |dense out|."
+    )
+    if args.output:
+        common.write_markdown(
+            args.output, "Linear-layer kernels", common.command_line(argv, "benchmarks.kernels"), facts, tables, raw
+        )
+        print(f"wrote {args.output}")
+    if not all_ok:
+        print("ERROR: a row's output differs from dense beyond its tolerance (see 'check')", file=sys.stderr)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

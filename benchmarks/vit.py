@@ -1,0 +1,418 @@
+"""ViT inference latency: dense eager, dense torch.compile, torch.sparse BSR, and backend="sparse".
+
+    python -m benchmarks.vit                       # GPU: the seed's ViT-B/16 setting; CPU: a small ViT
+    python -m benchmarks.vit --help
+
+The model has random weights; every encoder linear (attention in/out projections and both MLP
+linears, not the classifier head) is block-pruned by magnitude, as in the seed's benchmark.
+Every row runs the same input and is checked against dense eager of the same weights.
+
+Dense rows do not depend on sparsity or block size (a dense matmul does the same work whatever
+the values), so they run once per dtype, on the model before pruning, and each sparse row is
+compared with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import sparse_compile
+from benchmarks import common
+
+CPU_TINY = dict(image_size=64, patch_size=16, num_layers=4, hidden_dim=256, mlp_dim=1024, num_heads=4)
+TINY_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
+
+DEFAULTS = {
+    # The seed's setting (superblock README: ViT-B/16, batch 256, 224 px).
+    "cuda": dict(
+        model="vit_b_16", batch_size=256, image_size=224, dtype=[torch.float32, torch.bfloat16],
+        sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
+    ),
+    # Sized for ~2 minutes on 2 shared cores, compile times included.
+    "cpu": dict(
+        model="tiny", batch_size=16, image_size=CPU_TINY["image_size"], dtype=[torch.float32],
+        sparsity=[0.9], blocksize=[32, 64], warmup=3, reps=30,
+    ),
+}
+
+HEADERS = [
+    "variant", "sparsity", "block", "sparse layers", "median ms", "reps",
+    "vs eager", "vs compile", "compile s", "rel err", "check",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def vit_names() -> list[str]:
+    return sorted(name for name in torchvision.models.list_models(module=torchvision.models) if name.startswith("vit_"))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.vit", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", choices=["tiny", *vit_names()],
+        help="a torchvision ViT, or 'tiny' (built from --patch-size, --num-layers, ...); "
+        "default: vit_b_16 on GPU, tiny on CPU",
+    )
+    parser.add_argument("--batch-size", type=common.positive_int)
+    parser.add_argument("--image-size", type=common.positive_int)
+    for flag in TINY_FLAGS:
+        parser.add_argument(
+            f"--{flag.replace('_', '-')}", type=common.positive_int,
+            help=f"--model tiny only (default {CPU_TINY[flag]})",
+        )
+    common.add_common_args(parser)
+    args = parser.parse_args(argv)
+    common.finish_args(parser, args, DEFAULTS)
+    _check_model_flags(parser, args)
+    return args
+
+
+def _check_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [flag for flag in TINY_FLAGS if getattr(args, flag) is not None]
+    if args.model != "tiny":
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} applies to --model tiny only; {args.model} has its own")
+        patch_size = int(args.model.rsplit("_", 1)[1])  # vit_b_16 -> 16
+    else:
+        for flag in TINY_FLAGS:
+            if getattr(args, flag) is None:
+                setattr(args, flag, CPU_TINY[flag])
+        if args.hidden_dim % args.num_heads:
+            parser.error(f"--hidden-dim {args.hidden_dim} is not a multiple of --num-heads {args.num_heads}")
+        patch_size = args.patch_size
+    if args.image_size % patch_size:
+        parser.error(f"--image-size {args.image_size} is not a multiple of the patch size {patch_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The dense model with random weights, eval mode, on CPU in fp32 (seeded: same every run)."""
+    torch.manual_seed(0)
+    if args.model == "tiny":
+        model = torchvision.models.VisionTransformer(
+            image_size=args.image_size, **{flag: getattr(args, flag) for flag in TINY_FLAGS}
+        )
+    else:
+        model = torchvision.models.get_model(args.model, weights=None, image_size=args.image_size)
+    # torchvision initialises the classifier head to zeros: every output would be 0 and the
+    # output check would pass whatever the encoder computed.
+    for module in model.heads.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.bias, std=0.02)
+    return model.eval()
+
+
+def model_config(args: argparse.Namespace, model: nn.Module) -> str:
+    encoder_layers = len(model.encoder.layers)
+    return (
+        f"{args.model}: image {args.image_size}, patch {model.patch_size}, layers {encoder_layers}, "
+        f"hidden {model.hidden_dim}, mlp {model.mlp_dim}, heads {model.encoder.layers[0].num_heads}, "
+        f"{model.seq_length} tokens, batch {args.batch_size}"
+    )
+
+
+def is_encoder(name: str, _module: nn.Module) -> bool:
+    return name.startswith("encoder")
+
+
+def pruned_copy(model: nn.Module, sparsity: float, blocksize: int) -> tuple[nn.Module, list[str]]:
+    pruned = copy.deepcopy(model)
+    names = sparse_compile.prune_linear_blocks_(pruned, sparsity, blocksize, filter_fn=is_encoder)
+    return pruned, names
+
+
+# --------------------------------------------------------------------------------------------
+# The torch.sparse reference path: F.linear on weights converted with Tensor.to_sparse_bsr
+
+
+class BsrLinear(nn.Module):
+    """``F.linear`` with a ``torch.sparse_bsr`` weight (flattened to 2-D: the BSR matmul wants it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocksize: int):
+        super().__init__()
+        self.weight = weight.detach().to_sparse_bsr(blocksize)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class BsrSelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, batch_first) with BSR in/out projections.
+
+    The module itself cannot take sparse weights (its fused path reads ``in_proj_weight`` as a
+    dense tensor), so this spells it out: in projection, scaled dot-product attention, out
+    projection. Called as ViT's encoder block calls it: ``attn(x, x, x, need_weights=False)``.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, blocksize: int):
+        super().__init__()
+        if not attention.batch_first or attention.in_proj_weight is None:
+            raise ValueError("BsrSelfAttention takes batch_first attention with a packed in_proj_weight")
+        self.num_heads = attention.num_heads
+        self.in_proj = BsrLinear(attention.in_proj_weight, attention.in_proj_bias, blocksize)
+        self.out_proj = BsrLinear(attention.out_proj.weight, attention.out_proj.bias, blocksize)
+
+    def forward(self, query, key, value, need_weights=False):
+        if not (query is key is value) or need_weights:
+            raise NotImplementedError("BsrSelfAttention: self-attention without attention weights only")
+        batch, tokens, hidden = query.shape
+        q, k, v = self.in_proj(query).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [batch, heads, tokens, head_dim]
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, hidden)), None
+
+
+def to_torch_sparse(model: nn.Module, blocksize: int) -> tuple[nn.Module, int]:
+    """A copy whose encoder linears run through ``torch.sparse`` BSR; returns it and how many."""
+    model = copy.deepcopy(model)
+    converted = 0
+    # Attention first: its out_proj is an nn.Linear that the attention module itself calls.
+    for kind in (nn.MultiheadAttention, nn.Linear):
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, kind) or not is_encoder(name, module):
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                replacement, count = BsrSelfAttention(module, blocksize), 2
+            else:
+                replacement, count = BsrLinear(module.weight, module.bias, blocksize), 1
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replacement)
+            converted += count
+    return model, converted
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclasses.dataclass
+class Row:
+    variant: str
+    sparsity: float | None = None
+    blocksize: int | None = None
+    sparse_layers: str = "-"
+    timing: common.Timing | None = None
+    compile_s: float | None = None
+    rel_err: float | None = None
+    tol: float | None = None
+    note: str = ""  # why the row did not run, when it did not
+
+    @property
+    def ok(self) -> bool:
+        return self.timing is not None and self.rel_err is not None and self.rel_err <= self.tol
+
+    @property
+    def median_ms(self) -> float | None:
+        # A wrong answer gets no speedup: a fast wrong kernel must not look like a win.
+        return self.timing.median_ms if self.ok else None
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every row of one dtype shares."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    x: torch.Tensor
+
+    @property
+    def tol(self) -> float:
+        return common.tolerance(self.dtype, self.args.tf32)
+
+
+def run_row(setup: Setup, row: Row, make: Callable[[], tuple[Callable[[], Any], Callable[[], str] | None]],
+            ref: torch.Tensor, compiled: bool) -> Row:
+    """Builds the variant, runs it once (timing the compile), checks it, then times it.
+
+    ``make`` returns the function to call and, optionally, a function that says how many layers
+    were made sparse (asked after the first call: compiling is lazy). Any failure becomes the
+    row's note: one path that cannot run must not hide the others.
+    """
+    torch._dynamo.reset()
+    sparse_compile.clear_reports()
+    try:
+        with torch.no_grad():
+            fn, count_layers = make()
+            out, seconds = common.first_call(fn, setup.device)
+            row.compile_s = seconds if compiled else None
+            if count_layers is not None:
+                row.sparse_layers = count_layers()
+            row.rel_err, row.tol = common.relative_error(out, ref), setup.tol
+            row.timing = common.measure(fn, setup.device, setup.args.warmup, setup.args.reps)
+    except Exception as error:  # noqa: BLE001 - reported in the table instead
+        row.note = f"not run: {common.describe_error(error)}"
+    finally:
+        torch._dynamo.reset()
+    return row
+
+
+def on_device(model: nn.Module, setup: Setup) -> nn.Module:
+    return model.to(device=setup.device, dtype=setup.dtype)
+
+
+def eager(model: nn.Module, setup: Setup):
+    model = on_device(model, setup)
+    return lambda: model(setup.x), None
+
+
+def inductor(model: nn.Module, setup: Setup, mode: str | None):
+    compiled = torch.compile(on_device(model, setup), mode=mode)
+    return lambda: compiled(setup.x), None
+
+
+def torch_sparse(model: nn.Module, setup: Setup, blocksize: int, total: int):
+    sparse_model, converted = to_torch_sparse(on_device(model, setup), blocksize)
+    return lambda: sparse_model(setup.x), lambda: f"{converted}/{total}"
+
+
+def sparse_backend(model: nn.Module, setup: Setup, blocksize: int):
+    compiled = torch.compile(on_device(model, setup), backend="sparse", options={"blocksize": blocksize})
+
+    def count_layers() -> str:
+        report = sparse_compile.report(compiled)
+        return f"{len(report.sparse_layers)}/{len(report.layers)}"
+
+    return lambda: compiled(setup.x), count_layers
+
+
+def dense_rows(setup: Setup, model: nn.Module) -> list[Row]:
+    with torch.no_grad():
+        ref = on_device(copy.deepcopy(model), setup)(setup.x)
+    rows = [run_row(setup, Row("dense eager"), lambda: eager(copy.deepcopy(model), setup), ref, compiled=False)]
+    modes = [None, "max-autotune"] if setup.device.type == "cuda" else [None]
+    for mode in modes:
+        label = "dense torch.compile" + (f" ({mode})" if mode else "")
+        make = lambda mode=mode: inductor(copy.deepcopy(model), setup, mode)  # noqa: E731
+        rows.append(run_row(setup, Row(label), make, ref, compiled=True))
+    return rows
+
+
+def sparse_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: int) -> list[Row]:
+    pruned, names = pruned_copy(model, sparsity, blocksize)
+    total = sum(isinstance(m, nn.Linear) for m in pruned.modules())  # MHA out_proj included
+    total += sum(isinstance(m, nn.MultiheadAttention) for m in pruned.modules())  # in_proj
+    with torch.no_grad():
+        # The reference for both sparse rows: dense eager on the pruned weights.
+        ref = on_device(copy.deepcopy(pruned), setup)(setup.x)
+    label = dict(sparsity=sparsity, blocksize=blocksize)
+    return [
+        run_row(setup, Row("torch.sparse BSR (eager)", **label),
+                lambda: torch_sparse(pruned, setup, blocksize, total), ref, compiled=False),
+        run_row(setup, Row('torch.compile backend="sparse"', **label),
+                lambda: sparse_backend(copy.deepcopy(pruned), setup, blocksize), ref, compiled=True),
+    ]
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    eager_ms = rows[0].median_ms
+    compile_ms = rows[1].median_ms
+    out = []
+    for row in rows:
+        cells = [
+            row.variant,
+            "-" if row.sparsity is None else f"{row.sparsity:.0%}",
+            "-" if row.blocksize is None else str(row.blocksize),
+            row.sparse_layers,
+        ]
+        if row.timing is None:
+            out.append(cells + ["-"] * 6 + [row.note])
+            continue
+        check = "ok" if row.ok else f"WRONG: err > {row.tol:.0e}"
+        out.append(cells + [
+            common.fmt(row.timing.median_ms, 3), str(row.timing.reps),
+            common.fmt_ratio(eager_ms, row.median_ms), common.fmt_ratio(compile_ms, row.median_ms),
+            common.fmt(row.compile_s, 1), f"{row.rel_err:.1e}", check,
+        ])
+    return out
+
+
+def raw_records(dtype: torch.dtype, rows: list[Row]) -> list[dict[str, Any]]:
+    return [
+        dict(dtype=common.dtype_name(dtype), variant=row.variant, sparsity=row.sparsity,
+             block=row.blocksize, times_ms=row.timing.times_ms)
+        for row in rows if row.timing is not None
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer."""
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common.set_matmul_precision(args.tf32)
+    device = torch.device(args.device)
+    common.warm_up_compiler(device)
+    model = build_model(args)
+    torch.manual_seed(1)
+    x_fp32 = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+
+    facts = common.environment(device, args.tf32) + [
+        ("model", model_config(args, model)),
+        ("dtypes", ", ".join(common.dtype_name(d) for d in args.dtype)),
+        ("sparsity", ", ".join(f"{s:.0%}" for s in args.sparsity) + " of the blocks of every encoder linear"),
+        ("block sizes", ", ".join(map(str, args.blocksize))),
+        ("timing", f"median of {args.reps} calls after {args.warmup} warm-up calls"),
+    ]
+    common.print_key_values(facts)
+
+    tables, raw, all_ok = [], [], True
+    for dtype in args.dtype:
+        setup = Setup(args, device, dtype, x_fp32.to(device=device, dtype=dtype))
+        # The sparse backend never uses Inductor's on-disk graph cache; with it off for dense
+        # too, "compile s" compares cold compiles, whatever ran before on this machine.
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            rows = dense_rows(setup, model)
+            for sparsity in args.sparsity:
+                for blocksize in args.blocksize:
+                    rows += sparse_rows(setup, model, sparsity, blocksize)
+        table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, table_rows(rows))
+        print(f"\n{table.title}\n{table.text()}", flush=True)
+        tables.append(table)
+        raw += raw_records(dtype, rows)
+        all_ok &= all(row.ok or row.timing is None for row in rows)
+
+    print(
+        "\nsparse layers: linears run sparse / linears in the model. vs eager, vs compile: dense "
+        "eager or dense torch.compile median / this row's median. compile s: wall time of the first "
+        "call (cold compile). rel err: max |out - dense eager out| / max |dense eager out|, same "
+        "weights and dtype."
+    )
+    if args.output:
+        common.write_markdown(
+            args.output, "ViT inference latency", common.command_line(argv, "benchmarks.vit"), facts, tables, raw
+        )
+        print(f"wrote {args.output}")
+    if not all_ok:
+        print("ERROR: a row's output differs from dense eager beyond its tolerance (see 'check')", file=sys.stderr)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
