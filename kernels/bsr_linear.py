@@ -168,7 +168,9 @@ def _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features
     """Non-CUDA op body: rebuild the dense weight from the blocks, then one addmm.
 
     Traceable (plain aten ops, no data-dependent shapes), so it is also what torch.compile on
-    CPU sees; with frozen weights Inductor folds the rebuild into a constant. Eager CPU calls
+    CPU sees when a user's own model calls the op (AOTAutograd decomposes a triton_op); with
+    frozen weights Inductor then folds the rebuild into a constant. The ``sparse`` backend
+    inserts the op after AOTAutograd instead, so there it stays an op call. Eager CPU calls
     pick between this and ``_bsr_linear_gather_bmm`` by block density (``_bsr_linear_cpu``).
     fp16/bf16: computed in fp32 (fp32 accumulation, as on the GPU), returned in x.dtype.
     """
