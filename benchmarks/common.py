@@ -15,6 +15,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -127,6 +128,16 @@ def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, defau
     for key, value in defaults[args.device].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+
+
+def set_up_run(args: argparse.Namespace) -> torch.device:
+    """Process-wide settings every benchmark applies before measuring; returns the device."""
+    # torch.sparse prints a beta warning on every BSR conversion; it would bury the table.
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_matmul_precision(args.tf32)
+    return torch.device(args.device)
 
 
 def set_matmul_precision(tf32: bool) -> None:

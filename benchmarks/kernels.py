@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -239,11 +238,7 @@ def raw_records(problem: Problem, rows: list[Row]) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer."""
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common.set_matmul_precision(args.tf32)
-    device = torch.device(args.device)
+    device = common.set_up_run(args)
     m = args.batch_size * args.tokens
 
     facts = common.environment(device, args.tf32) + [

@@ -18,7 +18,6 @@ import argparse
 import copy
 import dataclasses
 import sys
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -363,11 +362,7 @@ def raw_records(dtype: torch.dtype, rows: list[Row]) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer."""
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common.set_matmul_precision(args.tf32)
-    device = torch.device(args.device)
+    device = common.set_up_run(args)
     common.warm_up_compiler(device)
     model = build_model(args)
     torch.manual_seed(1)

@@ -27,3 +27,14 @@ def pytest_collection_modifyitems(config, items):
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_compiler():
+    """Nothing compiled before the test leaks into it: no cached Dynamo frames, no old reports."""
+    import sparse_compile
+
+    torch._dynamo.reset()
+    sparse_compile.clear_reports()
+    yield
+    torch._dynamo.reset()

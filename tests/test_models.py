@@ -14,12 +14,7 @@ import sparse_compile
 from sparse_compile.pruning import prune_linear_blocks_
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    sparse_compile.clear_reports()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
 
 def run_compiled(model, x, options):

@@ -10,12 +10,7 @@ import sparse_compile
 from sparse_compile.training import apply_nm, apply_supermask, finalize
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    sparse_compile.clear_reports()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
 
 def mlp():
