@@ -4,6 +4,7 @@ Reference: the eager model in float64 (its own weights, already sparse), so a te
 compiled model is wrong even where eager float32 would be wrong the same way.
 """
 
+import copy
 import subprocess
 import sys
 
@@ -25,15 +26,9 @@ pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
 
 def float64_reference(model, x):
-    reference = _copy_as(model, torch.float64)
+    reference = copy.deepcopy(model).double()
     with torch.no_grad():
         return reference(x.double())
-
-
-def _copy_as(model, dtype):
-    import copy
-
-    return copy.deepcopy(model).to(dtype)
 
 
 def compile_and_run(model, x, **compile_kwargs):
@@ -284,3 +279,21 @@ def test_runtime_weight_is_reported_dense_with_reason():
     (layer,) = sparse_compile.report(compiled).layers
     assert (layer.format, layer.out_features, layer.in_features) == ("dense", 32, 64)
     assert "not a constant" in layer.reason
+
+
+def test_mutated_buffers_still_update_the_model():
+    # BatchNorm in train mode under no_grad updates its running statistics: those buffers must
+    # stay real inputs that the compiled code writes to, not frozen copies.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 64))
+    prune_blocks_(model[3].weight.data, 0.9, 16)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8)
+    compiled = torch.compile(model, backend="sparse", options={"blocksize": 16})
+    with torch.no_grad():
+        for _ in range(2):
+            out, expected = compiled(x), reference(x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    assert int(model[1].num_batches_tracked) == 2
+    assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr"]
