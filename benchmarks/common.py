@@ -327,3 +327,24 @@ def fmt_ratio(numerator: float | None, denominator: float | None) -> str:
     if numerator is None or denominator is None or denominator <= 0:
         return "-"
     return f"{numerator / denominator:.2f}x"
+
+
+def finish_run(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    module: str,
+    title: str,
+    legend: str,
+    facts: list[tuple[str, str]],
+    tables: list["Table"],
+    raw: list[dict[str, Any]],
+    all_ok: bool,
+) -> int:
+    """Prints the column legend, writes ``--output`` and returns the exit status (1: a wrong row)."""
+    print("\n" + legend)
+    if args.output:
+        write_markdown(args.output, title, command_line(argv, module), facts, tables, raw)
+        print(f"wrote {args.output}")
+    if not all_ok:
+        print("ERROR: a row's output differs from dense beyond its tolerance (see 'check')", file=sys.stderr)
+    return 0 if all_ok else 1

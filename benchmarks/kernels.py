@@ -265,20 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n{table.title}\n{table.text()}", flush=True)
             tables.append(table)
 
-    print(
-        "\neff TFLOP/s: 2*M*N*K (dense-equivalent work) / median time. vs dense: dense median / this "
+    legend = (
+        "eff TFLOP/s: 2*M*N*K (dense-equivalent work) / median time. vs dense: dense median / this "
         "row's median. FLOP/B: unavoidable FLOPs / unavoidable bytes (low: memory-bound). floor ms: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with only the "
         "stored blocks multiplied and read (known GPUs only). rel err: max |out - dense out| / "
         "max |dense out|."
     )
-    if args.output:
-        common.write_markdown(
-            args.output, "Linear-layer kernels", common.command_line(argv, "benchmarks.kernels"), facts, tables, raw
-        )
-        print(f"wrote {args.output}")
-    if not all_ok:
-        print("ERROR: a row's output differs from dense beyond its tolerance (see 'check')", file=sys.stderr)
-    return 0 if all_ok else 1
+    return common.finish_run(args, argv, "benchmarks.kernels", "Linear-layer kernels", legend, facts, tables, raw, all_ok)
 
 
 if __name__ == "__main__":

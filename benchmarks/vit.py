@@ -393,20 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw += raw_records(dtype, rows)
         all_ok &= all(row.ok or row.timing is None for row in rows)
 
-    print(
-        "\nsparse layers: linears run sparse / linears in the model. vs eager, vs compile: dense "
+    legend = (
+        "sparse layers: linears run sparse / linears in the model. vs eager, vs compile: dense "
         "eager or dense torch.compile median / this row's median. compile s: wall time of the first "
         "call (cold compile). rel err: max |out - dense eager out| / max |dense eager out|, same "
         "weights and dtype."
     )
-    if args.output:
-        common.write_markdown(
-            args.output, "ViT inference latency", common.command_line(argv, "benchmarks.vit"), facts, tables, raw
-        )
-        print(f"wrote {args.output}")
-    if not all_ok:
-        print("ERROR: a row's output differs from dense eager beyond its tolerance (see 'check')", file=sys.stderr)
-    return 0 if all_ok else 1
+    return common.finish_run(args, argv, "benchmarks.vit", "ViT inference latency", legend, facts, tables, raw, all_ok)
 
 
 if __name__ == "__main__":
