@@ -73,6 +73,7 @@ class BsrLinearPass(CustomGraphPass):
                     blocksize=decision.blocksize,
                     density=decision.density,
                     reason=decision.reason,
+                    device=weight.device.type,
                 )
             )
             if decision.is_sparse:
@@ -95,6 +96,7 @@ class BsrLinearPass(CustomGraphPass):
                 blocksize=None,
                 density=None,
                 reason="weight is not a constant of the graph (computed from a runtime input)",
+                device=weight_t_node.meta["val"].device.type,
             )
         )
 

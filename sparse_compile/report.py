@@ -31,6 +31,15 @@ class LayerRecord:
     blocksize: int | None
     density: float | None
     reason: str = ""
+    device: str = "cpu"
+
+    @property
+    def kernel(self) -> str:
+        """What runs the layer: our Triton kernel (autotuned per shape at its first call on the
+        GPU), our CPU implementation, or Inductor's dense matmul."""
+        if self.format != "bsr":
+            return "inductor dense"
+        return "triton bsr" if self.device == "cuda" else "torch ops (cpu)"
 
 
 @dataclasses.dataclass
@@ -90,6 +99,7 @@ class CompileReport:
                 f"{layer.out_features}x{layer.in_features}",
                 layer.dtype,
                 layer.format,
+                layer.kernel,
                 layer.blocksize if layer.blocksize is not None else "-",
                 f"{layer.density:.3f}" if layer.density is not None else "-",
                 layer.reason,
@@ -98,7 +108,7 @@ class CompileReport:
         ]
         lines = [graph.summary() for graph in self.graphs]
         if rows:
-            headers = ["layer", "out x in", "dtype", "format", "block", "block density", "why dense"]
+            headers = ["layer", "out x in", "dtype", "format", "kernel", "block", "block density", "why dense"]
             lines.append(tabulate(rows, headers=headers, disable_numparse=True))
         return "\n".join(lines)
 

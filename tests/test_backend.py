@@ -186,7 +186,7 @@ def test_report_table_names_every_layer():
     compiled, _, _ = compile_and_run(model, torch.randn(2, 64), options={"blocksize": 16})
     text = str(sparse_compile.report(compiled))
     assert "2 of 3 linear layers run as BSR" in text
-    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "threshold"):
+    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "threshold", "torch ops (cpu)", "inductor dense"):
         assert name in text
 
 
@@ -238,6 +238,7 @@ def test_gpu_compiled_triton_path(dtype, shape):
     atol, rtol = GPU_TOLERANCES[dtype]
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=atol, rtol=rtol)
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr", "bsr", "dense"]
+    assert sparse_compile.report(compiled).layers[0].kernel == "triton bsr"
 
 
 @pytest.mark.gpu
