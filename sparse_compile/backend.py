@@ -16,6 +16,7 @@ needs them fixed, so training graphs compile exactly as with ``backend="inductor
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -51,7 +52,9 @@ def sparse_backend(
     sparse_options = SparseOptions.from_user(options)
     config_patches = inductor_config_for_mode(mode)
     graph_report = new_graph_report()
-    graph_report.remember_tensors(example_inputs)
+    # The model's parameters reach the backend as inputs or, when Inductor freezing was switched
+    # on globally while Dynamo traced, as attributes of gm: remember both to find the model later.
+    graph_report.remember_tensors(itertools.chain(example_inputs, gm.parameters(), gm.buffers()))
 
     if torch.is_grad_enabled():
         graph_report.note = (

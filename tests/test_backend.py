@@ -199,6 +199,18 @@ def test_report_keeps_models_apart():
     assert len(sparse_compile.report().layers) == 4
 
 
+def test_global_freezing_setting_is_fine():
+    # With Inductor freezing on while Dynamo traces, parameters arrive as graph attributes
+    # instead of inputs; the rewrite and the report must not depend on which.
+    model = ThreeLinears().eval()
+    x = torch.randn(5, 64)
+    with torch._inductor.config.patch(freezing=True):
+        compiled, out, code = compile_and_run(model, x, options={"blocksize": 16})
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+    assert code.count(OP_NAME) >= 2
+    assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr", "bsr", "dense"]
+
+
 def test_new_batch_size_still_correct():
     model = ThreeLinears().eval()
     compiled = torch.compile(model, backend="sparse", options={"blocksize": 16})
