@@ -243,3 +243,182 @@ def test_bsr_without_sparse_backend_falls_back_to_dense(monkeypatch):
     with pytest.warns(UserWarning, match="runs DENSE"):
         out, compiled = evaluate_cli.compile_sparse(model, 16)
     assert out is model and not compiled
+
+
+# --------------------------------------------------------------------------- the references' recipe flags
+
+# The SuperBlock seed's vit_b_16 command, scaled down: every recipe flag it uses (warm-up
+# 1 of 2 epochs, so the EMA both follows the model and averages), EMA updated every step.
+SEED_RECIPE = [
+    "--opt", "adamw", "--lr", "0.003", "--wd", "0.3",
+    "--lr-scheduler", "cosineannealinglr", "--lr-warmup-method", "linear", "--lr-warmup-epochs", "1",
+    "--lr-warmup-decay", "0.033", "--amp", "--label-smoothing", "0.11", "--mixup-alpha", "0.2", "--auto-augment", "ra",
+    "--clip-grad-norm", "1", "--ra-sampler", "--cutmix-alpha", "1.0", "--model-ema", "--model-ema-steps", "1",
+]  # fmt: skip
+
+
+def test_seed_recipe_runs_saves_ema_and_resumes_exactly(data_path, tmp_path, capsys, monkeypatch):
+    full = tmp_path / "full"
+    res = train_cli.run(common(data_path, full, epochs=2) + TINY_VIT + SUPERMASK + SEED_RECIPE)
+    out = capsys.readouterr().out
+    assert "Epoch: [1] [2/3]" in out  # RASampler: 24 images per epoch, 3 steps of 8
+    ema_lines = re.findall(r"Test: EMA Acc@1 (\S+) Acc@5 (\S+)", out)
+    assert len(ema_lines) == 2 and float(ema_lines[-1][0]) == pytest.approx(res["ema_acc1"], abs=1e-3)
+    ckpt = load_ckpt(full)
+    ema = ckpt["model_ema"]
+    assert int(ema["n_averaged"]) == 3  # epoch 1: 3 updates after the warm-up reset
+    assert {f"module.{k}" for k in ckpt["model"]} | {"n_averaged"} == set(ema)
+    scores = [k for k in ckpt["model"] if k.endswith(".scores")]
+    assert scores and any(not torch.equal(ema[f"module.{k}"], ckpt["model"][k]) for k in scores)
+
+    # Killed after saving epoch 0, resumed: model and EMA end exactly as uninterrupted.
+    part = tmp_path / "part"
+    real_save = train_cli.D.save_on_main
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli.D, "save_on_main", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK + SEED_RECIPE)
+    monkeypatch.undo()
+    resume = ["--resume", str(part / "checkpoint.pth")]
+    train_cli.main(common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK + SEED_RECIPE + resume)
+    resumed = load_ckpt(part)
+    assert resumed["epoch"] == 1
+    assert_same_state(resumed["model"], ckpt["model"])
+    assert_same_state(resumed["model_ema"], ckpt["model_ema"])
+
+
+def test_ra_sampler_index_stream():
+    from sparse_compile.training.distributed import RASampler
+
+    n, reps, seed, epoch = 4, 3, 7, 2
+    p = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    repeated = [p[0]] * 3 + [p[1]] * 3 + [p[2]] * 3 + [p[3]] * 3  # 12 = 6 per rank, no padding
+    # Under 256 images the epoch is not rounded to 256: n // W indices per rank.
+    expected = {
+        (1, 0): repeated[:4],
+        (2, 0): [repeated[0], repeated[2]],  # positions 0, 2 of the repeated stream
+        (2, 1): [repeated[1], repeated[3]],  # positions 1, 3
+    }
+    for (world, rank), want in expected.items():
+        s = RASampler(range(n), num_replicas=world, rank=rank, seed=seed, repetitions=reps)
+        s.set_epoch(epoch)
+        assert list(s) == want and len(s) == len(want)
+    # Another epoch: the permutation of seed + epoch + 1, whatever the sampler saw before.
+    s = RASampler(range(n), num_replicas=1, rank=0, seed=seed, repetitions=reps)
+    s.set_epoch(epoch + 1)
+    q = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch + 1)).tolist()
+    assert list(s) == [q[0]] * 3 + [q[1]]
+
+    # 800 images, 2 ranks: 800 // 256 * 256 = 768, 384 per rank; together the first 768
+    # positions of the stream = the first 256 images of the permutation, 3 copies each, the
+    # copies of an image split over the two ranks (positions 3i, 3i+1, 3i+2).
+    n = 800
+    p = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    shares = []
+    for rank in (0, 1):
+        s = RASampler(range(n), num_replicas=2, rank=rank, seed=seed, repetitions=reps)
+        s.set_epoch(epoch)
+        shares.append(list(s))
+    assert [len(x) for x in shares] == [384, 384]
+    merged = [i for pair in zip(*shares) for i in pair]
+    assert merged == [i for i in p[:256] for _ in range(reps)]
+    assert all(i in shares[0] and i in shares[1] for i in p[:256])
+
+
+def test_mixup_cutmix_collate():
+    from sparse_compile.training import data
+
+    torch.manual_seed(0)
+    batch = [(torch.rand(3, 8, 8), i % 5) for i in range(6)]
+    assert data.mixup_cutmix_collate(5, 0.0, 0.0) is None  # the loader's default collate
+    for mixup, cutmix in ((0.2, 0.0), (0.0, 1.0), (0.2, 1.0)):
+        images, targets = data.mixup_cutmix_collate(5, mixup, cutmix)(batch)
+        assert images.shape == (6, 3, 8, 8)
+        assert targets.shape == (6, 5) and targets.is_floating_point()
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(6))
+        loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.randn(6, 5), targets)
+        assert torch.isfinite(loss)
+
+
+def test_ema_update_formula_and_adjusted_decay():
+    from sparse_compile.training.ema import ExponentialMovingAverage, adjusted_decay
+
+    # The recipe: 8 processes x 512 images, every 32 steps, 300 epochs.
+    assert adjusted_decay(0.99998, 512, 8, 32, 300) == pytest.approx(1 - 2e-5 * 8 * 512 * 32 / 300, rel=1e-12)
+    assert adjusted_decay(0.9, 512, 8, 32, 300) == 0.0  # capped: EMA = the model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).double()
+    d = 0.75
+    ema = ExponentialMovingAverage(model, d)
+    snapshots = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 3, dtype=torch.float64))  # training mode: BN running stats move
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update_parameters(model)
+    s1, s2, s3 = snapshots
+    for k in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        # Update 1 copies (n_averaged was 0); updates 2 and 3 average.
+        want = d * (d * s1[k] + (1 - d) * s2[k]) + (1 - d) * s3[k]
+        torch.testing.assert_close(ema.module.state_dict()[k], want, rtol=0, atol=1e-15)
+    assert int(ema.module[1].num_batches_tracked) == 3  # integer buffer: copied, not averaged
+    assert int(ema.n_averaged) == 3
+
+
+def test_ema_of_supermask_model_keeps_its_own_masks():
+    import torch.nn.utils.parametrize as P
+
+    from sparse_compile.training import Supermask
+    from sparse_compile.training.ema import ExponentialMovingAverage
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8, bias=False).double()
+    P.register_parametrization(lin, "weight", Supermask(lin.weight.shape, sparsity=0.5, tile_size=2).double())
+    ema = ExponentialMovingAverage(lin, 0.5)
+    with torch.no_grad():
+        lin.parametrizations.weight[0].scores.neg_()  # the model's mask becomes the complement
+        lin.parametrizations.weight.original.mul_(2)
+    ema.update_parameters(lin)  # copies
+    own = ema.module.parametrizations.weight
+    assert own.original is not lin.parametrizations.weight.original
+    assert own[0].scores is not lin.parametrizations.weight[0].scores
+    with torch.no_grad():
+        old_scores, old_w = own[0].scores.clone(), own.original.clone()
+        lin.parametrizations.weight[0].scores.add_(torch.randn(4, 4, dtype=torch.float64))
+        lin.parametrizations.weight.original.add_(1.0)
+    ema.update_parameters(lin)
+    scores = 0.5 * old_scores + 0.5 * lin.parametrizations.weight[0].scores.detach()
+    torch.testing.assert_close(own[0].scores, scores)
+    torch.testing.assert_close(own.original, 0.5 * old_w + 0.5 * lin.parametrizations.weight.original.detach())
+    # The copy's weight is its averaged W times the mask of its averaged scores.
+    with torch.no_grad():
+        torch.testing.assert_close(ema.module.weight, own.original * own[0].mask())
+        assert not torch.equal(own[0].mask(), lin.parametrizations.weight[0].mask())
+
+
+RECIPE_BAD_FLAGS = [
+    (["--mixup-alpha", "-0.1"], "must be >= 0"),
+    (["--cutmix-alpha", "-1"], "must be >= 0"),
+    (["--auto-augment", "rand"], "invalid choice"),
+    (["--ra-reps", "0"], "--ra-reps 0: must be >= 1"),
+    (["--model-ema-steps", "0"], "must be >= 1"),
+    (["--model-ema-decay", "1.5"], "must be in [0, 1]"),
+    (["--random-erase", "2"], "probability"),
+    (["--ra-magnitude", "31"], "must be in [0, 30]"),
+    (["--no-augment", "--auto-augment", "ra"], "contradicts"),
+]
+
+
+@pytest.mark.parametrize("flags,message", RECIPE_BAD_FLAGS, ids=[" ".join(f) for f, _ in RECIPE_BAD_FLAGS])
+def test_recipe_bad_flags_give_clear_errors(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--data-path", str(tmp_path)] + flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

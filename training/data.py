@@ -3,7 +3,11 @@
 ``--data-path`` points at a folder with ``train/`` and ``val/``, each holding one sub-folder
 per class (the ImageNet layout torchvision's ``ImageFolder`` reads). Transforms follow
 torchvision's classification references: random-resized crop and flip for training, resize
-then centre crop for validation, ImageNet mean/std normalisation.
+then centre crop for validation, ImageNet mean/std normalisation. The training recipe's extras
+are the references' too: an automatic augmentation policy after the flip (``--auto-augment``),
+random erasing after normalisation (``--random-erase``), and MixUp / CutMix on whole batches in
+the loader's ``collate_fn`` (``--mixup-alpha`` / ``--cutmix-alpha``), which turns the integer
+targets into class probabilities.
 """
 
 from __future__ import annotations
@@ -11,20 +15,81 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
-def train_transform(image_size: int, augment: bool = True):
+
+def train_transform(
+    image_size: int,
+    augment: bool = True,
+    auto_augment: str | None = None,
+    ra_magnitude: int = 9,
+    augmix_severity: int = 3,
+    random_erase: float = 0.0,
+):
     from torchvision import transforms as T
 
     if augment:
         head = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
+        if auto_augment is not None:
+            head.append(auto_augment_transform(auto_augment, ra_magnitude, augmix_severity))
     else:  # deterministic: the same tensor for an image every epoch, on every process
         head = [T.Resize((image_size, image_size), antialias=True)]
-    return T.Compose([*head, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tail = [T.RandomErasing(p=random_erase)] if augment and random_erase > 0 else []
+    return T.Compose([*head, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD), *tail])
+
+
+def auto_augment_transform(policy: str, ra_magnitude: int = 9, augmix_severity: int = 3):
+    """The references' ``--auto-augment`` choices: RandAugment, TrivialAugmentWide, AugMix, or an AutoAugment policy."""
+    from torchvision import transforms as T
+
+    if policy == "ra":
+        return T.RandAugment(magnitude=ra_magnitude)
+    if policy == "ta_wide":
+        return T.TrivialAugmentWide()
+    if policy == "augmix":
+        return T.AugMix(severity=augmix_severity)
+    if policy in AUTO_AUGMENT_POLICIES:
+        return T.AutoAugment(T.AutoAugmentPolicy(policy))
+    raise ValueError(f"unknown auto-augment policy {policy!r}; choose one of {', '.join(AUTO_AUGMENT_POLICIES)}")
+
+
+class MixUpCutMixCollate:
+    """``collate_fn`` that applies MixUp or CutMix (one of the enabled ones, picked per batch).
+
+    Targets leave as ``[B, num_classes]`` probabilities (rows sum to 1), which
+    ``nn.CrossEntropyLoss`` accepts, label smoothing included. Randomness comes from the
+    global torch generator of the process that collates (the loader's worker, seeded from the
+    main process), so it repeats with the epoch's seed. A class rather than a lambda so that
+    loader workers can be spawned (pickled).
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        from torchvision.transforms import v2
+
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not choices:
+            raise ValueError("MixUpCutMixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.transform = v2.RandomChoice(choices)
+
+    def __call__(self, batch):
+        images, targets = default_collate(batch)
+        return self.transform(images, targets)
+
+
+def mixup_cutmix_collate(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+    """:class:`MixUpCutMixCollate`, or ``None`` (the loader's default collate) when both alphas are 0."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+    return MixUpCutMixCollate(num_classes, mixup_alpha, cutmix_alpha)
 
 
 def val_transform(image_size: int, resize_size: int | None = None):
@@ -54,7 +119,9 @@ def image_folder(root: str, split: str, transform):
     return ImageFolder(path, transform=transform)
 
 
-def make_loader(dataset, batch_size: int, sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
+def make_loader(
+    dataset, batch_size: int, sampler: Sampler, workers: int, device: torch.device, collate_fn=None
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -63,4 +130,5 @@ def make_loader(dataset, batch_size: int, sampler: Sampler, workers: int, device
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         drop_last=False,
+        collate_fn=collate_fn,
     )

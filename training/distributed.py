@@ -5,15 +5,16 @@ environment; :func:`init_distributed` joins the process group from there (gloo o
 CUDA). Without those variables everything runs as a single process and the helpers below
 behave as rank 0 of a world of one, so the programs have one code path.
 
-Also here: the samplers (a shuffling one for training, a padding-free one for evaluation so
-that accuracy counts every validation image exactly once) and the progress logger, which
-averages its numbers over all processes.
+Also here: the samplers (a shuffling one for training, the repeated-augmentation one of
+``--ra-sampler``, a padding-free one for evaluation so that accuracy counts every validation
+image exactly once) and the progress logger, which averages its numbers over all processes.
 """
 
 from __future__ import annotations
 
 import datetime
 import gc
+import math
 import os
 import time
 from collections import defaultdict, deque
@@ -121,17 +122,72 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 # --------------------------------------------------------------------------- samplers
 
 
-def train_sampler(dataset, seed: int) -> DistributedSampler:
+def train_sampler(dataset, seed: int, ra_reps: int = 0) -> Sampler[int]:
     """Shuffled sampler, one shard per process; call ``set_epoch`` every epoch.
 
     Also used by a single process (a world of one): the order then depends only on the seed
     and the epoch, which is what makes ``--resume`` repeat an uninterrupted run. With W
     processes, the global batch of step s holds the same images as a single process with a
     W times larger batch (rank r takes positions r, r+W, ... of the same permutation).
+    ``ra_reps > 0``: :class:`RASampler` with that many repetitions instead.
     """
+    if ra_reps > 0:
+        return RASampler(dataset, seed=seed, repetitions=ra_reps)
     return DistributedSampler(
         dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed, drop_last=False
     )
+
+
+class RASampler(Sampler[int]):
+    """Repeated augmentation (``--ra-sampler``; DeiT, torchvision references' ``RASampler``).
+
+    Each epoch: a permutation of the dataset seeded by ``seed + epoch`` (as
+    ``DistributedSampler``, so ``--resume`` repeats an uninterrupted run); every index repeated
+    ``repetitions`` times in a row (``a a a b b b ...``), padded from its start to a multiple of
+    W, and dealt round-robin: rank r takes positions r, r+W, r+2W, ... So the copies of an image
+    go to different ranks (each augments its copy differently) as long as
+    ``repetitions <= W``; with one process they land in the same batch.
+
+    Epoch length is the references': ``len(dataset) // 256 * 256 // W`` indices per rank, the
+    start of each rank's share, so an epoch has as many steps as without repetition and shows
+    about ``1 / repetitions`` of the images. The rounding down to a multiple of 256 comes from
+    DeiT; a dataset under 256 images would get an empty epoch, so it is not rounded.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        repetitions: int = 3,
+    ):
+        if repetitions < 1:
+            raise ValueError(f"repetitions must be >= 1, got {repetitions}")
+        self.n = len(dataset)
+        self.num_replicas = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+        self.seed = seed
+        self.repetitions = repetitions
+        self.epoch = 0
+        self.num_samples = math.ceil(self.n * repetitions / self.num_replicas)  # per rank, before the cut
+        rounded = self.n // 256 * 256 or self.n
+        self.num_selected = rounded // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        repeated = order.repeat_interleave(self.repetitions)
+        total = self.num_samples * self.num_replicas
+        repeated = torch.cat([repeated, repeated[: total - len(repeated)]])
+        return iter(repeated[self.rank : total : self.num_replicas][: self.num_selected].tolist())
+
+    def __len__(self) -> int:
+        return self.num_selected
 
 
 class ShardSampler(Sampler[int]):

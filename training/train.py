@@ -10,10 +10,33 @@ Several processes (one per GPU, or CPU processes with gloo)::
     torchrun --nproc_per_node=8 -m sparse_compile.training.train ...same flags...
 
 ``--batch-size`` is per process, as in the references. Every epoch writes
-``<output-dir>/checkpoint.pth`` (model, optimizer, lr_scheduler, epoch, args);
-``--resume <output-dir>/checkpoint.pth`` continues from the epoch after the saved one and
-gives the same result as an uninterrupted run: data order, augmentation and dropout draw
-their randomness from ``--seed`` and the epoch number only.
+``<output-dir>/checkpoint.pth`` (model, optimizer, lr_scheduler, epoch, args, and
+``model_ema`` with ``--model-ema``); ``--resume <output-dir>/checkpoint.pth`` continues from
+the epoch after the saved one and gives the same result as an uninterrupted run: data order,
+augmentation, MixUp/CutMix and dropout draw their randomness from ``--seed`` and the epoch
+number only.
+
+The references' recipe flags (the SuperBlock ViT command runs as written)::
+
+    --auto-augment {ra,ta_wide,augmix,imagenet,cifar10,svhn}   policy after crop and flip
+        --ra-magnitude 9, --augmix-severity 3                   its strength
+    --random-erase P                 RandomErasing after normalisation (default 0: off)
+    --mixup-alpha A, --cutmix-alpha A  MixUp / CutMix on batches, one picked per batch
+                                     (default 0: off); the loss gets soft targets
+    --ra-sampler, --ra-reps 3        repeated augmentation (``distributed.RASampler``)
+    --model-ema                      exponential moving average of parameters and buffers,
+        --model-ema-steps 32         updated every 32 steps (reset to the model during lr warm-up),
+        --model-ema-decay 0.99998    adjusted for batch, world size, steps, epochs (``ema.py``);
+                                     evaluated every epoch ("Test: EMA Acc@1 ...")
+
+Example, the SuperBlock ``vit_b_16`` recipe with 90% Supermask sparsity in 32x32 tiles::
+
+    torchrun --nproc_per_node=8 -m sparse_compile.training.train \\
+        --model vit_b_16 --epochs 300 --batch-size 512 --opt adamw --lr 0.003 --wd 0.3 \\
+        --lr-scheduler cosineannealinglr --lr-warmup-method linear --lr-warmup-epochs 30 \\
+        --lr-warmup-decay 0.033 --amp --label-smoothing 0.11 --mixup-alpha 0.2 --auto-augment ra \\
+        --clip-grad-norm 1 --ra-sampler --cutmix-alpha 1.0 --model-ema \\
+        --sparsity-linear 0.9 --sp-linear-tile-size 32 --data-path /data/imagenet
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ import torch.nn as nn
 
 from sparse_compile.training import cli_args, data
 from sparse_compile.training import distributed as D
+from sparse_compile.training.ema import ExponentialMovingAverage, adjusted_decay
 from sparse_compile.training.evaluate import evaluate
 
 
@@ -66,8 +90,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (default backend)")
     parser.add_argument("--use-deterministic-algorithms", action="store_true")
     parser.add_argument("--test-only", action="store_true", help="only evaluate (with --resume)")
+    add_recipe_args(parser)
     cli_args.add_sparsity_args(parser)
     return parser
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """Augmentation, sampling and EMA flags of torchvision's classification references (same names, defaults)."""
+    g = parser.add_argument_group("recipe (torchvision references)")
+    g.add_argument("--auto-augment", default=None, choices=data.AUTO_AUGMENT_POLICIES, help="auto-augment policy")
+    g.add_argument("--ra-magnitude", default=9, type=int, help="RandAugment magnitude (--auto-augment ra), 0..30")
+    g.add_argument("--augmix-severity", default=3, type=int, help="AugMix severity (--auto-augment augmix), 1..10")
+    g.add_argument("--random-erase", default=0.0, type=float, help="RandomErasing probability")
+    g.add_argument("--mixup-alpha", default=0.0, type=float, help="MixUp Beta(alpha, alpha) (0: off)")
+    g.add_argument("--cutmix-alpha", default=0.0, type=float, help="CutMix Beta(alpha, alpha) (0: off)")
+    g.add_argument("--ra-sampler", action="store_true", help="repeated-augmentation sampler")
+    g.add_argument("--ra-reps", default=3, type=int, help="repetitions of each image (--ra-sampler)")
+    g.add_argument("--model-ema", action="store_true", help="keep and evaluate an EMA of the model")
+    g.add_argument("--model-ema-steps", default=32, type=int, help="optimizer steps between EMA updates")
+    g.add_argument(
+        "--model-ema-decay", default=0.99998, type=float, help="EMA decay, before adjusting (see ema.adjusted_decay)"
+    )
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -81,6 +124,27 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--lr-warmup-epochs {args.lr_warmup_epochs} must be smaller than --epochs {args.epochs}")
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file")
+    check_recipe_args(args, parser)
+
+
+def check_recipe_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0 (0: off)")
+    if not 0.0 <= args.random_erase <= 1.0:
+        parser.error(f"--random-erase {args.random_erase}: must be a probability in [0, 1]")
+    if not 0 <= args.ra_magnitude <= 30:  # RandAugment has 31 magnitude bins
+        parser.error(f"--ra-magnitude {args.ra_magnitude}: must be in [0, 30]")
+    if not 1 <= args.augmix_severity <= 10:
+        parser.error(f"--augmix-severity {args.augmix_severity}: must be in [1, 10]")
+    if args.no_augment and (args.auto_augment is not None or args.random_erase > 0):
+        parser.error("--no-augment contradicts --auto-augment / --random-erase")
+    if args.ra_reps < 1:
+        parser.error(f"--ra-reps {args.ra_reps}: must be >= 1")
+    if args.model_ema_steps < 1:
+        parser.error(f"--model-ema-steps {args.model_ema_steps}: must be >= 1")
+    if not 0.0 <= args.model_ema_decay <= 1.0:
+        parser.error(f"--model-ema-decay {args.model_ema_decay}: must be in [0, 1]")
 
 
 def seed_all(seed: int) -> None:
@@ -128,15 +192,21 @@ def train_one_epoch(
     epoch: int,
     args: argparse.Namespace,
     after_step=None,
+    model_ema: ExponentialMovingAverage | None = None,
+    model_without_ddp: nn.Module | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss (over processes)."""
+    """One pass over ``loader``; returns the mean training loss (over processes).
+
+    ``target`` may be class indices or, after MixUp/CutMix, class probabilities: the loss takes
+    both, and no training accuracy is computed from it.
+    """
     model.train()
     logger = D.MetricLogger()
     logger.add_meter("lr", D.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     logger.add_meter("img/s", D.SmoothedValue(window_size=10, fmt="{value:.1f}"))
     header = f"Epoch: [{epoch}]"
     world = D.get_world_size()
-    for image, target in logger.log_every(loader, args.print_freq, header):
+    for i, (image, target) in enumerate(logger.log_every(loader, args.print_freq, header)):
         start = time.time()
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -149,11 +219,27 @@ def train_one_epoch(
         optimizer.step()
         if after_step is not None:
             after_step()
+        if model_ema is not None and i % args.model_ema_steps == 0:
+            update_ema(model_ema, model_without_ddp if model_without_ddp is not None else model, epoch, args)
         batch = image.shape[0]
         logger.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
         logger.meters["img/s"].update(batch * world / max(time.time() - start, 1e-9))
     logger.meters["loss"].synchronize_between_processes(device)
     return logger.meters["loss"].global_avg
+
+
+def update_ema(model_ema: ExponentialMovingAverage, model: nn.Module, epoch: int, args: argparse.Namespace) -> None:
+    """One EMA update, at the references' times: steps 0, s, 2s, ... of every epoch (``s = --model-ema-steps``)."""
+    model_ema.update_parameters(model)
+    if epoch < args.lr_warmup_epochs:
+        # During warm-up the EMA follows the model: with n_averaged = 0 the next update copies.
+        model_ema.n_averaged.fill_(0)
+
+
+def make_model_ema(model: nn.Module, args: argparse.Namespace, world_size: int) -> ExponentialMovingAverage:
+    decay = adjusted_decay(args.model_ema_decay, args.batch_size, world_size, args.model_ema_steps, args.epochs)
+    D.print_main(f"Model EMA: decay {decay:.6g} per update (--model-ema-decay {args.model_ema_decay} adjusted)")
+    return ExponentialMovingAverage(model, decay)
 
 
 def _unwrap_state_dict(obj) -> dict:
@@ -162,13 +248,22 @@ def _unwrap_state_dict(obj) -> dict:
     return obj
 
 
+def evaluate_ema(model_ema: ExponentialMovingAverage, val_loader, device: torch.device, args) -> tuple[float, float]:
+    # Every process holds the same EMA (same updates from the same DDP-synchronised weights),
+    # so evaluating it over the sharded validation set is exact, like the model's evaluation.
+    return evaluate(model_ema, val_loader, device, args.print_freq, amp=args.amp, header="Test: EMA")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (console script, ``python -m``, ``torchrun -m``)."""
     run(argv)
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` and run; returns ``{"acc1", "acc5", "epoch", "loss"}`` (for tests and scripts)."""
+    """Parse ``argv`` and run; returns ``{"acc1", "acc5", "epoch", "loss"}`` (for tests and scripts).
+
+    With ``--model-ema`` also ``"ema_acc1"`` and ``"ema_acc5"``.
+    """
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
@@ -191,13 +286,22 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    train_set = data.image_folder(args.data_path, "train", data.train_transform(args.image_size, not args.no_augment))
+    train_tf = data.train_transform(
+        args.image_size,
+        not args.no_augment,
+        auto_augment=args.auto_augment,
+        ra_magnitude=args.ra_magnitude,
+        augmix_severity=args.augmix_severity,
+        random_erase=args.random_erase,
+    )
+    train_set = data.image_folder(args.data_path, "train", train_tf)
     val_set = data.image_folder(args.data_path, "val", data.val_transform(args.image_size, args.val_resize_size))
     if val_set.classes != train_set.classes:
         raise ValueError(f"train/ and val/ have different classes: {train_set.classes} vs {val_set.classes}")
     num_classes = args.num_classes or len(train_set.classes)
-    train_sampler = D.train_sampler(train_set, args.seed)
-    train_loader = data.make_loader(train_set, args.batch_size, train_sampler, args.workers, device)
+    train_sampler = D.train_sampler(train_set, args.seed, ra_reps=args.ra_reps if args.ra_sampler else 0)
+    collate = data.mixup_cutmix_collate(num_classes, args.mixup_alpha, args.cutmix_alpha)
+    train_loader = data.make_loader(train_set, args.batch_size, train_sampler, args.workers, device, collate)
     val_loader = data.make_loader(val_set, args.batch_size, D.ShardSampler(val_set), args.workers, device)
 
     seed_all(args.seed)  # same initial weights and masks on every process
@@ -222,6 +326,14 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
         args.start_epoch = checkpoint["epoch"] + 1
         D.print_main(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
 
+    # After the resumed weights are in: the EMA starts as their copy when the checkpoint has none.
+    model_ema = make_model_ema(model, args, info.world_size) if args.model_ema else None
+    if model_ema is not None and args.resume:
+        if "model_ema" in checkpoint:
+            model_ema.load_state_dict(checkpoint["model_ema"])
+        else:
+            D.print_main(f"{args.resume} has no model_ema: the EMA starts from the resumed weights")
+
     model_without_ddp = model
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -236,7 +348,10 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
     result: dict = {"epoch": args.start_epoch - 1, "acc1": None, "acc5": None, "loss": None}
     if args.test_only:
         acc1, acc5 = evaluate(model, val_loader, device, args.print_freq, amp=args.amp)
-        return {**result, "acc1": acc1, "acc5": acc5}
+        result = {**result, "acc1": acc1, "acc5": acc5}
+        if model_ema is not None:
+            result.update(zip(("ema_acc1", "ema_acc5"), evaluate_ema(model_ema, val_loader, device, args)))
+        return result
 
     D.print_main("Start training")
     start = time.time()
@@ -245,10 +360,14 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
         # depends on seed and epoch only, so a resumed run repeats an uninterrupted one.
         seed_all(args.seed * 100003 + epoch)
         train_sampler.set_epoch(epoch)
-        loss = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch, args, after_step)
+        loss = train_one_epoch(
+            model, criterion, optimizer, train_loader, device, epoch, args, after_step, model_ema, model_without_ddp
+        )
         lr_scheduler.step()
         acc1, acc5 = evaluate(model, val_loader, device, args.print_freq, amp=args.amp)
         result = {"epoch": epoch, "acc1": acc1, "acc5": acc5, "loss": loss}
+        if model_ema is not None:
+            result.update(zip(("ema_acc1", "ema_acc5"), evaluate_ema(model_ema, val_loader, device, args)))
         if args.output_dir:
             checkpoint = {
                 "model": model_without_ddp.state_dict(),
@@ -257,6 +376,8 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
                 "epoch": epoch,
                 "args": args,
             }
+            if model_ema is not None:
+                checkpoint["model_ema"] = model_ema.state_dict()
             D.save_on_main(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
     D.print_main(f"Training time {D.format_seconds(time.time() - start)}")
     if table:
