@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything a GPU session measures, in one call on the device machine (its Python has torch,
+# triton, torchvision, tabulate, setuptools; nothing can be downloaded there):
+#
+#   device run:  OUT=$OUT bash benchmarks/gpu_session.sh [quick]
+#
+# 1. installs this checkout without dependencies or network (editable, so the `sparse` backend
+#    entry point exists), 2. runs the gpu-marked tests, 3. writes the kernel table and the ViT
+#    tables (one file per dtype) as benchmarks/results-style markdown under $OUT.
+# `quick` runs the tests and the kernel table only. Results are copied back by the device tool;
+# commit them under benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/latest}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# The editable install needs setuptools >= 64 with bdist_wheel (setuptools >= 70, or the wheel
+# package) on the device. Fallback: build the wheel on the dev machine (`echo /.whl/ >>
+# .git/info/exclude; pip wheel --no-deps -w .whl .`) and name .whl in the run's carry.
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1; then
+    ls .whl/sparse_compile-*.whl > /dev/null 2>&1 || { cat "$OUT/install.log"; echo "install failed, no .whl to fall back on"; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/sparse_compile-*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+python3 -c "import importlib.metadata as m; assert 'sparse' in [e.name for e in m.entry_points(group='torch_dynamo_backends')], 'backend not registered'" || exit 1
+
+gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((w for w in n.split() if w[:1] in 'AHBL' and w[1:2].isdigit()), 'gpu').lower())")
+echo "GPU: $gpu"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/$gpu-nvidia-smi.txt"
+
+python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/$gpu-pytest-gpu.txt"
+python3 -m benchmarks.kernels --output "$OUT/$gpu-kernels.md" 2>&1 | tail -40
+[ "${1:-}" = quick ] && exit 0
+python3 -m benchmarks.vit --dtype bfloat16 --output "$OUT/$gpu-vit-bf16.md" 2>&1 | tail -30
+python3 -m benchmarks.vit --dtype float32 --output "$OUT/$gpu-vit-fp32.md" 2>&1 | tail -30
