@@ -83,16 +83,7 @@ def test_train_supermask_vit_resume_and_evaluate(data_path, tmp_path, capsys, mo
     # The same 2-epoch run killed right after saving epoch 0, then resumed: must end exactly
     # where the uninterrupted run did.
     part = tmp_path / "part"
-    real_save = train_cli.D.save_on_main
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_cli.D, "save_on_main", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_cli.main(common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK)
-    monkeypatch.undo()
+    run_killed_after_first_save(monkeypatch, common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK)
     assert load_ckpt(part)["epoch"] == 0
     capsys.readouterr()
     res_resumed = train_cli.run(
@@ -273,16 +264,7 @@ def test_seed_recipe_runs_saves_ema_and_resumes_exactly(data_path, tmp_path, cap
 
     # Killed after saving epoch 0, resumed: model and EMA end exactly as uninterrupted.
     part = tmp_path / "part"
-    real_save = train_cli.D.save_on_main
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_cli.D, "save_on_main", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_cli.main(common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK + SEED_RECIPE)
-    monkeypatch.undo()
+    run_killed_after_first_save(monkeypatch, common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK + SEED_RECIPE)
     resume = ["--resume", str(part / "checkpoint.pth")]
     train_cli.main(common(data_path, part, epochs=2) + TINY_VIT + SUPERMASK + SEED_RECIPE + resume)
     resumed = load_ckpt(part)
@@ -422,3 +404,17 @@ def test_recipe_bad_flags_give_clear_errors(flags, message, capsys, tmp_path):
         train_cli.main(["--data-path", str(tmp_path)] + flags)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def run_killed_after_first_save(monkeypatch, argv):
+    """Runs train with ``argv`` and stops it right after its first checkpoint is written."""
+    real_save = train_cli.D.save_on_main
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli.D, "save_on_main", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(argv)
+    monkeypatch.undo()
