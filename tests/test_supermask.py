@@ -1,6 +1,7 @@
 """Supermask: tile mask invariants, straight-through gradients, options, bad input."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -16,10 +17,15 @@ def expand_ref(tile_mask, shape, tile):
     return tile_mask[idx]
 
 
+def superblock_k(sparsity, num_tiles):
+    """SuperBlock's ``percentile(scores, sparsity * 100)``: the same float operations in the same order."""
+    q = sparsity * 100
+    return 1 + round(0.01 * float(q) * (num_tiles - 1))
+
+
 def threshold_ref(scores, sparsity):
-    flat = sorted(scores.reshape(-1).tolist())
-    k = 1 + round(sparsity * (len(flat) - 1))
-    return flat[k - 1]
+    flat = sorted(scores.double().reshape(-1).tolist())
+    return flat[superblock_k(sparsity, len(flat)) - 1]
 
 
 SHAPES = [
@@ -38,7 +44,7 @@ def test_kept_fraction_and_expansion(shape, tile, sparsity):
     assert tuple(sm.scores.shape) == tuple(math.ceil(d / tile) for d in shape)
     num_tiles = sm.scores.numel()
     kept = int(sm.tile_mask().sum())
-    assert kept == num_tiles - round(sparsity * (num_tiles - 1)) == sm.kept_tiles
+    assert kept == num_tiles - (superblock_k(sparsity, num_tiles) - 1) == sm.kept_tiles
     # the rule itself: keep the scores >= k-th smallest
     ref_tiles = (sm.scores >= threshold_ref(sm.scores.detach(), sparsity)).double()
     assert torch.equal(sm.tile_mask().double(), ref_tiles)
@@ -48,6 +54,70 @@ def test_kept_fraction_and_expansion(shape, tile, sparsity):
     w = torch.randn(shape, dtype=torch.float64) + 3.0  # never zero
     eff = sm.double()(w)
     assert torch.equal(eff, w * expand_ref(ref_tiles, shape, tile))
+
+
+# Tile counts of real layers (ViT-B/16 768x768 at tile 32 = 576, its MLP at tile 64 = 576,
+# 768x3072 at tile 32 = 2304) and small ones, where a one-tile difference is a large fraction.
+TILE_GRIDS = [(1, 2), (1, 3), (2, 2), (3, 3), (4, 4), (5, 7), (10, 10), (24, 24), (24, 96)]
+SWEEP = sorted({i / 100 for i in range(100)} | {0.125, 0.333, 0.875, 0.9375, 0.999})
+
+
+@pytest.mark.parametrize("grid", TILE_GRIDS, ids=[f"{r}x{c}" for r, c in TILE_GRIDS])
+def test_kept_tiles_match_superblock_over_a_sweep(grid):
+    rows, cols = grid
+    num_tiles = rows * cols
+    tile = 4
+    for sparsity in SWEEP:
+        capped = min(sparsity, 1 - 1 / num_tiles)  # SuperBlock caps the same way
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cap warning
+            sm = Supermask((rows * tile - 1, cols * tile), sparsity, tile)  # ragged last tile row
+        with torch.no_grad():
+            sm.scores.copy_(torch.randn(rows, cols) + 0.5)
+        ref = (sm.scores.detach().double() >= threshold_ref(sm.scores.detach(), capped)).sum().item()
+        want = num_tiles - (superblock_k(capped, num_tiles) - 1)
+        assert ref == want  # distinct scores: the rank decides the count
+        assert int(sm.tile_mask().sum()) == want == sm.kept_tiles, f"sparsity {sparsity}"
+
+
+@pytest.mark.parametrize(
+    "shape,tile,sparsity,kept",
+    [
+        ((64, 64), 16, 0.7, 5),  # 16 tiles: 0.01 * 70.0 * 15 = 10.500000000000002 rounds up
+        ((768, 768), 32, 0.7, 173),  # ViT-B/16 attention projection
+        ((124, 4), 4, 0.95, 2),  # 31 tiles: 0.01 * 95.0 * 30 = 28.500000000000004
+    ],
+)
+def test_superblock_counts_where_plain_rounding_differs(shape, tile, sparsity, kept):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = Supermask(shape, sparsity, tile)
+    assert int(sm.tile_mask().sum()) == kept
+
+
+def test_set_sparsity_changes_the_next_mask():
+    lin = nn.Linear(40, 32)
+    parametrize.register_parametrization(lin, "weight", Supermask(lin.weight.shape, 0.5, 4))
+    sm = lin.parametrizations.weight[0]
+    x = torch.randn(3, 40)
+    w = lin.parametrizations.weight.original.detach()
+    for new, setter in ((0.8, "assign"), (0.25, "method"), (0.7, "assign")):
+        if setter == "assign":
+            sm.sparsity = new  # SuperBlock's set_sparsity does `mod.sparsity = s`
+        else:
+            sm.set_sparsity(new)
+        assert sm.sparsity == new
+        ref_tiles = (sm.scores.detach().double() >= threshold_ref(sm.scores.detach(), new)).double()
+        assert int(ref_tiles.sum()) == 80 - (superblock_k(new, 80) - 1)
+        mask = expand_ref(ref_tiles, (32, 40), 4)
+        torch.testing.assert_close(lin(x).double(), x.double() @ (w.double() * mask).T + lin.bias.double())
+    with pytest.warns(UserWarning, match="capped"):
+        sm.sparsity = 0.999
+    assert sm.sparsity == pytest.approx(1 - 1 / 80)
+    assert sm.kept_tiles == 80 - (superblock_k(1 - 1 / 80, 80) - 1) == 2  # the cap bounds; the rank rule counts
+    with pytest.raises(ValueError, match="sparsity"):
+        sm.set_sparsity(1.0)
+    assert sm.sparsity == pytest.approx(1 - 1 / 80)  # a rejected value leaves the mask as it was
 
 
 def test_registered_on_linear_and_conv():
@@ -93,7 +163,7 @@ def test_cap_at_reachable_sparsity():
     assert sm.sparsity == pytest.approx(0.75)
     # the reference's threshold rule at the capped sparsity: k = 1 + round(0.75 * 3) = 3, so 2 of 4
     # tiles are kept (the cap bounds the request; the k rule decides the count)
-    assert int(sm.tile_mask().sum()) == 4 - round(0.75 * 3) == 2
+    assert int(sm.tile_mask().sum()) == 4 - (superblock_k(0.75, 4) - 1) == 2
 
 
 def test_zero_sparsity_keeps_everything():

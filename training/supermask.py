@@ -13,9 +13,14 @@ Definition (ALGORITHMS.md, following pytorch-labs/superblock ``SupermaskLinear``
 - ``scores`` has one entry per tile: shape ``ceil(d / tile_size)`` for *every* dim ``d`` of the
   weight (Conv ``[out, in, kh, kw]`` included: a 3x3 kernel with tile 8 has one score along
   each kernel dim). Initialised kaiming-uniform with ``a = sqrt(5)``.
-- Threshold: the k-th smallest score, ``k = 1 + round(sparsity * (num_tiles - 1))``
-  (Python's ``round``, as the reference). ``mask = score >= threshold``, so exactly
-  ``num_tiles - (k - 1)`` tiles are kept when scores are distinct. The tile mask is expanded to
+- Threshold: the k-th smallest score, with SuperBlock's arithmetic to the last float rounding
+  (:func:`threshold_rank`): ``k = 1 + round(0.01 * float(100 * sparsity) * (num_tiles - 1))``
+  (Python's ``round``). The detour through percent is not a no-op: ``0.01 * 70.0 * 15`` is
+  ``10.500000000000002``, so at sparsity 0.7 and 16 tiles SuperBlock keeps 5 tiles where
+  ``round(0.7 * 15)`` would keep 6. ``mask = score >= threshold``, so exactly
+  ``num_tiles - (k - 1)`` tiles are kept when scores are distinct.
+- ``sparsity`` may change after construction (sparsity schedules; SuperBlock's ``set_sparsity``):
+  assign ``mask.sparsity = s`` or call :meth:`Supermask.set_sparsity`; the next forward uses it. The tile mask is expanded to
   the weight's shape (each tile repeated ``tile_size`` times along each dim, then cut to size).
 - Backward: straight-through; ``dL/dscores`` is the gradient w.r.t. the expanded mask summed
   over each tile. ``W`` gets its ordinary gradient through ``W * mask``.
@@ -87,6 +92,16 @@ if not getattr(torch.nn.modules.module, "_sparse_compile_registration_hook", Fal
 # --------------------------------------------------------------------------------------------
 
 
+def threshold_rank(sparsity: float, num_tiles: int) -> int:
+    """Rank ``k`` of the threshold score (the k-th smallest is kept), as SuperBlock computes it.
+
+    SuperBlock's ``percentile(scores, sparsity * 100)`` does
+    ``1 + round(.01 * float(q) * (numel - 1))``; the same float operations in the same order
+    give the same ``k`` at every sparsity (``1 + round(sparsity * (n - 1))`` differs at e.g. 0.7).
+    """
+    return 1 + round(0.01 * float(100 * sparsity) * (num_tiles - 1))
+
+
 class _STEThreshold(torch.autograd.Function):
     """``scores >= kth-smallest(scores)`` as a 0/1 tensor; straight-through backward."""
 
@@ -136,29 +151,42 @@ class Supermask(nn.Module):
             raise ValueError(f"Supermask needs a weight with at least 2 dims, got shape {weight_shape}")
         if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 1:
             raise ValueError(f"tile_size must be an integer >= 1, got {tile_size!r}")
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         score_shape = [max(1, math.ceil(d / tile_size)) for d in weight_shape]
-        num_tiles = math.prod(score_shape)
-        max_sparsity = 1.0 - 1.0 / num_tiles
-        if sparsity > max_sparsity:
-            warnings.warn(
-                f"Supermask: sparsity {sparsity} is not reachable for weight shape {weight_shape} with "
-                f"tile size {tile_size} ({num_tiles} tiles); capped at {max_sparsity:.6g}",
-                stacklevel=2,
-            )
-            sparsity = max_sparsity
         self.weight_shape = weight_shape
-        self.sparsity = sparsity
         self.tile_size = tile_size
         self.fixed_mask = bool(fixed_mask)
         self.fixed_weight = bool(fixed_weight)
-        self.num_tiles = num_tiles
-        # k-th smallest score is the threshold; Python round (banker's) as the reference.
-        self.k = 1 + round(sparsity * (num_tiles - 1))
+        self.num_tiles = math.prod(score_shape)
+        self.set_sparsity(sparsity, _stacklevel=3)
         self.scores = nn.Parameter(torch.empty(score_shape), requires_grad=not fixed_mask)
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+
+    def set_sparsity(self, sparsity: float, _stacklevel: int = 2) -> None:
+        """Prune this fraction of the tiles from the next forward on (capped at ``1 - 1/num_tiles``)."""
+        sparsity = float(sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        max_sparsity = 1.0 - 1.0 / self.num_tiles
+        if sparsity > max_sparsity:
+            warnings.warn(
+                f"Supermask: sparsity {sparsity} is not reachable for weight shape {self.weight_shape} with "
+                f"tile size {self.tile_size} ({self.num_tiles} tiles); capped at {max_sparsity:.6g}",
+                stacklevel=_stacklevel + 1,
+            )
+            sparsity = max_sparsity
+        # Plain attributes, not properties computed per forward: torch.compile guards on them, so a
+        # new sparsity recompiles instead of reusing a graph built with the old k.
+        self._sparsity = sparsity
+        self.k = threshold_rank(sparsity, self.num_tiles)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of tiles pruned; assigning it is :meth:`set_sparsity`."""
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        self.set_sparsity(value, _stacklevel=3)
 
     @property
     def kept_tiles(self) -> int:
