@@ -60,10 +60,32 @@ def test_unstructured_and_target():
     w = rand_weight(20, 30)
     nm = NMMask(2, 4, mode="unstructured", keep_ratio=0.3)
     mf, _ = nm.masks(w)
-    assert int(mf.sum()) == round(0.3 * 600)
+    assert int(mf.sum()) == int(600 * 0.3) == 180
     assert w.abs()[mf.bool()].min() > w.abs()[~mf.bool()].max()
     assert nm.target_sparsity == pytest.approx(0.7)
     assert NMMask(1, 4).target_sparsity == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("numel,ratio", [(512, 0.3), (600, 0.29), (100, 0.07), (48, 0.5), (3, 0.2)])
+def test_unstructured_keeps_int_of_numel_times_ratio(numel, ratio):
+    # The fork's get_topk_sparse_matrix keeps int(num_elements * ratio): 512 at 0.3 -> 153
+    # (round would give 154), 600 at 0.29 -> int(173.99999999999997) = 173. At least one.
+    w = rand_weight(numel, 1)
+    mf = NMMask(2, 4, mode="unstructured", keep_ratio=ratio).forward_mask(w)
+    want = max(1, int(numel * ratio))
+    assert int(mf.sum()) == want
+    order = w.abs().reshape(-1).argsort(descending=True)
+    assert torch.equal(mf.reshape(-1)[order[:want]], torch.ones(want, dtype=w.dtype))
+
+
+@pytest.mark.parametrize("n,m", [(4, 4), (3, 2), (0, 4)])
+def test_n_equal_m_is_rejected_by_the_class_and_the_flag(n, m):
+    from sparse_compile.training.cli_args import parse_nm
+
+    with pytest.raises(ValueError, match=r"1 <= N < M"):
+        NMMask(n, m)
+    with pytest.raises(ValueError, match=r"1 <= N < M"):
+        parse_nm(f"{n}:{m}")
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
@@ -235,6 +257,47 @@ def test_search_schedule_and_eval_forward():
     assert nm._calls == 7 and type(lin) is nn.Linear
 
 
+@pytest.mark.parametrize("loop", ["optimizer", "manual update"])
+def test_search_uses_the_weights_of_forwards_0_I_2I(loop):
+    # The reference searches at forwards 0, I, 2I, ... on the weights that forward uses. dW
+    # does not depend on the permutation (only dx does), so the weights follow one trajectory.
+    every = 3
+    lin = nn.Linear(16, 8).double()
+    nm = NMMask(2, 4, perm_every=every, perm_candidates=3)
+    searched = []
+    real_search = nm.search_permutation
+
+    def recording_search(weight):
+        searched.append(weight.detach().clone())
+        return real_search(weight)
+
+    nm.search_permutation = recording_search
+    param(lin, nm)
+    original = lin.parametrizations.weight.original
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    other = nn.Linear(2, 2)  # another optimizer stepping first must not trigger the search early
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    seen = []  # weights of each forward
+    for step in range(2 * every + 2):
+        seen.append(original.detach().clone())
+        opt.zero_grad()
+        lin(torch.randn(4, 16, dtype=torch.float64)).square().sum().backward()
+        other(torch.randn(1, 2)).sum().backward()
+        other_opt.step()
+        if loop == "optimizer":
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p in lin.parameters():
+                    p -= 0.5 * p.grad
+    seen.append(original.detach().clone())
+    # registration, then after step 3 and 6: at the optimizer step, or without one at the next forward
+    assert len(searched) == 3
+    for got, want in zip(searched, [seen[0], seen[every], seen[2 * every]]):
+        assert torch.equal(got, want)
+    assert not torch.equal(seen[every], seen[every - 1])  # the weights did move between steps
+
+
 def test_bimask_on_weight_requires_linear_or_conv_weight():
     mha = nn.MultiheadAttention(8, 2)
     with pytest.warns(UserWarning, match="forward-mode gradients"):
@@ -249,8 +312,9 @@ def test_bimask_on_weight_requires_linear_or_conv_weight():
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
-        ((3, 2), {}, "n <= m"),
-        ((0, 4), {}, "n must be"),
+        ((3, 2), {}, "1 <= N < M"),
+        ((4, 4), {}, "N == M keeps every weight"),
+        ((2.0, 4), {}, "N must be an integer"),
         ((2, 4), {"mode": "m2"}, "unknown NMMask mode"),
         ((2, 4), {"keep_ratio": 0.5}, "keep_ratio only applies"),
         ((2, 4), {"mode": "unstructured", "keep_ratio": 0.0}, "keep_ratio must be"),

@@ -16,6 +16,8 @@ import json
 
 import torch.nn as nn
 
+from sparse_compile.training.nm_mask import check_nm
+
 MASK_MODES = ("bidirectional", "forward", "post", "unstructured")
 
 _SUPERMASK_SPARSITY_FLAGS = (
@@ -99,8 +101,10 @@ def parse_nm(text: str) -> tuple[int, int]:
         n, m = int(parts[0]), int(parts[1])
     except ValueError:
         raise ValueError(f"--nm {text!r}: N and M must be integers, e.g. 2:4") from None
-    if not 1 <= n < m:
-        raise ValueError(f"--nm {text!r}: need 1 <= N < M (keep N of every M weights), got N={n}, M={m}")
+    try:
+        check_nm(n, m)  # the rule NMMask applies, so the flag and the class never disagree
+    except ValueError as e:
+        raise ValueError(f"--nm {text!r}: {e}") from None
     return n, m
 
 

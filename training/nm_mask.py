@@ -7,6 +7,8 @@ Usage (the only call a user needs)::
 
 Masks (ALGORITHMS.md, following zyxxmu/Bi-Mask and the fabfish/Bi-Mask fork):
 
+- N:M means ``1 <= N < M`` (:func:`check_nm`, also used by the CLI's ``--nm``): ``N == M``
+  would keep every weight, a mask that silently does nothing.
 - Forward mask ``Mf``: the weight is viewed as ``W2 = W.reshape(out, -1)``. For a Linear that is
   ``[out, in]``; for a Conv2d ``[out, in*kh*kw]`` (the reference's choice: a group of M
   consecutive entries of the flattened ``in, kh, kw`` dims, so for a 3x3 kernel a group can span
@@ -18,19 +20,22 @@ Masks (ALGORITHMS.md, following zyxxmu/Bi-Mask and the fabfish/Bi-Mask fork):
   permutation buffer ``perm``; for each column, in every group of M consecutive permuted rows keep
   the N largest ``|W * Mf|``; intersect with ``Mf``; un-permute. ``Mb ⊆ Mf`` and ``Mb`` is N:M
   along the output dim within each permuted group. Needs ``out % M == 0``.
-- Permutation search: once when the mask is registered, then after every ``perm_every``-th
-  backward pass that reaches the weight (a post-accumulate-grad hook on ``original``: one per
-  training step, or per micro-batch with gradient accumulation — the reference counts forward
-  passes, which is the same in a training loop; the new ``perm`` is used from the next forward
-  on). Candidates = the current ``perm``, the identity and ``perm_candidates`` random
+- Permutation search: once when the mask is registered, then on the weights of every
+  ``perm_every``-th training step's forward (the reference searches at forwards 0, I, 2I, ... on
+  the weights that forward uses). A post-accumulate-grad hook on ``original`` counts backward
+  passes (one per training step, or per micro-batch with gradient accumulation); when the count
+  reaches a multiple of ``perm_every`` a search is due, and it runs on the *updated* weights:
+  right after the next ``optimizer.step()`` of any ``torch.optim`` optimizer (a global step
+  post-hook), or, in a loop without one, at the start of the next eager training forward.
+  Candidates = the current ``perm``, the identity and ``perm_candidates`` random
   permutations; the first with the most nonzeros in ``Mb`` wins (so a search never keeps fewer
   nonzeros than the identity or the permutation it replaces). ``Mb``'s nonzero count is computed
   without building ``Mb``: per (group, column) it is ``min(N, #nonzeros of W*Mf in the group)``.
   Random permutations come from a CPU generator seeded with ``(seed, search index)``, so every
   DDP rank draws the same ones. ``perm`` is a buffer and the counters are the module's extra
-  state, so both are in the ``state_dict``. Doing the search outside the forward keeps the
-  forward free of data-dependent Python control flow: under ``torch.compile`` a Bi-Mask layer
-  causes no graph break and no recompilation.
+  state, so both are in the ``state_dict``. Doing the search outside the compiled forward keeps
+  it free of data-dependent Python control flow: under ``torch.compile`` a Bi-Mask layer
+  causes no graph break and no recompilation (a compiled model relies on the optimizer hook).
 
 Gradients (``y = x W^T``; ``dW`` is the gradient of ``original``):
 
@@ -87,10 +92,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.optim import optimizer as _optim
 
 from sparse_compile.training import supermask as _supermask  # noqa: F401  (installs the registration hook)
 
-__all__ = ["NMMask", "nm_mask", "bimask_backward_mask", "backward_kept_counts", "unstructured_mask"]
+__all__ = ["NMMask", "check_nm", "nm_mask", "bimask_backward_mask", "backward_kept_counts", "unstructured_mask"]
 
 MODES = ("bidirectional", "forward", "post", "unstructured")
 
@@ -98,6 +104,16 @@ MODES = ("bidirectional", "forward", "post", "unstructured")
 # --------------------------------------------------------------------------------------------
 # Masks (no autograd; inputs are detached)
 # --------------------------------------------------------------------------------------------
+
+
+def check_nm(n, m) -> None:
+    """The one rule for N:M: integers with ``1 <= N < M``; ``ValueError`` naming the fix otherwise."""
+    for name, v in (("N", n), ("M", m)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"N:M: {name} must be an integer, got {v!r}")
+    if not 1 <= n < m:
+        hint = " (N == M keeps every weight: leave the layer without a mask instead)" if n == m else ""
+        raise ValueError(f"N:M needs 1 <= N < M (keep N of every M weights), got N={n}, M={m}{hint}")
 
 
 def nm_mask(w2: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -134,10 +150,16 @@ def backward_kept_counts(nonzero: torch.Tensor, perms: torch.Tensor, n: int, m: 
     return torch.cat(counts)
 
 
+def unstructured_keep_count(numel: int, keep_ratio: float) -> int:
+    """Weights the unstructured mask keeps: ``int(numel * keep_ratio)`` as the fork's top-k mask
+    (512 at 0.3: 153, not round's 154); at least one, so a tiny layer is never all zeros."""
+    return max(1, min(numel, int(numel * keep_ratio)))
+
+
 def unstructured_mask(w: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """0/1 mask keeping the ``round(keep_ratio * numel)`` largest ``|w|`` (at least one)."""
+    """0/1 mask keeping the :func:`unstructured_keep_count` largest ``|w|``."""
     flat = w.detach().abs().reshape(-1)
-    k = max(1, min(flat.numel(), round(keep_ratio * flat.numel())))
+    k = unstructured_keep_count(flat.numel(), keep_ratio)
     idx = flat.topk(k).indices
     return torch.zeros_like(flat).scatter_(0, idx, 1.0).reshape(w.shape)
 
@@ -247,6 +269,7 @@ def _bimask_forward(self, input):
     weight = plist.original
     if not torch.compiler.is_compiling():
         nm._ensure_hook(self, weight)
+        nm.run_due_search()  # a loop without a torch.optim optimizer: search on this forward's weights
     mf, mb = nm.masks(weight)
     if isinstance(self, nn.Linear):
         return _BiMaskLinear.apply(input, weight, mf, mb, self.bias, nm.decay)
@@ -278,7 +301,7 @@ class NMMask(nn.Module):
     """N:M weight mask; ``mode`` is ``"bidirectional"`` (Bi-Mask), ``"forward"``, ``"post"`` or ``"unstructured"``.
 
     Args:
-        n, m: keep ``n`` of every ``m`` consecutive weights along the reduction dim (``1 <= n <= m``).
+        n, m: keep ``n`` of every ``m`` consecutive weights along the reduction dim (``1 <= n < m``).
         mode: see the module docstring.
         perm_every: permutation search after every this many backward passes, i.e. training steps (bidirectional).
         perm_candidates: random permutations tried per search (bidirectional).
@@ -302,11 +325,7 @@ class NMMask(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown NMMask mode {mode!r}; choose one of {', '.join(MODES)}")
-        for name, v in (("n", n), ("m", m)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if n > m:
-            raise ValueError(f"N:M needs n <= m, got n={n}, m={m}")
+        check_nm(n, m)
         if keep_ratio is not None and mode != "unstructured":
             raise ValueError(f"keep_ratio only applies to mode 'unstructured' (got mode {mode!r})")
         if mode == "unstructured":
@@ -327,6 +346,7 @@ class NMMask(nn.Module):
         self._hooked = None  # weakref to the tensor whose grad hook counts them
         self._owner = None  # weakref to the module
         self._searches = 0
+        self._search_due = False  # a search waits for the weights of the next forward
         self._attached = False
         self._warned = False
         self._registering = False
@@ -396,7 +416,21 @@ class NMMask(nn.Module):
             return  # stale hook: the parametrization was removed, or this is a copy's old tensor
         self._calls += 1
         if self._calls % self.perm_every == 0:
-            self.search_permutation(weight)
+            # Not now: the optimizer has not updated the weights yet, and the reference searches on
+            # the weights the next forward uses.
+            self._search_due = True
+            _SEARCH_DUE.add(self)
+
+    def run_due_search(self) -> None:
+        """Run the search that a completed ``perm_every``-th step made due (no-op when none is)."""
+        if not self._search_due:
+            return
+        weight = self._hooked() if self._hooked is not None else None
+        if weight is None:  # no weight known yet (e.g. just loaded): the next eager forward runs it
+            return
+        self._search_due = False
+        _SEARCH_DUE.discard(self)
+        self.search_permutation(weight)
 
     @torch.no_grad()
     def search_permutation(self, weight: torch.Tensor) -> torch.Tensor:
@@ -475,12 +509,15 @@ class NMMask(nn.Module):
     # -- state ----------------------------------------------------------------------------------
 
     def get_extra_state(self):
-        return {"calls": self._calls, "searches": self._searches, "seed": self.seed}
+        return {"calls": self._calls, "searches": self._searches, "seed": self.seed, "search_due": self._search_due}
 
     def set_extra_state(self, state) -> None:
         self._calls = int(state["calls"])
         self._searches = int(state["searches"])
         self.seed = int(state["seed"])
+        self._search_due = bool(state.get("search_due", False))
+        if self._search_due:
+            _SEARCH_DUE.add(self)
 
     def extra_repr(self) -> str:
         s = f"n={self.n}, m={self.m}, mode={self.mode!r}, decay={self.decay:g}"
@@ -489,6 +526,30 @@ class NMMask(nn.Module):
         if self.mode == "unstructured":
             s += f", keep_ratio={self.keep_ratio:g}"
         return s
+
+
+# Searches made due by a backward pass, run after the optimizer step that follows it.
+_SEARCH_DUE: "weakref.WeakSet[NMMask]" = weakref.WeakSet()
+
+
+def _run_due_searches(optimizer, args, kwargs) -> None:
+    """Global ``torch.optim`` step post-hook: the weights the next forward uses are now in place.
+
+    Only searches whose weight this optimizer updates: another optimizer's step (a second
+    model, a separate optimizer for the scores) has not moved them.
+    """
+    if not _SEARCH_DUE:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for nm in list(_SEARCH_DUE):
+        weight = nm._hooked() if nm._hooked is not None else None
+        if weight is not None and id(weight) in stepped:
+            nm.run_due_search()
+
+
+if not getattr(_optim, "_sparse_compile_search_hook", False):
+    _optim.register_optimizer_step_post_hook(_run_due_searches)
+    _optim._sparse_compile_search_hook = True
 
 
 def _post_project(module: NMMask, original: torch.Tensor) -> None:
