@@ -104,12 +104,37 @@ def test_torch_transformer_encoder_detection_and_filter():
 
 def test_apply_nm_shape_error_leaves_model_untouched():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
-    with pytest.raises(ValueError, match="layer '2'.*skip_last_layer"):
-        apply_nm(model, 2, 4)
+    with pytest.raises(ValueError, match="layer '2'.*output dim 10.*skip_last_layer"):
+        apply_nm(model, 2, 4, on_incompatible="error")
     assert masked(model) == set()
+    with pytest.raises(ValueError, match="on_incompatible"):
+        apply_nm(model, 2, 4, on_incompatible="skip")
     assert apply_nm(model, 2, 4, skip_last_layer=True) == ["0"]
     with pytest.raises(ValueError, match="already has a parametrization"):
         apply_nm(model, 2, 4, skip_last_layer=True)
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "forward"])
+def test_apply_nm_leaves_a_resnet_stem_dense_with_a_warning(mode):
+    # ResNet's stem conv has a reduction dim of 3 * 7 * 7 = 147: no 2:4 pattern fits. The
+    # reference keeps it dense; so do we, by default, and say so.
+    model = tiny_resnet()
+    model.fc = nn.Linear(512, 3)  # 3 outputs: no room for the backward mask's groups of 4
+    with pytest.warns(UserWarning, match=r"conv1 \(reduction dim 147 not divisible by M=4\)") as caught:
+        names = apply_nm(model, 2, 4, mode=mode, perm_candidates=2)
+    left = {"conv1", "fc"} if mode == "bidirectional" else {"conv1"}
+    if mode == "bidirectional":
+        assert "fc (output dim 3 not divisible by M=4" in str(caught[0].message)
+    convs_and_linears = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(names) == masked(model) == convs_and_linears - left
+    rows = {r["name"]: r for r in sparsity_summary(model)}
+    assert rows["conv1"]["method"] == "dense: 2:4 does not fit: reduction dim 147 not divisible by M=4"
+    assert rows["conv1"]["target_sparsity"] == 0.0 and rows["conv1"]["sparsity"] == 0.0
+    assert rows["layer1.0.conv1"]["method"] == f"2:4 {mode}"
+    assert "reduction dim 147" in format_sparsity_summary(model)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()  # trains: the stem with its ordinary dense gradient
+    assert model.conv1.weight.grad is not None
 
 
 def test_bad_arguments():
@@ -118,7 +143,7 @@ def test_bad_arguments():
         apply_supermask(model, linear_sparsity=1.0)
     with pytest.raises(ValueError, match="conv_tile_size"):
         apply_supermask(model, conv_tile_size=0)
-    with pytest.raises(ValueError, match="n <= m"):
+    with pytest.raises(ValueError, match="1 <= N < M"):
         apply_nm(model, 4, 2)
     with pytest.raises(ValueError, match="unknown NMMask mode"):
         apply_nm(model, 2, 4, mode="both")

@@ -170,6 +170,40 @@ def test_train_resnet18_supermask_conv(data_path, tmp_path, capsys):
     assert "fc.weight" in keys  # last layer skipped: stays a plain weight
 
 
+def test_readme_bimask_resnet_command_leaves_the_stem_dense(data_path, tmp_path, capsys):
+    # The README's Bi-Mask ResNet command, at test size (resnet18: the same 3x7x7 stem, whose
+    # reduction dim 147 holds no 2:4; the 3-class head cannot hold the backward mask): both stay
+    # dense with a warning and a line in the table, everything else trains with 2:4 Bi-Mask.
+    readme = ["--model", "resnet18", "--lr", "0.1", "--label-smoothing", "0.1"]
+    readme += ["--nm", "2:4", "--mask-mode", "bidirectional", "--perm-every", "100", "--perm-candidates", "2"]
+    with pytest.warns(UserWarning, match=r"conv1 \(reduction dim 147 not divisible by M=4\)"):
+        res = train_cli.run(common(data_path, tmp_path) + readme + ["--image-size", "16", "--batch-size", "24"])
+    out = capsys.readouterr().out
+    assert "Test:  Acc@1 " in out and 0.0 <= res["acc1"] <= 100.0
+    table_lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("conv1 ", "fc ", "layer1.0.conv1 "))}
+    assert "dense: 2:4 does not fit: reduction dim 147 not divisible by M=4" in table_lines["conv1"]
+    assert "dense: 2:4 does not fit: output dim 3" in table_lines["fc"]
+    assert "2:4 bidirectional" in table_lines["layer1.0.conv1"]
+    keys = load_ckpt(tmp_path)["model"].keys()
+    assert "conv1.weight" in keys and "fc.weight" in keys
+    assert "layer1.0.conv1.parametrizations.weight.original" in keys
+
+
+def test_sparsity_table_keeps_numeric_layer_names_as_text():
+    import torch.nn as nn
+
+    from sparse_compile import training
+    from sparse_compile.training import cli_args
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+    training.apply_supermask(model, linear_sparsity=0.5, linear_tile_size=2)
+    table = cli_args.sparsity_table(model)
+    names = [line.split()[0] for line in table.splitlines()[2:]]
+    assert names == ["0", "1.0"], table  # not 0.0000 / 1.0000
+    assert table == training.format_sparsity_summary(model)  # one table for the library and the CLIs
+    assert cli_args.sparsity_table(nn.Linear(2, 2)) == ""
+
+
 def test_evaluate_bsr_falls_back_or_compiles(data_path, tmp_path, capsys):
     tiles16 = ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "16"]  # the backend takes blocks >= 16
     train_cli.main(common(data_path, tmp_path) + TINY_VIT + tiles16)

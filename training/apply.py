@@ -23,10 +23,18 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
   No block found -> ValueError.
 - ``filter_fn(name, module) -> bool``: when given, only layers for which it returns True are
   masked (on top of the rules above).
+- :func:`apply_nm` only: a layer whose weight cannot hold the N:M pattern (a reduction dim not
+  divisible by M, such as a ResNet stem's ``3 * 7 * 7 = 147``; or, for the bidirectional
+  backward mask, an output dim not divisible by M, such as a 1000- or 3-class head with M = 8
+  or 4) stays dense, as the reference keeps its stem and patch embedding dense: one warning
+  names every such layer, and :func:`sparsity_summary` lists it with the reason.
+  ``on_incompatible="error"`` raises instead, before the model is changed.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -48,6 +56,9 @@ __all__ = [
 ]
 
 OURS = (Supermask, NMMask)
+
+# Attribute on a layer apply_nm left dense: why (shown by sparsity_summary).
+_LEFT_DENSE = "_sparse_compile_left_dense"
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -158,24 +169,58 @@ def apply_nm(
     skip_first_transformer: bool = False,
     skip_last_layer: bool = False,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    on_incompatible: str = "dense",
 ) -> list[str]:
     """Register an :class:`NMMask` on the weight of every selected Linear/Conv2d; returns their names.
 
-    Layers whose shape does not fit N:M raise ValueError before the model is changed.
+    ``on_incompatible``: ``"dense"`` (default) leaves layers whose shape cannot hold N:M dense,
+    with a warning and a line in :func:`sparsity_summary`; ``"error"`` raises ValueError before
+    the model is changed.
     """
+    if on_incompatible not in ("dense", "error"):
+        raise ValueError(f"on_incompatible must be 'dense' or 'error', got {on_incompatible!r}")
     kw = dict(mode=mode, perm_every=perm_every, perm_candidates=perm_candidates, decay=decay, keep_ratio=keep_ratio)
     NMMask(n, m, **kw, seed=0)  # validate the arguments
-    chosen = _candidates(model, skip_first_transformer, skip_last_layer, filter_fn)
-    for name, mod, _ in chosen:  # check shapes first, so a bad layer leaves the model untouched
-        try:
-            NMMask(n, m, **kw, seed=0).right_inverse(mod.weight.detach())
-        except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from None
+    chosen, misfits = [], []
+    for name, mod, _ in _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
+        reason = _nm_misfit(tuple(mod.weight.shape), m, mode)
+        if reason is None:
+            chosen.append((name, mod))
+        elif on_incompatible == "error":
+            raise ValueError(
+                f"layer {name!r}: {n}:{m} does not fit: {reason}; leave it dense (on_incompatible='dense', "
+                f"filter_fn, skip_last_layer=True) or choose an M that divides it"
+            )
+        else:
+            misfits.append((name, mod, reason))
+    if misfits:
+        listed = "; ".join(f"{name} ({reason})" for name, _, reason in misfits)
+        warnings.warn(
+            f"apply_nm {n}:{m}: {len(misfits)} layer(s) cannot hold N:M and stay dense: {listed}. "
+            "on_incompatible='error' makes this an error; filter_fn chooses the layers yourself",
+            stacklevel=2,
+        )
+    for name, mod, reason in misfits:
+        setattr(mod, _LEFT_DENSE, f"{n}:{m} does not fit: {reason}")
     names = []
-    for name, mod, _ in chosen:
+    for name, mod in chosen:
         parametrize.register_parametrization(mod, "weight", NMMask(n, m, **kw))
         names.append(name)
     return names
+
+
+def _nm_misfit(shape: tuple[int, ...], m: int, mode: str) -> str | None:
+    """Why a weight of ``shape`` cannot hold an N:M mask (None when it can); the checks of ``NMMask.right_inverse``."""
+    if len(shape) < 2:
+        return f"weight of shape {shape} has fewer than 2 dims"
+    if mode == "unstructured":
+        return None
+    reduction = math.prod(shape[1:])
+    if reduction % m:
+        return f"reduction dim {reduction} not divisible by M={m}"
+    if mode == "bidirectional" and shape[0] % m:
+        return f"output dim {shape[0]} not divisible by M={m} (the bidirectional backward mask groups outputs)"
+    return None
 
 
 def _our_plists(model: nn.Module):
@@ -234,7 +279,8 @@ def sparsity_summary(model: nn.Module, include_dense: bool = False) -> list[dict
     """One dict per masked layer: name, kind, shape, method, target_sparsity, sparsity.
 
     ``sparsity`` is the measured fraction of zeros of the effective weight (``W * mask``).
-    ``include_dense=True`` also lists the Linear/Conv2d layers without a mask (method "dense").
+    Layers :func:`apply_nm` had to leave dense are listed too, with method ``"dense: <why>"``.
+    ``include_dense=True`` also lists the other Linear/Conv2d layers without a mask (method "dense").
     """
     rows = []
     for name, mod in model.named_modules():
@@ -244,10 +290,14 @@ def sparsity_summary(model: nn.Module, include_dense: bool = False) -> list[dict
         ours = parametrize.is_parametrized(mod, "weight") and any(
             isinstance(p, OURS) for p in mod.parametrizations["weight"]
         )
-        if not ours and not include_dense:
+        left_dense = getattr(mod, _LEFT_DENSE, None)
+        if not ours and left_dense is None and not include_dense:
             continue
         w = mod.weight
-        method, target = _describe(mod.parametrizations["weight"]) if ours else ("dense", 0.0)
+        if ours:
+            method, target = _describe(mod.parametrizations["weight"])
+        else:
+            method, target = ("dense" if left_dense is None else f"dense: {left_dense}"), 0.0
         rows.append(
             {
                 "name": name,
@@ -262,7 +312,10 @@ def sparsity_summary(model: nn.Module, include_dense: bool = False) -> list[dict
 
 
 def format_sparsity_summary(model_or_rows, include_dense: bool = False) -> str:
-    """:func:`sparsity_summary` as a text table (tabulate); accepts a model or the rows."""
+    """:func:`sparsity_summary` as a text table (tabulate); accepts a model or the rows.
+
+    The one table of the project: the train/evaluate programs print it too.
+    """
     from tabulate import tabulate
 
     rows = model_or_rows
@@ -270,4 +323,6 @@ def format_sparsity_summary(model_or_rows, include_dense: bool = False) -> str:
         rows = sparsity_summary(model_or_rows, include_dense=include_dense)
     if not rows:
         return "(no masked layers)"
-    return tabulate(rows, headers="keys", floatfmt=".4f", disable_numparse=[0])  # names like "0" stay text
+    # Column 0 (the name) is not parsed as a number: nn.Sequential names such as "0" or "1.0" stay
+    # text instead of becoming 0.0000 / 1.0000.
+    return tabulate(rows, headers="keys", floatfmt=".4f", disable_numparse=[0])

@@ -219,16 +219,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 
 def sparsity_table(model: nn.Module) -> str:
-    """The per-layer sparsity summary as a text table (empty string when nothing is masked)."""
-    from sparse_compile.training import sparsity_summary
+    """The per-layer sparsity summary (:func:`~sparse_compile.training.format_sparsity_summary`), or "" when nothing is masked."""
+    from sparse_compile.training import format_sparsity_summary, sparsity_summary
 
     rows = sparsity_summary(model)
-    if not rows:
-        return ""
-    try:
-        from tabulate import tabulate
-
-        return tabulate(rows, headers="keys", floatfmt=".4f")
-    except ImportError:  # tabulate is a dependency, but keep the CLIs usable without it
-        keys = list(rows[0])
-        return "\n".join(["\t".join(keys)] + ["\t".join(str(r.get(k, "")) for k in keys) for r in rows])
+    return format_sparsity_summary(rows) if rows else ""
