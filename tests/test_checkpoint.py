@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from sparse_compile.training import apply_nm, apply_supermask, load_superblock_checkpoint
+from sparse_compile.training.checkpoint import atomic_save, model_state_dict
 
 
 def mlp():
@@ -65,7 +66,7 @@ def superblock_reference(sd, prefix, x, sparsity, tile):
     """Hand computation of a SuperBlock SupermaskLinear: (W * scale + shift) * mask(scores), x W^T + b."""
     w, b, scores = sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], sd[f"{prefix}.scores"]
     flat = sorted(scores.reshape(-1).tolist())
-    k = 1 + round(sparsity * (len(flat) - 1))
+    k = 1 + round(0.01 * float(sparsity * 100) * (len(flat) - 1))  # SuperBlock's percentile()
     tiles = (scores >= flat[k - 1]).to(w.dtype)
     mask = torch.zeros_like(w)
     for i in range(w.shape[0]):
@@ -121,3 +122,40 @@ def test_superblock_import_errors():
     # non-strict: dense model takes what fits (weights as stored, scores ignored)
     load_superblock_checkpoint(dense, sd, strict=False)
     assert torch.equal(dense[0].weight, sd["0.weight"])
+
+
+def test_model_state_dict_strips_wrapper_prefixes_once_for_all():
+    sd = {"0.weight": torch.randn(2, 2), "2.bias": torch.randn(2)}
+    plain = model_state_dict(sd)
+    assert list(plain) == ["0.weight", "2.bias"] and plain is not sd
+    for wrapped in (
+        {f"module.{k}": v for k, v in sd.items()},  # DDP
+        {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile
+        {f"module._orig_mod.{k}": v for k, v in sd.items()},  # DDP around a compiled model
+        {"model": {f"_orig_mod.module.{k}": v for k, v in sd.items()}, "epoch": 3},  # checkpoint layout
+    ):
+        got = model_state_dict(wrapped)
+        assert got.keys() == sd.keys() and all(got[k] is sd[k] for k in sd)
+    with pytest.raises(TypeError, match="'model' entry"):
+        model_state_dict([1, 2])
+
+
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    old = {"epoch": 0, "w": torch.randn(3)}
+    atomic_save(old, path)
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"epoch": 1, "w": torch.randn(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    back = torch.load(path, weights_only=True)
+    assert back["epoch"] == 0 and torch.equal(back["w"], old["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary file left behind
+    atomic_save({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 2}

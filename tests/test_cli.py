@@ -54,7 +54,8 @@ def common(data_path, out=None, epochs=1):
 
 
 def load_ckpt(out):
-    return torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=False)
+    # weights_only=True: a checkpoint holds plain data only (no pickled classes such as Namespace)
+    return torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=True)
 
 
 def assert_same_state(a: dict, b: dict):
@@ -106,6 +107,23 @@ def test_train_supermask_vit_resume_and_evaluate(data_path, tmp_path, capsys, mo
     assert online["acc1"] == offline["acc1"] == res_resumed["acc1"]
     assert online["acc5"] == offline["acc5"] == res_resumed["acc5"]
     assert round(online["acc1"], 3) == acc1_full and round(online["acc5"], 3) == acc5_full
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(data_path, tmp_path, monkeypatch):
+    train_cli.main(common(data_path, tmp_path) + TINY_VIT + SUPERMASK)
+    first = load_ckpt(tmp_path)
+    assert first["args"]["sparsity_linear"] == 0.5  # args as a plain dict
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        (f if hasattr(f, "write") else open(f, "wb")).write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(common(data_path, tmp_path) + TINY_VIT + SUPERMASK + ["--lr", "0.2"])
+    monkeypatch.undo()
+    assert_same_state(load_ckpt(tmp_path)["model"], first["model"])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
 
 
 def test_evaluate_plain_state_dict_and_bad_flags(data_path, tmp_path, capsys):
@@ -204,24 +222,75 @@ def test_sparsity_table_keeps_numeric_layer_names_as_text():
     assert cli_args.sparsity_table(nn.Linear(2, 2)) == ""
 
 
-def test_evaluate_bsr_falls_back_or_compiles(data_path, tmp_path, capsys):
+def test_train_then_evaluate_bsr_runs_the_sparse_path(data_path, tmp_path, capsys):
     tiles16 = ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "16"]  # the backend takes blocks >= 16
     train_cli.main(common(data_path, tmp_path) + TINY_VIT + tiles16)
     ev = ["--data-path", data_path, "--device", "cpu", "--workers", "0"] + TINY_VIT + tiles16
     ev += ["--weights-path", str(tmp_path / "checkpoint.pth"), "--sparsify-weights"]
     dense = evaluate_cli.run(ev)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        bsr = evaluate_cli.run(ev + ["--bsr", "16"])
-    if not bsr["compiled"]:  # backend missing: a warning says the model ran dense
-        assert any("DENSE" in str(w.message) for w in caught)
+    # Half the 16x16 blocks survive, above the default threshold (0.4): --density-threshold 1
+    # converts every layer that spans a whole block, so BSR really runs and must agree with dense.
+    bsr = evaluate_cli.run(ev + ["--bsr", "16", "--density-threshold", "1"])
+    out = capsys.readouterr().out
+    assert bsr["compiled"] and dense["bsr_layers"] == 0
+    # in_proj, out_proj, mlp.0, mlp.3 (the 3x32 head is narrower than one block)
+    assert bsr["bsr_layers"] >= 4, out[-3000:]
+    assert re.search(r"mlp\.0 +64x32 +float32 +bsr", out)
     assert bsr["acc1"] == pytest.approx(dense["acc1"])
     assert bsr["acc5"] == pytest.approx(dense["acc5"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bsr", "7"], "blocksize=7 is not supported"),
+        (["--bsr", "0"], "blocksize=0 is not supported"),
+        (["--bsr", "16", "--density-threshold", "1.5"], "outside [0, 1]"),
+        (["--bsr", "16", "--density-threshold", "dense"], "not a number in [0, 1]"),
+        (["--density-threshold", "0.5"], "only applies with --bsr"),
+    ],
+)
+def test_evaluate_checks_backend_flags_before_any_work(flags, message, capsys, tmp_path):
+    # The data path does not exist: a flag error must come first, not a data (or compile) error.
+    with pytest.raises(SystemExit) as e:
+        evaluate_cli.main(["--data-path", str(tmp_path / "nowhere")] + TINY_VIT + flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bsr_without_sparse_backend_is_an_error_not_a_dense_run(monkeypatch, tmp_path):
+    import torch._dynamo.backends.registry as registry
+
+    def missing(name):
+        raise RuntimeError(f"no backend named {name!r}")
+
+    monkeypatch.setattr(registry, "lookup_backend", missing)
+    with pytest.raises(RuntimeError, match="needs the 'sparse' torch.compile backend.*leave out --bsr"):
+        evaluate_cli.run(["--data-path", str(tmp_path / "nowhere")] + TINY_VIT + ["--bsr", "16"])
+
+
+def test_evaluate_shows_the_superblock_loaders_reason(data_path, tmp_path):
+    train_cli.main(common(data_path, tmp_path) + TINY_VIT + SUPERMASK)
+    sb = {}  # the trained weights in pytorch-labs/superblock's layout, tile 4
+    for k, v in load_ckpt(tmp_path)["model"].items():
+        k = k.replace(".parametrizations.weight.original", ".weight").replace(".parametrizations.weight.0.", ".")
+        sb[k] = v
+        if k.endswith(".scores"):
+            sb[k.replace(".scores", ".scale")], sb[k.replace(".scores", ".shift")] = torch.ones(1), torch.zeros(1)
+    torch.save({"model": sb}, tmp_path / "superblock.pth")
+    ev = ["--data-path", data_path, "--device", "cpu", "--workers", "0"] + TINY_VIT
+    ev += ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "8", "--weights-path", str(tmp_path / "superblock.pth")]
+    with pytest.raises(RuntimeError) as e:
+        evaluate_cli.run(ev)
+    msg = str(e.value)
+    assert "sparsity flags" in msg
+    assert "As a SuperBlock checkpoint:" in msg and "tile size the checkpoint was trained with" in msg
 
 
 BAD_FLAGS = [
     (["--nm", "2:4", "--sparsity-linear", "0.5"], "cannot be combined with Supermask"),
     (["--nm", "5:4"], "1 <= N < M"),
+    (["--nm", "4:4"], "N == M keeps every weight"),
     (["--nm", "2-4"], "expected N:M"),
     (["--nm", "a:4"], "must be integers"),
     (["--mask-mode", "post"], "add --nm"),
@@ -255,19 +324,6 @@ def test_module_entry_points_run():
         r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "--sparsity-linear" in r.stdout and "--nm" in r.stdout
-
-
-def test_bsr_without_sparse_backend_falls_back_to_dense(monkeypatch):
-    import torch._dynamo.backends.registry as registry
-
-    def missing(name):
-        raise RuntimeError(f"no backend named {name!r}")
-
-    monkeypatch.setattr(registry, "lookup_backend", missing)
-    model = torch.nn.Linear(4, 4)
-    with pytest.warns(UserWarning, match="runs DENSE"):
-        out, compiled = evaluate_cli.compile_sparse(model, 16)
-    assert out is model and not compiled
 
 
 # --------------------------------------------------------------------------- the references' recipe flags
@@ -343,6 +399,27 @@ def test_ra_sampler_index_stream():
     merged = [i for pair in zip(*shares) for i in pair]
     assert merged == [i for i in p[:256] for _ in range(reps)]
     assert all(i in shares[0] and i in shares[1] for i in p[:256])
+
+
+def test_transforms_are_v2_throughout_and_normalise_like_to_tensor():
+    from torchvision.transforms import v2
+
+    from sparse_compile.training import data
+
+    pipelines = [
+        data.train_transform(16, auto_augment=policy, random_erase=0.25) for policy in data.AUTO_AUGMENT_POLICIES
+    ] + [data.train_transform(16, augment=False), data.val_transform(16)]
+    for pipeline in pipelines:  # no v1 transform (ToTensor...) beside the v2 MixUp/CutMix
+        assert isinstance(pipeline, v2.Compose)
+        assert all(isinstance(t, v2.Transform) for t in pipeline.transforms), pipeline
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    out = data.val_transform(16, resize_size=16)(Image.fromarray(pixels))  # resize and crop are identities here
+    assert type(out) is torch.Tensor and out.dtype == torch.float32
+    mean = torch.tensor(data.IMAGENET_MEAN, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD, dtype=torch.float64)[:, None, None]
+    want = (torch.from_numpy(pixels).double().permute(2, 0, 1) / 255.0 - mean) / std
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-6)
 
 
 def test_mixup_cutmix_collate():

@@ -45,7 +45,7 @@ def _spawned_worker(rank: int, world_size: int, port: int, argv: list[str]) -> N
 
 
 def model_state(out) -> dict:
-    return torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=False)["model"]
+    return torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=True)["model"]
 
 
 def assert_states_close(a: dict, b: dict):
@@ -92,3 +92,34 @@ def test_torchrun_supermask_matches_one_process(data_path, tmp_path):
     assert any("scores" in k for k in state)
     assert_states_close(state, model_state(tmp_path / "single"))
     assert acc_lines(r.stdout) == [f"Test:  Acc@1 {single['acc1']:.3f} Acc@5 {single['acc5']:.3f}"]
+
+
+def _first_batch_worker(rank: int, world_size: int, port: int, argv: list[str], out: str) -> None:
+    """A training process that saves the images of its first step and trains no further."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+
+    def save_first_batch(model, criterion, optimizer, loader, *args, **kwargs):
+        images, _ = next(iter(loader))
+        torch.save(images, os.path.join(out, f"rank{rank}.pt"))
+        return 0.0
+
+    train_cli.train_one_epoch = save_first_batch
+    train_cli.main(argv)
+
+
+def test_ra_sampler_copies_are_augmented_differently_on_each_rank(data_path, tmp_path):
+    # RASampler with 2 ranks and 3 repetitions deals the stream a a a b b b ...: rank 0 gets
+    # a, a, b and rank 1 gets a, b, b, so both batches start with image a. Each process
+    # augments it (random crop and flip) as its first draw: with the same seed on every rank the
+    # two "repetitions" were the same tensor, which defeats repeated augmentation.
+    argv = ["--data-path", str(data_path), "--device", "cpu", "--workers", "0", "--epochs", "1"]
+    argv += ["--batch-size", "3", "--ra-sampler", "--ra-reps", "3", "--print-freq", "0"] + TINY_VIT
+    mp.start_processes(
+        _first_batch_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    first = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert first[0].shape == first[1].shape == (3, 3, 16, 16)
+    assert not torch.equal(first[0][0], first[1][0])

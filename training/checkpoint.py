@@ -1,4 +1,14 @@
-"""Checkpoints: our own round trip, and import of pytorch-labs/superblock checkpoints.
+"""Checkpoints: saving safely, reading them back, and import of pytorch-labs/superblock checkpoints.
+
+- :func:`atomic_save`: ``torch.save`` to a temporary file in the same folder, then ``os.replace``:
+  a crash mid-save leaves the previous checkpoint whole. The train program saves plain data only
+  (tensors, numbers, strings, lists, dicts: its ``args`` as a dict), so every checkpoint loads
+  with ``torch.load(..., weights_only=True)``, which is how this package loads them.
+- :func:`load_checkpoint_file`: ``torch.load(path, weights_only=True)``; SuperBlock's and
+  torchvision-reference checkpoints store ``args`` as an ``argparse.Namespace``, the one class
+  allowed beyond plain data.
+- :func:`model_state_dict`: the model's state dict inside a checkpoint, without the ``module.``
+  (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes that wrapped models add to every key.
 
 Our parametrized models round-trip through the ordinary ``model.state_dict()`` /
 ``model.load_state_dict()`` once the same masks have been applied to the new model (same
@@ -32,31 +42,62 @@ load with ``strict=False`` (their ``scores``/``scale``/``shift`` are then unused
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.utils import parametrize
 
 from sparse_compile.training.supermask import Supermask
 
-__all__ = ["load_superblock_checkpoint"]
+__all__ = ["load_superblock_checkpoint", "atomic_save", "load_checkpoint_file", "model_state_dict"]
 
+# DDP / DataParallel, torch.compile. Wrappers nest (DDP around a compiled model gives
+# "module._orig_mod."), so they are stripped until no key starts with one.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _unwrap(obj) -> dict:
-    """The model state dict inside a checkpoint file/dict (torchvision-references layout or bare)."""
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+def atomic_save(obj, path) -> None:
+    """``torch.save(obj, path)`` that never leaves a half-written ``path``: temp file, fsync, ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint_file(path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, allowing SuperBlock's ``argparse.Namespace`` args."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
+    """The model state dict in a checkpoint (train's ``{"model": ...}`` layout) or a bare state
+    dict, as a new dict without wrapper prefixes (``module.``, ``_orig_mod.``, nested)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
-    if not isinstance(obj, dict):
+    if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state dict or a checkpoint dict with a 'model' entry, got {type(obj).__name__}")
-    out = {}
-    for k, v in obj.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    state = OrderedDict(obj)
+    while any(key.startswith(_WRAPPER_PREFIXES) for key in state):
+        for prefix in _WRAPPER_PREFIXES:
+            consume_prefix_in_state_dict_if_present(state, prefix)
+    return state
 
 
 def load_superblock_checkpoint(model: nn.Module, state_dict_or_path, strict: bool = True) -> nn.Module:
@@ -67,10 +108,10 @@ def load_superblock_checkpoint(model: nn.Module, state_dict_or_path, strict: boo
     checkpoint key used. Returns ``model``.
     """
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        obj = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
+        obj = load_checkpoint_file(state_dict_or_path)
     else:
         obj = state_dict_or_path
-    sd = _unwrap(obj)
+    sd = model_state_dict(obj)
     used: set[str] = set()
     new_sd: dict[str, torch.Tensor] = {}
     target = model.state_dict()

@@ -7,7 +7,9 @@ then centre crop for validation, ImageNet mean/std normalisation. The training r
 are the references' too: an automatic augmentation policy after the flip (``--auto-augment``),
 random erasing after normalisation (``--random-erase``), and MixUp / CutMix on whole batches in
 the loader's ``collate_fn`` (``--mixup-alpha`` / ``--cutmix-alpha``), which turns the integer
-targets into class probabilities.
+targets into class probabilities. Every transform is ``torchvision.transforms.v2`` (the
+references' v2 path with the PIL backend: crops and flips on the PIL image, then
+``PILToTensor`` + ``ToDtype(float32, scale=True)`` in place of v1's ``ToTensor``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
 
+def _to_normalized_tensor():
+    """PIL image -> float32 tensor in [0, 1] -> ImageNet-normalised (v1's ``ToTensor`` + ``Normalize``)."""
+    from torchvision.transforms import v2
+
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
 def train_transform(
     image_size: int,
     augment: bool = True,
@@ -31,30 +40,31 @@ def train_transform(
     augmix_severity: int = 3,
     random_erase: float = 0.0,
 ):
-    from torchvision import transforms as T
+    from torchvision.transforms import v2
 
     if augment:
-        head = [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
+        head = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
         if auto_augment is not None:
             head.append(auto_augment_transform(auto_augment, ra_magnitude, augmix_severity))
     else:  # deterministic: the same tensor for an image every epoch, on every process
-        head = [T.Resize((image_size, image_size), antialias=True)]
-    tail = [T.RandomErasing(p=random_erase)] if augment and random_erase > 0 else []
-    return T.Compose([*head, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD), *tail])
+        head = [v2.Resize((image_size, image_size), antialias=True)]
+    tail = [v2.RandomErasing(p=random_erase)] if augment and random_erase > 0 else []
+    # ToPureTensor: plain tensors into the loader's collate, as the references do
+    return v2.Compose([*head, *_to_normalized_tensor(), *tail, v2.ToPureTensor()])
 
 
 def auto_augment_transform(policy: str, ra_magnitude: int = 9, augmix_severity: int = 3):
     """The references' ``--auto-augment`` choices: RandAugment, TrivialAugmentWide, AugMix, or an AutoAugment policy."""
-    from torchvision import transforms as T
+    from torchvision.transforms import v2
 
     if policy == "ra":
-        return T.RandAugment(magnitude=ra_magnitude)
+        return v2.RandAugment(magnitude=ra_magnitude)
     if policy == "ta_wide":
-        return T.TrivialAugmentWide()
+        return v2.TrivialAugmentWide()
     if policy == "augmix":
-        return T.AugMix(severity=augmix_severity)
+        return v2.AugMix(severity=augmix_severity)
     if policy in AUTO_AUGMENT_POLICIES:
-        return T.AutoAugment(T.AutoAugmentPolicy(policy))
+        return v2.AutoAugment(v2.AutoAugmentPolicy(policy))
     raise ValueError(f"unknown auto-augment policy {policy!r}; choose one of {', '.join(AUTO_AUGMENT_POLICIES)}")
 
 
@@ -93,16 +103,16 @@ def mixup_cutmix_collate(num_classes: int, mixup_alpha: float, cutmix_alpha: flo
 
 
 def val_transform(image_size: int, resize_size: int | None = None):
-    from torchvision import transforms as T
+    from torchvision.transforms import v2
 
     # 224 px crops come from 256 px resizes in the references: keep that ratio by default.
     resize_size = resize_size or round(image_size / 0.875)
-    return T.Compose(
+    return v2.Compose(
         [
-            T.Resize(resize_size, antialias=True),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Resize(resize_size, antialias=True),
+            v2.CenterCrop(image_size),
+            *_to_normalized_tensor(),
+            v2.ToPureTensor(),
         ]
     )
 

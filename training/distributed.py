@@ -101,8 +101,11 @@ def print_main(*args, **kwargs) -> None:
 
 
 def save_on_main(obj, path) -> None:
+    """Save on rank 0 only, atomically (a crash mid-save keeps the previous file; see ``checkpoint.atomic_save``)."""
     if is_main_process():
-        torch.save(obj, path)
+        from sparse_compile.training.checkpoint import atomic_save
+
+        atomic_save(obj, path)
 
 
 def barrier() -> None:

@@ -8,6 +8,12 @@ parametrizations and the checkpoint loads::
         --sparsity-linear 0.9 --sp-linear-tile-size 32 --weights-path runs/vit90/checkpoint.pth
     # offline sparsification (W * mask folded into W once), then the sparse backend with BSR 32
     ... --sparsify-weights --bsr 32
+    # convert every layer the backend supports, however dense (default: at most 40% of blocks kept)
+    ... --sparsify-weights --bsr 32 --density-threshold 1
+
+``--bsr`` and ``--density-threshold`` are checked by the backend's own option rules
+(``sparse_compile.options.SparseOptions``) and the backend is looked up before any data is
+read; a missing backend is an error, never a silent dense run.
 
 ``torchrun --nproc_per_node=N -m sparse_compile.training.evaluate ...`` splits the validation
 images over N processes; every image is counted once.
@@ -17,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 import torch.nn as nn
@@ -79,20 +84,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         metavar="N",
         help="compile with the sparse backend, block size N (implies --sparsify-weights); best equal to the tile size",
     )
+    parser.add_argument(
+        "--density-threshold",
+        default=None,
+        type=_density_threshold,
+        metavar="D",
+        help="with --bsr: a layer becomes BSR when at most this fraction of its blocks hold a nonzero "
+        "(a number in [0, 1]; 1 converts every supported layer; default: the backend's)",
+    )
     cli_args.add_sparsity_args(parser)
     return parser
 
 
+def _density_threshold(text: str) -> float | str:
+    """``--density-threshold``: ``"auto"`` or a number; the range is the backend's to check."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] (or 'auto')") from None
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     """Load into ``model``: a train checkpoint (``{"model": ...}``), a plain state_dict, or a
-    pytorch-labs/superblock checkpoint (its ``L.scores``/``L.scale``/``L.shift`` layout)."""
-    from sparse_compile.training import load_superblock_checkpoint
+    pytorch-labs/superblock checkpoint (its ``L.scores``/``L.scale``/``L.shift`` layout).
 
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    if not isinstance(state, dict):
-        raise ValueError(f"--weights-path {path}: expected a state_dict or a checkpoint with a 'model' entry")
-    state = {_strip_wrappers(k): v for k, v in state.items()}
+    When neither layout fits, the error shows why for both (the SuperBlock loader's reason names
+    e.g. a tile size that does not match the checkpoint's scores).
+    """
+    from sparse_compile.training.checkpoint import load_checkpoint_file, load_superblock_checkpoint, model_state_dict
+
+    try:
+        state = model_state_dict(load_checkpoint_file(path))
+    except TypeError as e:
+        raise ValueError(f"--weights-path {path}: {e}") from None
     try:
         model.load_state_dict(state)
         return
@@ -100,39 +126,43 @@ def load_weights(model: nn.Module, path: str) -> None:
         ours = e
     try:  # SuperBlock's own layout, mapped onto our parametrizations
         load_superblock_checkpoint(model, state, strict=True)
+    except (KeyError, ValueError, TypeError) as e:
+        superblock = e
+    else:
         D.print_main(f"Loaded {path} as a SuperBlock checkpoint")
         return
-    except Exception:  # noqa: BLE001 - the first error is the informative one
-        pass
-    hint = (
-        "the model's parametrizations do not match the checkpoint: pass the sparsity flags "
-        "(--sparsity-linear, --sp-linear-tile-size, --nm, ...) it was trained with"
-    )
-    raise RuntimeError(f"--weights-path {path}: {hint}\n{ours}") from None
+    raise RuntimeError(
+        f"--weights-path {path} does not fit the model built from the flags: pass the sparsity flags "
+        "(--sparsity-linear, --sp-linear-tile-size, --nm, ...) it was trained with.\n"
+        f"As a sparse_compile checkpoint: {ours}\n"
+        f"As a SuperBlock checkpoint: {superblock}"
+    ) from None
 
 
-def _strip_wrappers(key: str) -> str:
-    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
+def sparse_backend_options(args: argparse.Namespace) -> dict:
+    """``options=`` for ``torch.compile(backend="sparse")`` from ``--bsr`` / ``--density-threshold``,
+    validated by the backend's own rules (``ValueError``/``TypeError`` that name the fix)."""
+    from sparse_compile.options import SparseOptions
+
+    options = {"blocksize": args.bsr}
+    if args.density_threshold is not None:
+        options["density_threshold"] = args.density_threshold
+    SparseOptions.from_user(options)
+    return options
 
 
-def compile_sparse(model: nn.Module, blocksize: int) -> tuple[nn.Module, bool]:
-    """``torch.compile(model, backend="sparse")``; falls back to the dense model if the backend is missing."""
+def require_sparse_backend() -> None:
+    """Raise unless ``torch.compile`` can find the ``sparse`` backend: ``--bsr`` never runs dense silently."""
+    from torch._dynamo.backends.registry import lookup_backend
+
     try:
-        from torch._dynamo.backends.registry import lookup_backend
-
         lookup_backend("sparse")
     except Exception as e:  # not registered, or its entry point does not import
-        warnings.warn(
-            f"the 'sparse' torch.compile backend is not available ({type(e).__name__}: {e}); "
-            "--bsr is ignored and the model runs DENSE (eager)",
-            stacklevel=2,
-        )
-        D.print_main("WARNING: 'sparse' backend not found: evaluating the dense (eager) model, no BSR")
-        return model, False
-    return torch.compile(model, backend="sparse", options={"blocksize": blocksize}), True
+        raise RuntimeError(
+            f"--bsr needs the 'sparse' torch.compile backend, which is not available ({type(e).__name__}: {e}); "
+            "install sparse_compile (pip install -e .) so that its entry point registers it, or leave out --bsr "
+            "to evaluate dense"
+        ) from e
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,14 +171,28 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` and run; returns ``{"acc1", "acc5", "time_s", "compiled"}`` (for tests and scripts)."""
+    """Parse ``argv`` and run; returns ``{"acc1", "acc5", "time_s", "compiled", "bsr_layers"}`` (for tests and scripts).
+
+    ``bsr_layers``: how many linear layers the sparse backend converted (0 without ``--bsr``).
+    """
     parser = get_args_parser()
     args = parser.parse_args(argv)
     cli_args.check_sparsity_args(args, parser)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    if args.bsr is not None and args.bsr < 1:
-        parser.error(f"--bsr {args.bsr}: block size must be >= 1")
+    # Everything that can be wrong with the flags or the backend is found before any data is read.
+    args.sparse_options = None
+    if args.density_threshold is not None and args.bsr is None:
+        parser.error("--density-threshold only applies with --bsr (the sparse backend): add --bsr N")
+    if args.bsr is not None:
+        try:
+            args.sparse_options = sparse_backend_options(args)
+        except (ValueError, TypeError) as e:
+            flags = f"--bsr {args.bsr}"
+            if args.density_threshold is not None:
+                flags += f" --density-threshold {args.density_threshold}"
+            parser.error(f"{flags}: {e}")
+        require_sparse_backend()
     info = D.init_distributed(args.device)
     try:
         return _run(args, info)
@@ -182,20 +226,21 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
         model = finalize(model)
         D.print_main("Offline sparsification: masks folded into the weights")
 
-    compiled = False
     if args.bsr is not None:
-        model, compiled = compile_sparse(model, args.bsr)
+        model = torch.compile(model, backend="sparse", options=args.sparse_options)
 
     start = time.time()
     with torch.no_grad():
         acc1, acc5 = evaluate(model, loader, device, args.print_freq, amp=args.amp)
     elapsed = time.time() - start  # the "Test:  Total time" line is printed by evaluate()
-    if compiled:
+    bsr_layers = 0
+    if args.bsr is not None:
         import sparse_compile
 
-        if hasattr(sparse_compile, "report"):
-            D.print_main(sparse_compile.report(model))
-    return {"acc1": acc1, "acc5": acc5, "time_s": elapsed, "compiled": compiled}
+        report = sparse_compile.report(model)
+        bsr_layers = len(report.sparse_layers)
+        D.print_main(report)
+    return {"acc1": acc1, "acc5": acc5, "time_s": elapsed, "compiled": args.bsr is not None, "bsr_layers": bsr_layers}
 
 
 if __name__ == "__main__":

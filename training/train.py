@@ -10,11 +10,14 @@ Several processes (one per GPU, or CPU processes with gloo)::
     torchrun --nproc_per_node=8 -m sparse_compile.training.train ...same flags...
 
 ``--batch-size`` is per process, as in the references. Every epoch writes
-``<output-dir>/checkpoint.pth`` (model, optimizer, lr_scheduler, epoch, args, and
-``model_ema`` with ``--model-ema``); ``--resume <output-dir>/checkpoint.pth`` continues from
+``<output-dir>/checkpoint.pth`` (model, optimizer, lr_scheduler, epoch, args as a dict, and
+``model_ema`` with ``--model-ema``) atomically: to a temporary file first, then renamed, so a
+crash while saving keeps the previous checkpoint; it holds plain data only and loads with
+``torch.load(..., weights_only=True)``. ``--resume <output-dir>/checkpoint.pth`` continues from
 the epoch after the saved one and gives the same result as an uninterrupted run: data order,
-augmentation, MixUp/CutMix and dropout draw their randomness from ``--seed`` and the epoch
-number only.
+augmentation, MixUp/CutMix and dropout draw their randomness from ``--seed``, the epoch number
+and the process's rank only (the rank, as DeiT does, so that ``--ra-sampler``'s copies of an
+image, which go to different processes, are augmented differently).
 
 The references' recipe flags (the SuperBlock ViT command runs as written)::
 
@@ -51,6 +54,7 @@ import torch.nn as nn
 
 from sparse_compile.training import cli_args, data
 from sparse_compile.training import distributed as D
+from sparse_compile.training.checkpoint import load_checkpoint_file, model_state_dict
 from sparse_compile.training.ema import ExponentialMovingAverage, adjusted_decay
 from sparse_compile.training.evaluate import evaluate
 
@@ -158,6 +162,16 @@ def seed_all(seed: int) -> None:
         pass
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one epoch on one process: a function of ``--seed``, the epoch and the rank only.
+
+    The rank is part of it (DeiT seeds ``seed + rank``): with ``--ra-sampler`` the repeated copies
+    of an image go to different ranks at the same step, and identical seeds would give them
+    bit-identical augmentations. The model's initial weights use ``--seed`` alone, on every rank.
+    """
+    return ((seed * 100003 + epoch) * 1000003 + rank) % 2**63  # torch.manual_seed takes < 2**64
+
+
 def make_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
     if args.opt == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -242,12 +256,6 @@ def make_model_ema(model: nn.Module, args: argparse.Namespace, world_size: int) 
     return ExponentialMovingAverage(model, decay)
 
 
-def _unwrap_state_dict(obj) -> dict:
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return obj["model"]
-    return obj
-
-
 def evaluate_ema(model_ema: ExponentialMovingAverage, val_loader, device: torch.device, args) -> tuple[float, float]:
     # Every process holds the same EMA (same updates from the same DDP-synchronised weights),
     # so evaluating it over the sharded validation set is exact, like the model's evaluation.
@@ -318,8 +326,8 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
     lr_scheduler = make_lr_scheduler(optimizer, args)
 
     if args.resume:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(_unwrap_state_dict(checkpoint))
+        checkpoint = load_checkpoint_file(args.resume)
+        model.load_state_dict(model_state_dict(checkpoint))
         if not args.test_only:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -356,9 +364,10 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
     D.print_main("Start training")
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        # Randomness of this epoch (augmentation, dropout, worker seeds, permutation draws)
-        # depends on seed and epoch only, so a resumed run repeats an uninterrupted one.
-        seed_all(args.seed * 100003 + epoch)
+        # Randomness of this epoch (augmentation, dropout, worker seeds) depends on seed, epoch and
+        # rank only, so a resumed run repeats an uninterrupted one. (Bi-Mask's permutation draws
+        # have their own generator, the same on every rank.)
+        seed_all(epoch_seed(args.seed, epoch, info.rank))
         train_sampler.set_epoch(epoch)
         loss = train_one_epoch(
             model, criterion, optimizer, train_loader, device, epoch, args, after_step, model_ema, model_without_ddp
@@ -374,7 +383,7 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(),
                 "epoch": epoch,
-                "args": args,
+                "args": vars(args),  # plain data: the file loads with torch.load(weights_only=True)
             }
             if model_ema is not None:
                 checkpoint["model_ema"] = model_ema.state_dict()
