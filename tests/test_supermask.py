@@ -213,3 +213,18 @@ def test_bad_shape():
     sm = Supermask((4, 4), 0.5, 1)
     with pytest.raises(ValueError, match="shape"):
         sm(torch.randn(4, 5))
+
+
+def test_set_sparsity_reaches_a_compiled_model():
+    # torch.compile guards on k: a new sparsity recompiles instead of reusing the old mask.
+    torch._dynamo.reset()
+    lin = nn.Linear(32, 32)
+    parametrize.register_parametrization(lin, "weight", Supermask(lin.weight.shape, 0.25, 8))
+    compiled = torch.compile(lin, backend="eager")
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(compiled(x), lin(x))
+    lin.parametrizations.weight[0].sparsity = 0.75
+    out = compiled(x)
+    torch.testing.assert_close(out, lin(x))
+    assert int(lin.parametrizations.weight[0].tile_mask().sum()) == 16 - (superblock_k(0.75, 16) - 1)
+    torch._dynamo.reset()
