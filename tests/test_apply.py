@@ -132,9 +132,7 @@ def test_apply_nm_leaves_a_resnet_stem_dense_with_a_warning(mode):
     assert rows["conv1"]["target_sparsity"] == 0.0 and rows["conv1"]["sparsity"] == 0.0
     assert rows["layer1.0.conv1"]["method"] == f"2:4 {mode}"
     assert "reduction dim 147" in format_sparsity_summary(model)
-    x = torch.randn(2, 3, 32, 32)
-    model(x).sum().backward()  # trains: the stem with its ordinary dense gradient
-    assert model.conv1.weight.grad is not None
+    assert type(model.conv1) is nn.Conv2d  # untouched (training end to end: test_cli's README command)
 
 
 def test_bad_arguments():

@@ -1,6 +1,6 @@
 """Training-time weight sparsity as ``torch.nn.utils.parametrize`` parametrizations.
 
-- :class:`Supermask`: learned tile-wise masks (pytorch-labs/superblock).
+- :class:`Supermask`: learned tile-wise masks (pytorch-labs/superblock); ``.sparsity`` may change during training.
 - :class:`NMMask`: N:M masks; mode ``"bidirectional"`` is Bi-Mask (ICML 2023), whose input
   gradient uses a separate, permuted backward mask (see ``nm_mask.py`` for how).
 - :func:`apply_supermask` / :func:`apply_nm`: put them on a model's Linear/Conv2d layers.
