@@ -39,8 +39,8 @@ from sparse_compile.report import GraphReport, LayerRecord
 
 aten = torch.ops.aten
 
-#: A Dynamo source prefix such as ``L['self']`` or ``L['fn']`` in front of a module path.
-_SOURCE_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+#: A Dynamo source prefix such as ``L['self']``, ``L['fn']`` or ``G['model']`` in front of a module path.
+_SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
 
 
 class BsrLinearPass(CustomGraphPass):

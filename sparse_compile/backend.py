@@ -27,6 +27,7 @@ import torch.fx
 from torch._dynamo.utils import counters, get_static_address_type
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from sparse_compile.kernels import SUPPORTED_DTYPES
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
@@ -154,7 +155,10 @@ def _run_without_codegen(bsr_pass: BsrLinearPass):
     """
 
     def inner_compile(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        bsr_pass(gm.graph)
+        # AOTAutograd's fake mode is still active here; the pass computes with the real weights
+        # (compile_fx_inner steps out of it the same way before running post-grad passes).
+        with unset_fake_temporarily():
+            bsr_pass(gm.graph)
 
         def run(args):
             return gm(*args)
@@ -260,6 +264,7 @@ def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[An
             runtime_indices.append(index)
             continue
         weight_names[value.untyped_storage().data_ptr()] = qualified_name
+        _guard_identity(node)
         name = f"_sparse_weight{index}"
         frozen_gm.register_buffer(name, value)
         with frozen_gm.graph.inserting_before(node):
@@ -269,6 +274,23 @@ def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         frozen_gm.graph.erase_node(node)
     frozen_gm.recompile()
     return frozen_gm, runtime_indices, weight_names
+
+
+def _guard_identity(placeholder: torch.fx.Node) -> None:
+    """Makes Dynamo recompile when this input is another tensor than the one frozen now.
+
+    Dynamo passes parameters as inputs without guarding on which tensor they are (so that, say,
+    two instances of one module class share compiled code); it adds an identity guard only when
+    Inductor's freezing is on globally while it traces. This backend freezes them in any case,
+    so it adds the guard itself: without it a second model instance would run with the first
+    one's weights.
+    """
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._guards import TracingContext
+
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    if source is not None and TracingContext.try_get() is not None:
+        install_guard(source.make_guard(GuardBuilder.ID_MATCH))
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
