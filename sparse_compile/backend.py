@@ -27,11 +27,13 @@ import torch.fx
 from torch._dynamo.utils import counters, get_static_address_type
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from sparse_compile.kernels import SUPPORTED_DTYPES
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
 from sparse_compile.passes.bsr_linear import BsrLinearPass, chain_passes
+from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
 from sparse_compile.report import GraphReport, LayerRecord, new_graph_report
 
 log = logging.getLogger("sparse_compile")
@@ -142,9 +144,20 @@ def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: BsrLinearPass, co
 
 def _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches, **compile_fx_kwargs):
     """One ``compile_fx`` call on a copy of ``frozen_gm`` (compile_fx may change the module it
-    gets), with the report emptied first: a failed attempt may have recorded layers."""
+    gets), with the report emptied first: a failed attempt may have recorded layers.
+
+    Inductor's decompositions plus ours: PyTorch's fused ``nn.TransformerEncoderLayer`` op
+    becomes plain ops, so the pass sees its linears.
+    """
     bsr_pass.graph_report.layers.clear()
-    return compile_fx(_copy_graph_module(frozen_gm), runtime_inputs, config_patches=config_patches, **compile_fx_kwargs)
+    decompositions = {**select_decomp_table(), **FUSED_TRANSFORMER_DECOMPOSITIONS}
+    return compile_fx(
+        _copy_graph_module(frozen_gm),
+        runtime_inputs,
+        config_patches=config_patches,
+        decompositions=decompositions,
+        **compile_fx_kwargs,
+    )
 
 
 def _run_without_codegen(bsr_pass: BsrLinearPass):

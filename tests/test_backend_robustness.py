@@ -169,13 +169,46 @@ def _sparse_encoder():
     return encoder
 
 
-def test_fused_encoder_layer_is_reported_with_its_sparsity():
+def test_fused_encoder_layer_runs_sparse():
+    # PyTorch runs the layer as one fused op in eval under no_grad; the backend decomposes it.
     encoder = _sparse_encoder()
     x = torch.randn(2, 5, 64)
     compiled = torch.compile(encoder, backend="sparse", options=OPTIONS)
     with torch.no_grad():
         out = compiled(x)
     torch.testing.assert_close(out.double(), float64_reference(encoder, x), atol=1e-4, rtol=1e-4)
+    report = sparse_compile.report(compiled)
+    assert [(layer.name, layer.format) for layer in report.layers] == [
+        ("layers.0.self_attn.in_proj", "bsr"),
+        ("layers.0.self_attn.out_proj", "bsr"),
+        ("layers.0.linear1", "bsr"),
+        ("layers.0.linear2", "bsr"),
+    ]
+    assert stats()["bsr_layers"] == 4 and stats()["dense_fused_fast_path"] == 0
+
+
+@pytest.mark.parametrize("norm_first, activation", [(True, "gelu")])
+def test_fused_encoder_layer_variants(norm_first, activation):
+    layer = nn.TransformerEncoderLayer(64, 2, 128, dropout=0.0, activation=activation, norm_first=norm_first, batch_first=True)
+    layer.eval()
+    prune_linear_blocks_(layer, 0.9, 16)
+    x = torch.randn(3, 4, 64)
+    with torch.no_grad():
+        out = torch.compile(layer, backend="sparse", options=OPTIONS)(x)
+    torch.testing.assert_close(out.double(), float64_reference(layer, x), atol=1e-4, rtol=1e-4)
+    assert stats()["bsr_layers"] == 4
+
+
+def test_fused_encoder_layer_with_mask_is_reported_with_its_sparsity():
+    # A padding mask is not decomposed: the fused op stays, and the report says what it holds.
+    encoder = _sparse_encoder()
+    x = torch.randn(2, 5, 64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    compiled = torch.compile(encoder, backend="sparse", options=OPTIONS)
+    with torch.no_grad():
+        out = compiled(x, src_key_padding_mask=padding)
+        expected = copy.deepcopy(encoder).double()(x.double(), src_key_padding_mask=padding)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
     report = sparse_compile.report(compiled)
     names = [layer.name for layer in report.layers]
     assert names == ["layers.0.self_attn.in_proj", "layers.0.self_attn.out_proj", "layers.0.linear1", "layers.0.linear2"]
@@ -186,18 +219,20 @@ def test_fused_encoder_layer_is_reported_with_its_sparsity():
     assert stats()["dense_fused_fast_path"] == 4 and stats()["bsr_layers"] == 0
 
 
-def test_fast_path_disabled_runs_the_encoder_sparse():
+def test_fast_path_disabled_runs_the_masked_encoder_sparse():
     # The way the report points to.
     encoder = _sparse_encoder()
     x = torch.randn(2, 5, 64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         compiled = torch.compile(encoder, backend="sparse", options=OPTIONS)
         with torch.no_grad():
-            out = compiled(x)
+            out = compiled(x, src_key_padding_mask=padding)
+            expected = copy.deepcopy(encoder).double()(x.double(), src_key_padding_mask=padding)
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
-    torch.testing.assert_close(out.double(), float64_reference(encoder, x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
     assert stats()["bsr_layers"] == 4 and stats()["dense_fused_fast_path"] == 0
 
 
