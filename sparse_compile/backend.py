@@ -10,6 +10,11 @@ with Inductor's freezing semantics. Changing a weight after compiling needs a ne
 (``torch._dynamo.reset()`` or a new ``torch.compile`` call): the compiled code keeps the
 weights, and the BSR copies, that it saw on the first call.
 
+Only the model's parameters and buffers become constants (see :func:`_weights_as_attributes`);
+when Inductor cannot compile a graph the backend falls back (see :func:`_compile_or_fall_back`);
+it logs each layer's decision on the ``sparse_compile`` logger and counts what it did in
+``torch._dynamo.utils.counters["sparse_compile"]`` (see :func:`_log_and_count`).
+
 Training (grad enabled): weights change every step, and the only format we have (BSR built once)
 needs them fixed, so training graphs compile exactly as with ``backend="inductor"``.
 """
