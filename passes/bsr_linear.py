@@ -13,8 +13,9 @@ expression — parametrizations such as ``W * mask(scores)`` included — into o
    weights) share one BSR copy.
 
 PyTorch's fused inference fast paths (``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
-in eval mode under no_grad) hide their projections inside one native op; the pass cannot rewrite
-those, so it records each of their weights with its block density and how to get the sparse path.
+in eval mode under no_grad) hide their projections inside one native op. The backend decomposes
+unmasked encoder layers before this pass runs (``fused_transformer.py``); for the fused ops that
+remain, the pass records each weight with its block density and how to get the sparse path.
 
 Everything else stays as it was, for Inductor.
 """
