@@ -54,7 +54,9 @@ class BsrLinearPass(CustomGraphPass):
             name a layer after its weight (see :class:`_LayerNamer`); empty when unknown.
     """
 
-    def __init__(self, options: SparseOptions, graph_report: GraphReport, weight_names: Mapping[int, str] | None = None):
+    def __init__(
+        self, options: SparseOptions, graph_report: GraphReport, weight_names: Mapping[int, str] | None = None
+    ):
         self.options = options
         self.graph_report = graph_report
         self.weight_names = dict(weight_names or {})
@@ -123,7 +125,10 @@ class BsrLinearPass(CustomGraphPass):
             if weight is None:
                 continue
             decision = _decide(weight, self.options)
-            inside = f"runs inside PyTorch's fused {op_name} (the nn.MultiheadAttention/TransformerEncoderLayer inference fast path)"
+            inside = (
+                f"runs inside PyTorch's fused {op_name} "
+                "(the nn.MultiheadAttention/TransformerEncoderLayer inference fast path)"
+            )
             if decision.is_sparse:
                 reason = (
                     f"{inside}, dense although its block density is {decision.density:.2f}: call "
@@ -337,7 +342,7 @@ class _LayerNamer:
     def __call__(self, node: torch.fx.Node, weight_node: torch.fx.Node, out_features: int, in_features: int) -> str:
         module_name, module_type = self._module_of(node)
         parameter = self._parameter_name(weight_node)
-        if parameter is not None and (module_name is None or module_name == "<root>" or parameter.startswith(module_name + ".")):
+        if parameter is not None and _is_inside(parameter, module_name):
             return self._unique(parameter)
         if module_name is None:
             return self._unique(f"<{node.name}>")
@@ -383,6 +388,11 @@ class _LayerNamer:
         count = self._seen.get(name, 0)
         self._seen[name] = count + 1
         return name if count == 0 else f"{name}:{count}"
+
+
+def _is_inside(parameter: str, module_name: str | None) -> bool:
+    """Whether the layer ``parameter`` names belongs to ``module_name`` or to a module inside it."""
+    return module_name in (None, "<root>") or parameter.startswith(module_name + ".")
 
 
 # Ops that only reinterpret a weight (AOTAutograd's transpose of a linear weight, reshapes).

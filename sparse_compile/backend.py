@@ -229,7 +229,10 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: BsrLinearPass) -> None:
         size = f"{layer.out_features}x{layer.in_features} {layer.dtype}"
         if layer.format == "bsr":
             stats["bsr_layers"] += 1
-            log.debug("%s (%s): bsr, block %s, block density %.3f, %s", layer.name, size, layer.blocksize, layer.density, layer.kernel)
+            log.debug(
+                "%s (%s): bsr, block %s, block density %.3f, %s",
+                layer.name, size, layer.blocksize, layer.density, layer.kernel,
+            )
         else:
             stats["dense_layers"] += 1
             stats[f"dense_{_reason_key(layer)}"] += 1

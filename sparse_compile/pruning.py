@@ -74,7 +74,7 @@ def prune_linear_blocks_(
             prune_blocks_(getattr(module, attribute).data, sparsity, blocksize)
             pruned.append(f"{name}.{attribute}" if name else attribute)
     if skipped or not pruned:
-        message = "prune_linear_blocks_ pruned no layer" if not pruned else f"prune_linear_blocks_ pruned {len(pruned)} weights"
+        message = f"prune_linear_blocks_ pruned {len(pruned)} weights" if pruned else "prune_linear_blocks_ pruned no layer"
         known = "nn.Linear, nn.MultiheadAttention and transformers' Conv1D"
         detail = f"; not pruned, 2-D weights of other modules: {', '.join(skipped)}" if skipped else ""
         warnings.warn(f"{message} (it prunes {known}){detail}", UserWarning, stacklevel=2)
