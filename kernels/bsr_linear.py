@@ -1,9 +1,14 @@
 """``y = x @ W^T + bias`` with a BSR weight: launcher, autotuned kernel, ``torch.library`` op.
 
-``torch.ops.sparse_compile.bsr_linear(x, values, crow_indices, col_indices, bias, out_features)``
-is a ``torch.library.triton_op``: on CUDA its body launches the Triton kernel through
-``wrap_triton`` (so Inductor sees the kernel), on every other device it computes with torch
-ops (see ``_bsr_linear_torch`` for why that way). Importing this module registers the op.
+``torch.ops.sparse_compile.bsr_linear(x, values, crow_indices, col_indices, bias, out_features,
+in_features)`` is a ``torch.library.triton_op``: on CUDA its body launches the Triton kernel
+through ``wrap_triton`` (so Inductor sees the kernel), on every other device it computes with
+torch ops (see ``_bsr_linear_torch`` for why that way). Importing this module registers the op.
+
+Triton is optional: where torch comes without it (CPU-only wheels, some platforms), the op is a
+plain ``torch.library.custom_op`` with the same schema, the CPU path works as before, and CUDA
+inputs get an error that says to install triton (the ``sparse`` backend leaves such layers dense
+and says why, see :func:`kernel_unavailable_reason`).
 """
 
 from __future__ import annotations
@@ -11,22 +16,35 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 from torch.library import wrap_triton  # called by bare name: triton_op's kernel discovery (AST) looks for it
 
-from .autotune_configs import INTERPRET_CONFIG, all_configs, prune_configs
 from .bsr_format import BsrWeight
-from .bsr_linear_kernels import bsr_linear_kernel
 
-__all__ = ["bsr_linear", "bsr_linear_triton", "SUPPORTED_DTYPES"]
+try:
+    import triton
+
+    from .autotune_configs import INTERPRET_CONFIG, all_configs, prune_configs
+    from .bsr_linear_kernels import bsr_linear_kernel
+except ImportError as error:  # torch without triton: the CPU path needs none of it
+    triton = None
+    _TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+else:
+    _TRITON_IMPORT_ERROR = ""
+
+__all__ = ["bsr_linear", "bsr_linear_triton", "kernel_unavailable_reason", "HAS_TRITON", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# triton.jit decides at decoration time whether kernels are interpreted; follow the same knob.
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+#: Whether the Triton kernel can be used at all in this process.
+HAS_TRITON = triton is not None
 
-if _INTERPRET:
+# triton.jit decides at decoration time whether kernels are interpreted; follow the same knob.
+_INTERPRET = HAS_TRITON and bool(triton.knobs.runtime.interpret)
+
+if not HAS_TRITON:
+    _bsr_linear_autotuned = None
+elif _INTERPRET:
     _bsr_linear_autotuned = triton.autotune(configs=[INTERPRET_CONFIG], key=[])(bsr_linear_kernel)
 else:
     _bsr_linear_autotuned = triton.autotune(
@@ -34,6 +52,20 @@ else:
         key=["m_bucket", "N", "K", "nnz_bucket", "BLOCKSIZE", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": prune_configs},
     )(bsr_linear_kernel)
+
+
+def kernel_unavailable_reason(device_type: str) -> str:
+    """Why the op cannot run on ``device_type`` in this process, or ``""`` when it can.
+
+    CPU always works (torch ops); CUDA needs triton; other devices have no implementation.
+    """
+    if device_type == "cpu":
+        return ""
+    if device_type == "cuda":
+        if HAS_TRITON:
+            return ""
+        return f"no Triton kernel: triton cannot be imported ({_TRITON_IMPORT_ERROR}); install triton"
+    return f"no BSR kernel for device {device_type!r} (cpu and cuda only)"
 
 
 def _dtype_names() -> str:
@@ -47,6 +79,7 @@ def _check_inputs(
     col_indices: Tensor,
     bias: Optional[Tensor],
     out_features: int,
+    in_features: int,
 ) -> None:
     """Shape/dtype checks that need no data (they also run in the fake implementation)."""
     if x.dtype not in SUPPORTED_DTYPES:
@@ -56,6 +89,13 @@ def _check_inputs(
         raise TypeError(f"bsr_linear: x, values and bias must share one dtype ({_dtype_names()}); got {got}")
     if x.dim() < 1:
         raise ValueError("bsr_linear: x must have at least one dim [..., in_features]")
+    if x.shape[-1] != in_features:
+        # Without this check the kernel would read the zero padding of the last block column
+        # (x too narrow) or ignore x's extra features (x too wide): a wrong answer, silently.
+        raise ValueError(
+            f"bsr_linear: x has {x.shape[-1]} features in its last dim, the weight expects "
+            f"in_features={in_features}"
+        )
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"bsr_linear: values must be [nnz_blocks, b, b], got {tuple(values.shape)}")
     b = values.shape[1]
@@ -151,14 +191,17 @@ def bsr_linear_triton(
     col_indices: Tensor,
     bias: Optional[Tensor],
     out_features: int,
+    in_features: int,
 ) -> Tensor:
-    """Launch the Triton kernel directly (no op dispatch): ``x2d`` ``[M, K]`` -> ``[M, out_features]``.
+    """Launch the Triton kernel directly (no op dispatch): ``x2d`` ``[M, in_features]`` -> ``[M, out_features]``.
 
     Works on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests use that).
     """
-    _check_inputs(x2d, values, crow_indices, col_indices, bias, out_features)
+    _check_inputs(x2d, values, crow_indices, col_indices, bias, out_features, in_features)
     if x2d.dim() != 2:
         raise ValueError(f"bsr_linear_triton: x2d must be [M, K], got {tuple(x2d.shape)}")
+    if not HAS_TRITON:
+        raise RuntimeError(f"bsr_linear_triton: {kernel_unavailable_reason('cuda')}")
     if x2d.device.type == "cpu" and not _INTERPRET:
         raise RuntimeError("bsr_linear_triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     return _launch(x2d, values, crow_indices, col_indices, bias, out_features)
@@ -245,7 +288,12 @@ _GATHER_MAX_DENSITY = 0.25
 _GATHER_MIN_BLOCKSIZE = 32
 
 
-@torch.library.triton_op("sparse_compile::bsr_linear", mutates_args=())
+# triton_op lets Inductor see the Triton kernel inside the op; without triton the same schema is
+# a plain custom op (CPU and fake implementations only).
+_define_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
+
+
+@_define_op("sparse_compile::bsr_linear", mutates_args=())
 def _bsr_linear_op(
     x: Tensor,
     values: Tensor,
@@ -253,11 +301,14 @@ def _bsr_linear_op(
     col_indices: Tensor,
     bias: Optional[Tensor],
     out_features: int,
+    in_features: int,
 ) -> Tensor:
-    _check_inputs(x, values, crow_indices, col_indices, bias, out_features)
+    _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     if x.device.type == "cuda":
+        if not HAS_TRITON:
+            raise RuntimeError(f"sparse_compile::bsr_linear on CUDA: {kernel_unavailable_reason('cuda')}")
         out = _launch(x2d, values, crow_indices, col_indices, bias, out_features)
     else:
         # Reached for CPU under torch.compile (the op is decomposed into its body); eager CPU
@@ -267,8 +318,8 @@ def _bsr_linear_op(
 
 
 @_bsr_linear_op.register_kernel("cpu")
-def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features):
-    _check_inputs(x, values, crow_indices, col_indices, bias, out_features)
+def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features, in_features):
+    _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
     x2d = x.reshape(-1, x.shape[-1])
     b = values.shape[1]
     all_blocks = (crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b)
@@ -281,19 +332,15 @@ def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features):
 
 
 @_bsr_linear_op.register_fake
-def _bsr_linear_fake(x, values, crow_indices, col_indices, bias, out_features):
-    _check_inputs(x, values, crow_indices, col_indices, bias, out_features)
+def _bsr_linear_fake(x, values, crow_indices, col_indices, bias, out_features, in_features):
+    _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def bsr_linear(x: Tensor, weight: BsrWeight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W^T + bias`` for a :class:`BsrWeight` ``W``; ``x`` is ``[..., in_features]``."""
-    if x.shape[-1] != weight.in_features:
-        raise ValueError(
-            f"bsr_linear: x has {x.shape[-1]} features in its last dim, the weight expects {weight.in_features}"
-        )
     return torch.ops.sparse_compile.bsr_linear(
-        x, weight.values, weight.crow_indices, weight.col_indices, bias, weight.out_features
+        x, weight.values, weight.crow_indices, weight.col_indices, bias, weight.out_features, weight.in_features
     )
 
 

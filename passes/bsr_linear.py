@@ -9,16 +9,23 @@ expression — parametrizations such as ``W * mask(scores)`` included — into o
 1. match: an ``mm``/``addmm`` whose second operand is a constant 2-D tensor (the transposed weight);
 2. check: :func:`sparse_compile.analysis.decide` on the weight;
 3. replace: convert the weight to BSR once, store the BSR tensors as new constants, and call
-   ``torch.ops.sparse_compile.bsr_linear`` instead.
+   ``torch.ops.sparse_compile.bsr_linear`` instead. Linears that share one weight (tied
+   weights) share one BSR copy.
+
+PyTorch's fused inference fast paths (``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
+in eval mode under no_grad) hide their projections inside one native op. The backend decomposes
+unmasked encoder layers before this pass runs (``fused_transformer.py``); for the fused ops that
+remain, the pass records each weight with its block density and how to get the sparse path.
 
 Everything else stays as it was, for Inductor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.fx
@@ -27,32 +34,47 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile.analysis import decide
-from sparse_compile.kernels import BsrWeight
+from sparse_compile.kernels import BsrWeight, kernel_unavailable_reason
 from sparse_compile.options import SparseOptions
 from sparse_compile.report import GraphReport, LayerRecord
 
 aten = torch.ops.aten
 
-#: A Dynamo source prefix such as ``L['self']`` or ``L['fn']`` in front of a module path.
-_SOURCE_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+#: A Dynamo source prefix such as ``L['self']``, ``L['fn']`` or ``G['model']`` in front of a module path.
+_SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
 
 
 class BsrLinearPass(CustomGraphPass):
-    """Rewrites sparse linear layers of a frozen graph to BSR; records every decision."""
+    """Rewrites sparse linear layers of a frozen graph to BSR; records every decision.
 
-    def __init__(self, options: SparseOptions, graph_report: GraphReport):
+    Args:
+        options: the user's options.
+        graph_report: where each layer's record goes.
+        weight_names: ``{storage data_ptr: qualified parameter name}`` of the model's weights, to
+            name a layer after its weight (see :class:`_LayerNamer`); empty when unknown.
+    """
+
+    def __init__(
+        self, options: SparseOptions, graph_report: GraphReport, weight_names: Mapping[int, str] | None = None
+    ):
         self.options = options
         self.graph_report = graph_report
+        self.weight_names = dict(weight_names or {})
+        self.bsr_weights_converted = 0  # BSR copies made by the last run (tied weights share one)
 
     def uuid(self) -> str:
         # Inductor keys its caches on this: same options -> same rewrite.
-        return hashlib.sha256(f"BsrLinearPass-v1-{self.options}".encode()).hexdigest()
+        return hashlib.sha256(f"BsrLinearPass-v2-{self.options}".encode()).hexdigest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
-        names = _LayerNamer()
+        names = _LayerNamer(gm, self.weight_names)
         constants = _ConstantEvaluator(gm)
+        converted: dict[tuple, _BsrConstants] = {}  # one BSR copy per weight, for tied weights
         for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in _FUSED_FAST_PATH_WEIGHTS:
+                self._record_fused_fast_path(node, constants, names)
+                continue
             match = _match_linear(node)
             if match is None:
                 continue
@@ -62,22 +84,16 @@ class BsrLinearPass(CustomGraphPass):
                 self._record_runtime_weight(node, weight_t_node, names)
                 continue
             weight = weight_t.t()
-            decision = decide(weight, self.options)
-            self.graph_report.layers.append(
-                LayerRecord(
-                    name=names(node, *weight.shape),
-                    out_features=weight.shape[0],
-                    in_features=weight.shape[1],
-                    dtype=str(weight.dtype).removeprefix("torch."),
-                    format=decision.format,
-                    blocksize=decision.blocksize,
-                    density=decision.density,
-                    reason=decision.reason,
-                    device=weight.device.type,
-                )
-            )
-            if decision.is_sparse:
-                _replace_with_bsr(gm, node, x, weight, bias, decision.blocksize)
+            name = names(node, weight_t_node, *weight.shape)
+            decision = _decide(weight, self.options)
+            self.graph_report.layers.append(_record(name, weight, decision))
+            if not decision.is_sparse:
+                continue
+            key = _weight_key(weight_t, decision.blocksize)
+            if key not in converted:
+                converted[key] = _BsrConstants.convert(gm, weight, decision.blocksize)
+            _replace_with_bsr(gm, node, x, converted[key], bias)
+        self.bsr_weights_converted = len(converted)
         graph.eliminate_dead_code()
         gm.recompile()
 
@@ -88,7 +104,7 @@ class BsrLinearPass(CustomGraphPass):
         shape = weight_t_node.meta["val"].shape
         self.graph_report.layers.append(
             LayerRecord(
-                name=names(node, shape[1], shape[0]),
+                name=names(node, weight_t_node, shape[1], shape[0]),
                 out_features=int(shape[1]),
                 in_features=int(shape[0]),
                 dtype=str(weight_t_node.meta["val"].dtype).removeprefix("torch."),
@@ -99,6 +115,76 @@ class BsrLinearPass(CustomGraphPass):
                 device=weight_t_node.meta["val"].device.type,
             )
         )
+
+    def _record_fused_fast_path(self, node, constants, names) -> None:
+        """Records the weights of a fused attention/encoder op, which run dense inside it."""
+        op_name = f"aten.{node.target._opname}"
+        for index, suffix in _FUSED_FAST_PATH_WEIGHTS[node.target]:
+            weight_node = node.args[index]
+            weight = constants(weight_node) if isinstance(weight_node, torch.fx.Node) else None
+            if weight is None:
+                continue
+            decision = _decide(weight, self.options)
+            inside = (
+                f"runs inside PyTorch's fused {op_name} "
+                "(the nn.MultiheadAttention/TransformerEncoderLayer inference fast path)"
+            )
+            if decision.is_sparse:
+                reason = (
+                    f"{inside}, dense although its block density is {decision.density:.2f}: call "
+                    "torch.backends.mha.set_fastpath_enabled(False) before compiling to run it as BSR"
+                )
+            else:
+                reason = f"{inside}; {decision.reason}"
+            dense = dataclasses.replace(decision, format="dense", reason=reason)
+            record = _record(names.for_fused_weight(node, weight_node, suffix), weight, dense)
+            self.graph_report.layers.append(dataclasses.replace(record, fused_op=op_name))
+
+
+# For each fused op of PyTorch's transformer inference fast path: (argument index, layer name
+# suffix) of its linear weights, from the ops' schemas in native_functions.yaml.
+_FUSED_FAST_PATH_WEIGHTS = {
+    aten._native_multi_head_attention.default: ((5, "in_proj"), (7, "out_proj")),
+    aten._transformer_encoder_layer_fwd.default: (
+        (3, "self_attn.in_proj"),
+        (5, "self_attn.out_proj"),
+        (14, "linear1"),
+        (16, "linear2"),
+    ),
+}
+
+
+def _decide(weight: torch.Tensor, options: SparseOptions):
+    """:func:`decide`, plus: no BSR on a device this process has no kernel for (say which)."""
+    decision = decide(weight, options)
+    unavailable = kernel_unavailable_reason(weight.device.type)
+    if decision.is_sparse and unavailable:
+        return dataclasses.replace(decision, format="dense", reason=unavailable)
+    return decision
+
+
+def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
+    return LayerRecord(
+        name=name,
+        out_features=weight.shape[0],
+        in_features=weight.shape[1],
+        dtype=str(weight.dtype).removeprefix("torch."),
+        format=decision.format,
+        blocksize=decision.blocksize,
+        density=decision.density,
+        reason=decision.reason,
+        device=weight.device.type,
+    )
+
+
+def _weight_key(weight_t: torch.Tensor, blocksize: int) -> tuple:
+    """Equal for two uses of one weight tensor (a tied weight), different otherwise.
+
+    The constants stay alive during the pass, so a storage address is not reused under it.
+    """
+    storage = weight_t.untyped_storage()
+    return (storage.data_ptr(), weight_t.storage_offset(), tuple(weight_t.shape), weight_t.stride(),
+            weight_t.dtype, weight_t.device, blocksize)
 
 
 def _match_linear(node: torch.fx.Node):
@@ -166,34 +252,58 @@ def _is_random(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
-def _replace_with_bsr(gm, node, x, weight, bias, blocksize: int) -> None:
-    bsr = BsrWeight.from_dense(weight.detach(), blocksize)
+@dataclasses.dataclass(frozen=True)
+class _BsrConstants:
+    """The names of the graph constants that hold one weight's BSR copy."""
+
+    values: str
+    crow_indices: str
+    col_indices: str
+    out_features: int
+    in_features: int
+
+    @classmethod
+    def convert(cls, gm: torch.fx.GraphModule, weight: torch.Tensor, blocksize: int) -> "_BsrConstants":
+        bsr = BsrWeight.from_dense(weight.detach(), blocksize)
+        return cls(
+            values=_add_constant(gm, "_sparse_bsr_values", bsr.values.contiguous()),
+            crow_indices=_add_constant(gm, "_sparse_bsr_crow", bsr.crow_indices),
+            col_indices=_add_constant(gm, "_sparse_bsr_col", bsr.col_indices),
+            out_features=bsr.out_features,
+            in_features=bsr.in_features,
+        )
+
+
+def _replace_with_bsr(gm, node, x, bsr: _BsrConstants, bias) -> None:
     graph = gm.graph
     with graph.inserting_before(node):
-        values = _add_constant(gm, "_sparse_bsr_values", bsr.values.contiguous())
-        crow = _add_constant(gm, "_sparse_bsr_crow", bsr.crow_indices)
-        col = _add_constant(gm, "_sparse_bsr_col", bsr.col_indices)
+        values, crow, col = (_get_constant(gm, name) for name in (bsr.values, bsr.crow_indices, bsr.col_indices))
         if bias is not None and bias.meta["val"].dim() == 2:
             bias = graph.call_function(aten.view.default, (bias, [bsr.out_features]))
             bias.meta["val"] = _fake(node).new_empty(bsr.out_features)
         new = graph.call_function(
             torch.ops.sparse_compile.bsr_linear.default,
-            (x, values, crow, col, bias, bsr.out_features),
+            (x, values, crow, col, bias, bsr.out_features, bsr.in_features),
         )
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
 
 
-def _add_constant(gm: torch.fx.GraphModule, prefix: str, tensor: torch.Tensor) -> torch.fx.Node:
+def _add_constant(gm: torch.fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
+    """Stores ``tensor`` on ``gm`` under a new name (as freezing stores its ``_frozen_param*``)."""
     index = 0
     while hasattr(gm, f"{prefix}{index}"):
         index += 1
     name = f"{prefix}{index}"
-    # Stored the way Inductor's freezing stores its own constants (_frozen_param*).
     gm.register_buffer(name, tensor)
+    return name
+
+
+def _get_constant(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    """A ``get_attr`` node for a constant stored by :func:`_add_constant`, at the insert point."""
     node = gm.graph.get_attr(name)
-    node.meta["val"] = _fake_mode_of(gm).from_tensor(tensor, static_shapes=True)
+    node.meta["val"] = _fake_mode_of(gm).from_tensor(getattr(gm, name), static_shapes=True)
     return node
 
 
@@ -210,34 +320,92 @@ def _fake_mode_of(gm: torch.fx.GraphModule) -> FakeTensorMode:
 
 
 class _LayerNamer:
-    """Names a matmul node after the module that ran it (``encoder.layers.0.mlp.0``).
+    """Names a matmul node after its weight's parameter, or else after the module that ran it.
 
-    ``nn.MultiheadAttention`` runs its projections itself, so its matmuls carry the attention
-    module's name: the packed input projection (out = 3 x in features) is called
-    ``<name>.in_proj`` and the projection after it ``<name>.out_proj``. Any other module with
-    several matmuls gets ``name:1``, ``name:2``... in graph order.
+    The parameter's name (``features.1.0.attn.qkv`` for ``features.1.0.attn.qkv.weight``,
+    ``...self_attention.in_proj`` for an ``in_proj_weight``) is used when the parameter belongs to
+    the module that ran the matmul or to one inside it: that covers ``F.linear(x, self.qkv.weight)``
+    in a parent module (torchvision swin, timm eva02), and leaves a tied weight used by another
+    module named after that module.
+
+    Otherwise the module stack names it: ``nn.MultiheadAttention`` runs its projections itself,
+    so its matmuls carry the attention module's name: the packed input projection (out = 3 x in
+    features) is called ``<name>.in_proj`` and the projection after it ``<name>.out_proj``. Any
+    other module with several matmuls gets ``name:1``, ``name:2``... in graph order.
     """
 
-    def __init__(self):
+    def __init__(self, gm: torch.fx.GraphModule, weight_names: Mapping[int, str]):
+        self._gm = gm
+        self._weight_names = weight_names
         self._seen: dict[str, int] = {}
 
-    def __call__(self, node: torch.fx.Node, out_features: int, in_features: int) -> str:
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
+    def __call__(self, node: torch.fx.Node, weight_node: torch.fx.Node, out_features: int, in_features: int) -> str:
+        module_name, module_type = self._module_of(node)
+        parameter = self._parameter_name(weight_node)
+        if parameter is not None and _is_inside(parameter, module_name):
+            return self._unique(parameter)
+        if module_name is None:
             return self._unique(f"<{node.name}>")
-        path, module_type = list(stack.values())[-1]
-        name = _SOURCE_PREFIX.sub("", str(path)) or "<root>"
         if isinstance(module_type, type) and issubclass(module_type, torch.nn.MultiheadAttention):
             if out_features == 3 * in_features:
-                return self._unique(f"{name}.in_proj")
-            if f"{name}.in_proj" in self._seen and f"{name}.out_proj" not in self._seen:
-                return self._unique(f"{name}.out_proj")
-        return self._unique(name)
+                return self._unique(f"{module_name}.in_proj")
+            if f"{module_name}.in_proj" in self._seen and f"{module_name}.out_proj" not in self._seen:
+                return self._unique(f"{module_name}.out_proj")
+        return self._unique(module_name)
+
+    def for_fused_weight(self, node: torch.fx.Node, weight_node: torch.fx.Node, suffix: str) -> str:
+        """A weight of a fused fast-path op: its parameter's name, or ``<module>.<suffix>``."""
+        parameter = self._parameter_name(weight_node)
+        if parameter is not None:
+            return self._unique(parameter)
+        module_name, _ = self._module_of(node)
+        return self._unique(f"{module_name or '<' + node.name + '>'}.{suffix}")
+
+    @staticmethod
+    def _module_of(node: torch.fx.Node):
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return None, None
+        path, module_type = list(stack.values())[-1]
+        return _SOURCE_PREFIX.sub("", str(path)) or "<root>", module_type
+
+    def _parameter_name(self, weight_node: torch.fx.Node) -> str | None:
+        """The layer name of the whole parameter ``weight_node`` reads (through views), if any."""
+        node = weight_node
+        while node.op == "call_function" and node.target in _VIEW_OPS:
+            node = node.args[0]
+        if node.op != "get_attr":
+            return None
+        tensor = getattr(self._gm, str(node.target), None)
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        parameter = self._weight_names.get(tensor.untyped_storage().data_ptr())
+        if parameter is None or tensor.storage_offset() != 0:
+            return None
+        return layer_name_of_parameter(parameter)
 
     def _unique(self, name: str) -> str:
         count = self._seen.get(name, 0)
         self._seen[name] = count + 1
         return name if count == 0 else f"{name}:{count}"
+
+
+def _is_inside(parameter: str, module_name: str | None) -> bool:
+    """Whether the layer ``parameter`` names belongs to ``module_name`` or to a module inside it."""
+    return module_name in (None, "<root>") or parameter.startswith(module_name + ".")
+
+
+# Ops that only reinterpret a weight (AOTAutograd's transpose of a linear weight, reshapes).
+_VIEW_OPS = (aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default, aten._unsafe_view.default)
+
+
+def layer_name_of_parameter(parameter: str) -> str:
+    """``a.qkv.weight`` -> ``a.qkv``; ``attn.in_proj_weight`` -> ``attn.in_proj``; else unchanged."""
+    if parameter.endswith(".weight"):
+        return parameter.removesuffix(".weight")
+    if parameter.endswith("_weight"):
+        return parameter.removesuffix("_weight")
+    return parameter
 
 
 def chain_passes(*passes: Callable[[torch.fx.Graph], None] | None):

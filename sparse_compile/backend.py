@@ -10,6 +10,11 @@ with Inductor's freezing semantics. Changing a weight after compiling needs a ne
 (``torch._dynamo.reset()`` or a new ``torch.compile`` call): the compiled code keeps the
 weights, and the BSR copies, that it saw on the first call.
 
+Only the model's parameters and buffers become constants (see :func:`_weights_as_attributes`);
+when Inductor cannot compile a graph the backend falls back (see :func:`_compile_or_fall_back`);
+it logs each layer's decision on the ``sparse_compile`` logger and counts what it did in
+``torch._dynamo.utils.counters["sparse_compile"]`` (see :func:`_log_and_count`).
+
 Training (grad enabled): weights change every step, and the only format we have (BSR built once)
 needs them fixed, so training graphs compile exactly as with ``backend="inductor"``.
 """
@@ -18,17 +23,23 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
-from torch._dynamo.utils import get_static_address_type
+from torch._dynamo.utils import counters, get_static_address_type
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from sparse_compile.kernels import SUPPORTED_DTYPES
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
 from sparse_compile.passes.bsr_linear import BsrLinearPass, chain_passes
-from sparse_compile.report import new_graph_report
+from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
+from sparse_compile.report import GraphReport, LayerRecord, new_graph_report
 
 log = logging.getLogger("sparse_compile")
 
@@ -64,16 +75,15 @@ def sparse_backend(
         log.info(graph_report.summary())
         return compile_fx(gm, example_inputs, config_patches=config_patches)
 
-    frozen_gm, runtime_indices = _weights_as_attributes(gm, example_inputs)
+    frozen_gm, runtime_indices, weight_names = _weights_as_attributes(gm, example_inputs)
+    runtime_inputs = [example_inputs[i] for i in runtime_indices]
+    bsr_pass = BsrLinearPass(sparse_options, graph_report, weight_names)
     config_patches.update(
         {
             # Parameters and buffers become constants, folded with everything computed from
             # them (parametrized masks included): the pass then sees each final weight.
             "freezing": True,
-            "post_grad_custom_pre_pass": chain_passes(
-                BsrLinearPass(sparse_options, graph_report),
-                inductor_config.post_grad_custom_pre_pass,
-            ),
+            "post_grad_custom_pre_pass": chain_passes(bsr_pass, inductor_config.post_grad_custom_pre_pass),
             # On CPU, freezing would otherwise repack linear weights for oneDNN before our pass
             # runs, hiding the matmuls from it.
             "cpp.weight_prepack": False,
@@ -81,33 +91,201 @@ def sparse_backend(
             "fx_graph_cache": False,
         }
     )
-    compiled = compile_fx(
-        frozen_gm, [example_inputs[i] for i in runtime_indices], config_patches=config_patches
-    )
-    log.info(graph_report.summary())
+    compiled = _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass, config_patches)
+    _log_and_count(graph_report, bsr_pass)
     return _drop_constant_arguments(compiled, runtime_indices)
 
 
+def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: BsrLinearPass, config_patches: dict[str, Any]):
+    """Inductor, or when Inductor cannot compile the graph, the next best thing that runs.
+
+    1. Inductor as configured.
+    2. On CPU, when Inductor's C++ failed to compile: again without vectorization
+       (``cpp.simdlen=1``). Works around pytorch/pytorch#179135 ("'decltype' evaluates to
+       'float'" in vectorized C++, seen on torchvision swin_t/swin_v2_t with torch 2.11), only
+       for the graphs that hit it.
+    3. Otherwise: AOTAutograd and freezing as usual, our pass on the frozen graph, and that
+       graph run op by op, without Inductor's code generation (sparse layers still run BSR).
+
+    Steps 2 and 3 warn once per process and say so in the graph's report. If step 3 fails
+    too, the error of step 1 is raised.
+    """
+    graph_report = bsr_pass.graph_report
+    try:
+        return _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches)
+    except Exception as error:  # noqa: BLE001  (any Inductor failure: step 2 or 3 decide)
+        inductor_error = error
+    summary = _first_line(inductor_error)
+    counters["sparse_compile"]["inductor_failures"] += 1
+    if _is_cpp_compile_error(inductor_error) and _runs_on_cpu(frozen_gm, runtime_inputs):
+        try:
+            compiled = _compile_attempt(
+                frozen_gm, runtime_inputs, bsr_pass, {**config_patches, "cpp.simdlen": 1}
+            )
+        except Exception:  # noqa: BLE001  (step 3 follows)
+            pass
+        else:
+            counters["sparse_compile"]["fallback_cpp_simdlen_1"] += 1
+            graph_report.fallback = (
+                "compiled without C++ vectorization (cpp.simdlen=1): Inductor's vectorized C++ "
+                "failed to compile (pytorch/pytorch#179135)"
+            )
+            _warn_once("simdlen", f"sparse backend: {graph_report.fallback}. Error: {summary}")
+            return compiled
+    try:
+        compiled = _compile_attempt(
+            frozen_gm, runtime_inputs, bsr_pass, config_patches, inner_compile=_run_without_codegen(bsr_pass)
+        )
+    except Exception:
+        raise inductor_error
+    counters["sparse_compile"]["fallback_without_codegen"] += 1
+    graph_report.fallback = (
+        "Inductor could not compile this graph, so it runs op by op without Inductor's code "
+        f"generation (sparse layers still run as BSR). Inductor's error: {summary}"
+    )
+    _warn_once("no_codegen", f"sparse backend: {graph_report.fallback}")
+    return compiled
+
+
+def _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches, **compile_fx_kwargs):
+    """One ``compile_fx`` call on a copy of ``frozen_gm`` (compile_fx may change the module it
+    gets), with the report emptied first: a failed attempt may have recorded layers.
+
+    Inductor's decompositions plus ours: PyTorch's fused ``nn.TransformerEncoderLayer`` op
+    becomes plain ops, so the pass sees its linears.
+    """
+    bsr_pass.graph_report.layers.clear()
+    decompositions = {**select_decomp_table(), **FUSED_TRANSFORMER_DECOMPOSITIONS}
+    return compile_fx(
+        _copy_graph_module(frozen_gm),
+        runtime_inputs,
+        config_patches=config_patches,
+        decompositions=decompositions,
+        **compile_fx_kwargs,
+    )
+
+
+def _run_without_codegen(bsr_pass: BsrLinearPass):
+    """An ``inner_compile`` for ``compile_fx`` that runs our pass and returns the graph itself.
+
+    Inductor calls it with the frozen, post-AOTAutograd graph (constants folded, weights as
+    attributes), where its own post-grad passes, ours included, would have run next.
+    """
+
+    def inner_compile(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        # AOTAutograd's fake mode is still active here; the pass computes with the real weights
+        # (compile_fx_inner steps out of it the same way before running post-grad passes).
+        with unset_fake_temporarily():
+            bsr_pass(gm.graph)
+
+        def run(args):
+            return gm(*args)
+
+        run._boxed_call = True  # Inductor calls compiled graphs with one list of arguments
+        return run
+
+    return inner_compile
+
+
+def _is_cpp_compile_error(error: BaseException) -> bool:
+    """Whether Inductor's C++ compiler failed (the exception or one it was raised from)."""
+    while error is not None:
+        if type(error).__name__ == "CppCompileError":
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _runs_on_cpu(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> bool:
+    tensors = itertools.chain(inputs, gm.parameters(), gm.buffers())
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _log_and_count(graph_report: GraphReport, bsr_pass: BsrLinearPass) -> None:
+    """Each layer's decision at DEBUG, the graph's summary at INFO, and the counters.
+
+    ``TORCH_LOGS="sparse_compile"`` shows the INFO lines, ``TORCH_LOGS="+sparse_compile"`` the
+    DEBUG ones too. Counters go to ``torch._dynamo.utils.counters["sparse_compile"]``:
+    ``bsr_layers``, ``bsr_weights`` (BSR copies made; tied weights share one), ``dense_layers``
+    and ``dense_<reason>`` per reason, ``inductor_failures`` and ``fallback_*``.
+    """
+    stats = counters["sparse_compile"]
+    stats["bsr_weights"] += bsr_pass.bsr_weights_converted
+    for layer in graph_report.layers:
+        size = f"{layer.out_features}x{layer.in_features} {layer.dtype}"
+        if layer.format == "bsr":
+            stats["bsr_layers"] += 1
+            log.debug(
+                "%s (%s): bsr, block %s, block density %.3f, %s",
+                layer.name, size, layer.blocksize, layer.density, layer.kernel,
+            )
+        else:
+            stats["dense_layers"] += 1
+            stats[f"dense_{_reason_key(layer)}"] += 1
+            log.debug("%s (%s): dense, %s", layer.name, size, layer.reason)
+    log.info(graph_report.summary())
+
+
+def _reason_key(layer: LayerRecord) -> str:
+    """A short, stable name for why ``layer`` stayed dense (the reason text has numbers in it)."""
+    if layer.fused_op:
+        return "fused_fast_path"
+    if "not a constant" in layer.reason:
+        return "runtime_weight"
+    if "no Triton kernel" in layer.reason or "no BSR kernel for device" in layer.reason:
+        return "no_kernel_for_device"
+    if layer.dtype not in _SUPPORTED_DTYPE_NAMES:
+        return "unsupported_dtype"
+    if layer.density is not None and "threshold" in layer.reason:
+        return "above_threshold"
+    if "smaller than" in layer.reason:
+        return "smaller_than_block"
+    return "other"
+
+
+_SUPPORTED_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES}
+
+
 def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
-    """A copy of ``gm`` in which parameters and buffers are attributes, not graph inputs.
+    """A copy of ``gm`` in which the model's parameters and buffers are attributes, not inputs.
 
     Dynamo passes a module's parameters and buffers to the backend as graph inputs (it marks them
     "static"), and only turns them into attributes itself when Inductor's freezing is switched on
     globally while it traces. Inductor freezes attributes, so this puts them back where freezing
-    looks. ``gm`` is left untouched: Dynamo calls the compiled function with all of its inputs.
+    looks. Only the model's own parameters and buffers move: any other input, even one with a
+    static address (``torch._dynamo.mark_static_address``: CUDA-graph input buffers, static KV
+    caches), stays a runtime input, so changes to it are seen. ``gm`` is left untouched: Dynamo
+    calls the compiled function with all of its inputs.
 
     Returns:
-        the new graph module and the indices of the inputs that are still runtime inputs.
+        the new graph module, the indices of the inputs that are still runtime inputs, and
+        ``{storage data_ptr: qualified name}`` of the parameters and buffers moved.
     """
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    frozen_gm = torch.fx.GraphModule(gm, graph)
+    frozen_gm = _copy_graph_module(gm)
     placeholders = [node for node in frozen_gm.graph.nodes if node.op == "placeholder"]
     runtime_indices = []
+    weight_names = {}
     for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(value, torch.Tensor) or get_static_address_type(value) is None:
+        qualified_name = _model_weight_name(node, value)
+        if qualified_name is None:
             runtime_indices.append(index)
             continue
+        weight_names[value.untyped_storage().data_ptr()] = qualified_name
+        _guard_identity(node)
         name = f"_sparse_weight{index}"
         frozen_gm.register_buffer(name, value)
         with frozen_gm.graph.inserting_before(node):
@@ -116,7 +294,54 @@ def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[An
         node.replace_all_uses_with(attribute)
         frozen_gm.graph.erase_node(node)
     frozen_gm.recompile()
-    return frozen_gm, runtime_indices
+    return frozen_gm, runtime_indices, weight_names
+
+
+def _guard_identity(placeholder: torch.fx.Node) -> None:
+    """Makes Dynamo recompile when this input is another tensor than the one frozen now.
+
+    Dynamo passes parameters as inputs without guarding on which tensor they are (so that, say,
+    two instances of one module class share compiled code); it adds an identity guard only when
+    Inductor's freezing is on globally while it traces. This backend freezes them in any case,
+    so it adds the guard itself: without it a second model instance would run with the first
+    one's weights.
+    """
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._guards import TracingContext
+
+    source = getattr(placeholder.meta.get("grapharg"), "source", None)
+    if source is not None and TracingContext.try_get() is not None:
+        install_guard(source.make_guard(GuardBuilder.ID_MATCH))
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _model_weight_name(node: torch.fx.Node, value: Any) -> str | None:
+    """The qualified name (``features.1.weight``) of a model parameter or buffer input, else None.
+
+    Dynamo marks parameters and buffers with a static address; what tells them apart from a
+    user's static input is where Dynamo read them: a module's ``_parameters`` or ``_buffers``.
+    """
+    if not isinstance(value, torch.Tensor) or get_static_address_type(value) is None:
+        return None
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    source_name = source.name if source is not None else ""
+    source_name = source_name() if callable(source_name) else str(source_name)
+    from_module = "._parameters[" in source_name or "._buffers[" in source_name
+    if not (from_module or isinstance(value, torch.nn.Parameter)):
+        return None
+    parts = [key or attr or item for key, attr, item in _SOURCE_PART.findall(_SOURCE_ROOT.sub("", source_name))]
+    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers")) or node.name
+
+
+#: ``L['self']`` / ``G['model']`` at the start of a Dynamo source name, and the accesses after it.
+_SOURCE_ROOT = re.compile(r"^[A-Z]\['[^']*'\]")
+_SOURCE_PART = re.compile(r"\['([^']*)'\]|\.(\w+)|\[(\d+)\]")
 
 
 def _drop_constant_arguments(compiled, runtime_indices: list[int]):

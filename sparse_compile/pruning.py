@@ -7,6 +7,7 @@ simplest pruning that produces the block structure BSR needs (no retraining: acc
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -43,7 +44,16 @@ def prune_linear_blocks_(
     blocksize: int,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
 ) -> list[str]:
-    """Block-prunes every ``nn.Linear`` weight and every ``nn.MultiheadAttention`` input projection.
+    """Block-prunes the weights of every layer the ``sparse`` backend runs as a linear.
+
+    Those are ``nn.Linear`` (and subclasses), the input projections of ``nn.MultiheadAttention``
+    (packed ``in_proj_weight`` or separate ``q/k/v_proj_weight``; its ``out_proj`` is an
+    ``nn.Linear``), and Hugging Face transformers' ``Conv1D`` (GPT-2: a linear whose weight is
+    stored ``[in, out]``; blocks of a transposed weight are the transposed blocks, so it is
+    pruned as stored).
+
+    Other modules with a 2-D ``weight`` (custom layers calling ``F.linear``; embeddings excepted) are
+    not pruned: a ``UserWarning`` names them, and says so when nothing at all was pruned.
 
     Args:
         filter_fn: ``(qualified name, module) -> bool``; modules for which it is false are skipped.
@@ -51,14 +61,53 @@ def prune_linear_blocks_(
     Returns:
         the names of the pruned weights.
     """
-    pruned = []
+    pruned, skipped = [], []
     for name, module in model.named_modules():
         if filter_fn is not None and not filter_fn(name, module):
             continue
-        if isinstance(module, nn.Linear):
-            prune_blocks_(module.weight.data, sparsity, blocksize)
-            pruned.append(f"{name}.weight")
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            prune_blocks_(module.in_proj_weight.data, sparsity, blocksize)
-            pruned.append(f"{name}.in_proj_weight")
+        weights = _linear_weights(module)
+        if weights is None:
+            if _has_2d_weight(module):
+                skipped.append(f"{name or '<root>'} ({type(module).__name__})")
+            continue
+        for attribute in weights:
+            prune_blocks_(getattr(module, attribute).data, sparsity, blocksize)
+            pruned.append(f"{name}.{attribute}" if name else attribute)
+    if skipped or not pruned:
+        message = f"prune_linear_blocks_ pruned {len(pruned)} weights" if pruned else "prune_linear_blocks_ pruned no layer"
+        known = "nn.Linear, nn.MultiheadAttention and transformers' Conv1D"
+        detail = f"; not pruned, 2-D weights of other modules: {', '.join(skipped)}" if skipped else ""
+        warnings.warn(f"{message} (it prunes {known}){detail}", UserWarning, stacklevel=2)
     return pruned
+
+
+def _linear_weights(module: nn.Module) -> list[str] | None:
+    """Names of ``module``'s own parameters that the backend runs as linear weights, or None."""
+    if isinstance(module, nn.Linear):
+        return ["weight"]
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            return ["in_proj_weight"]
+        return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    if _is_transformers_conv1d(module):
+        return ["weight"]
+    return None
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    # Recognised by shape rather than imported: transformers is not a dependency of ours.
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    )
+
+
+def _has_2d_weight(module: nn.Module) -> bool:
+    """A module of a kind we do not know with a 2-D ``weight``: probably a linear of its own."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2

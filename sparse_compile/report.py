@@ -32,11 +32,15 @@ class LayerRecord:
     density: float | None
     reason: str = ""
     device: str = "cpu"
+    # The PyTorch op the layer runs inside (its fused transformer fast path), "" for a linear.
+    fused_op: str = ""
 
     @property
     def kernel(self) -> str:
         """What runs the layer: our Triton kernel (autotuned per shape at its first call on the
-        GPU), our CPU implementation, or Inductor's dense matmul."""
+        GPU), our CPU implementation, Inductor's dense matmul, or a fused PyTorch op."""
+        if self.fused_op:
+            return self.fused_op
         if self.format != "bsr":
             return "inductor dense"
         return "triton bsr" if self.device == "cuda" else "torch ops (cpu)"
@@ -49,6 +53,8 @@ class GraphReport:
     graph_id: int
     layers: list[LayerRecord] = dataclasses.field(default_factory=list)
     note: str = ""
+    # Set when Inductor could not compile the graph and the backend worked around it.
+    fallback: str = ""
     # Weak references to the parameters and buffers the graph read, to tell which model it
     # belongs to without keeping the model alive.
     _tensor_refs: list[weakref.ref] = dataclasses.field(default_factory=list, repr=False)
@@ -63,9 +69,13 @@ class GraphReport:
         if self.note:
             return f"sparse backend, graph {self.graph_id}: {self.note}"
         sparse = [layer for layer in self.layers if layer.format == "bsr"]
+        fused = [layer for layer in self.layers if layer.fused_op]
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers run as BSR" + (" (call sparse_compile.report(model) for details)" if self.layers else "")
+            f"layers run as BSR"
+            + (f", {len(fused)} inside PyTorch's fused transformer fast path" if fused else "")
+            + (" (call sparse_compile.report(model) for details)" if self.layers else "")
+            + (f"; {self.fallback}" if self.fallback else "")
         )
 
 

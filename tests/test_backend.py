@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.nn.utils import parametrize
 
@@ -22,7 +23,13 @@ OP_NAME = "sparse_compile.bsr_linear"
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 5e-2)}
 
 
-pytestmark = pytest.mark.usefixtures("fresh_compiler")
+pytestmark = pytest.mark.usefixtures("fresh_compiler", "fresh_counters")
+
+
+@pytest.fixture
+def fresh_counters():
+    counters["sparse_compile"].clear()  # torch._dynamo.reset() keeps the counters
+    yield
 
 
 def float64_reference(model, x):
@@ -62,6 +69,7 @@ def test_sparse_layers_rewritten_dense_layer_kept(shape):
     compiled, out, code = compile_and_run(model, x, options={"blocksize": 16})
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     assert code.count(OP_NAME) >= 2
+    assert counters["sparse_compile"]["bsr_layers"] == 2 and counters["sparse_compile"]["dense_above_threshold"] == 1
     formats = {layer.name: layer.format for layer in sparse_compile.report(compiled).layers}
     assert formats == {"sparse_bias": "bsr", "sparse_nobias": "bsr", "dense": "dense"}
     dense = sparse_compile.report(compiled).dense_layers[0]
@@ -75,6 +83,7 @@ def test_dense_model_is_not_rewritten():
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     assert OP_NAME not in code
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["dense", "dense"]
+    assert counters["sparse_compile"]["bsr_layers"] == 0 and counters["sparse_compile"]["dense_layers"] == 2
 
 
 def test_dims_not_divisible_by_the_block_are_padded():
@@ -91,6 +100,7 @@ def test_half_precision(dtype):
     x = torch.randn(6, 64, dtype=dtype)
     compiled, out, code = compile_and_run(model, x, options={"blocksize": 16})
     assert out.dtype == dtype and OP_NAME in code
+    assert counters["sparse_compile"]["bsr_layers"] == 2
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=atol, rtol=rtol)
 
@@ -103,6 +113,7 @@ def test_float64_model_falls_back_to_dense_with_reason():
     assert OP_NAME not in code
     reasons = {layer.reason for layer in sparse_compile.report(compiled).layers}
     assert all("float64 has no sparse kernel" in reason for reason in reasons)
+    assert counters["sparse_compile"]["dense_unsupported_dtype"] == 3
 
 
 def test_all_zero_weight_gives_bias():
@@ -137,6 +148,7 @@ def test_parametrized_mask_is_folded_and_rewritten():
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     assert code.count(OP_NAME) >= 2
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr", "bsr"]
+    assert counters["sparse_compile"]["bsr_layers"] == 2
 
 
 def test_torch_ao_pruning_masks():
@@ -292,6 +304,7 @@ def test_runtime_weight_is_reported_dense_with_reason():
     (layer,) = sparse_compile.report(compiled).layers
     assert (layer.format, layer.out_features, layer.in_features) == ("dense", 32, 64)
     assert "not a constant" in layer.reason
+    assert counters["sparse_compile"]["dense_runtime_weight"] == 1
 
 
 def test_mutated_buffers_still_update_the_model():

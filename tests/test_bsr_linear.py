@@ -70,7 +70,7 @@ def _check(out, x, w, bias, atol, rtol):
 @pytest.mark.parametrize("m, n, k, b, density, with_bias", CASES)
 def test_triton_kernel_interpreted(m, n, k, b, density, with_bias, dtype, atol, rtol):
     x, w, bw, bias = _case(m, n, k, b, density, with_bias, dtype)
-    out = bsr_linear_triton(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
+    out = bsr_linear_triton(x, bw.values, bw.crow_indices, bw.col_indices, bias, n, k)
     _check(out, x, w, bias, atol, rtol)
 
 
@@ -79,14 +79,14 @@ def test_triton_kernel_strided_input():
     _, w, bw, bias = _case(9, 48, 80, 16, 0.5, True, torch.float32)
     x = torch.randn(9, 100)[:, 10:90]
     assert not x.is_contiguous()
-    out = bsr_linear_triton(x, bw.values, bw.crow_indices, bw.col_indices, bias, 48)
+    out = bsr_linear_triton(x, bw.values, bw.crow_indices, bw.col_indices, bias, 48, 80)
     _check(out, x, w, bias, 1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernel_empty_m(dtype):
     _, w, bw, bias = _case(1, 40, 40, 16, 0.5, True, dtype)
-    out = bsr_linear_triton(torch.empty(0, 40, dtype=dtype), bw.values, bw.crow_indices, bw.col_indices, bias, 40)
+    out = bsr_linear_triton(torch.empty(0, 40, dtype=dtype), bw.values, bw.crow_indices, bw.col_indices, bias, 40, 40)
     assert out.shape == (0, 40) and out.dtype == dtype
 
 
@@ -128,7 +128,7 @@ def test_cpu_op_leading_dims(lead, density):
 def test_interpreted_kernel_matches_cpu_op_3d():
     x, w, bw, bias = _case(1, 64, 64, 16, 0.5, True, torch.float32)
     x3 = torch.randn(2, 9, 64)
-    kernel_out = bsr_linear_triton(x3.reshape(-1, 64), bw.values, bw.crow_indices, bw.col_indices, bias, 64)
+    kernel_out = bsr_linear_triton(x3.reshape(-1, 64), bw.values, bw.crow_indices, bw.col_indices, bias, 64, 64)
     torch.testing.assert_close(kernel_out.view(2, 9, 64), bsr_linear(x3, bw, bias), atol=1e-5, rtol=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_interpreted_kernel_matches_cpu_op_3d():
 def _op_args(lead=(6,), with_bias=True, dtype=torch.float32):
     _, _, bw, bias = _case(1, 50, 70, 16, 0.5, with_bias, dtype)
     x = torch.randn(*lead, 70, dtype=dtype)
-    return (x, bw.values, bw.crow_indices, bw.col_indices, bias, 50)
+    return (x, bw.values, bw.crow_indices, bw.col_indices, bias, 50, 70)
 
 
 @pytest.mark.parametrize("lead", [(6,), (2, 3), (0,)])
@@ -182,39 +182,59 @@ def test_torch_compile_cpu_aot_eager():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
 def test_unsupported_dtype(dtype):
-    x, values, crow, col, bias, n = _op_args(with_bias=False)
+    x, values, crow, col, bias, n, k = _op_args(with_bias=False)
     with pytest.raises(TypeError, match="float32, float16, bfloat16"):
-        torch.ops.sparse_compile.bsr_linear(x.to(dtype), values.to(dtype), crow, col, None, n)
+        torch.ops.sparse_compile.bsr_linear(x.to(dtype), values.to(dtype), crow, col, None, n, k)
     with pytest.raises(TypeError, match="float32, float16, bfloat16"):
-        bsr_linear_triton(x.to(dtype), values.to(dtype), crow, col, None, n)
+        bsr_linear_triton(x.to(dtype), values.to(dtype), crow, col, None, n, k)
 
 
 def test_mismatched_dtypes():
-    x, values, crow, col, bias, n = _op_args()
+    x, values, crow, col, bias, n, k = _op_args()
     with pytest.raises(TypeError, match="share one dtype"):
-        torch.ops.sparse_compile.bsr_linear(x, values.half(), crow, col, bias, n)
+        torch.ops.sparse_compile.bsr_linear(x, values.half(), crow, col, bias, n, k)
     with pytest.raises(TypeError, match="share one dtype"):
-        torch.ops.sparse_compile.bsr_linear(x, values, crow, col, bias.bfloat16(), n)
+        torch.ops.sparse_compile.bsr_linear(x, values, crow, col, bias.bfloat16(), n, k)
     with pytest.raises(TypeError, match="share one dtype"):
-        bsr_linear_triton(x.half(), values, crow, col, None, n)
+        bsr_linear_triton(x.half(), values, crow, col, None, n, k)
 
 
-def test_wrong_in_features():
-    _, _, bw, bias = _case(1, 50, 70, 16, 0.5, True, torch.float32)
-    with pytest.raises(ValueError, match="expects 70"):
-        bsr_linear(torch.randn(3, 64), bw, bias)
+@pytest.mark.parametrize("width", [64, 72, 80])  # narrower within the last block, wider, a block wider
+def test_wrong_in_features(width):
+    # Before the op took in_features, a too-narrow x read the zero padding and a too-wide one
+    # had its extra features ignored: both gave an answer, a wrong one.
+    x, values, crow, col, bias, n, k = _op_args()
+    wrong_x = torch.randn(3, width)
+    with pytest.raises(ValueError, match="expects in_features=70"):
+        torch.ops.sparse_compile.bsr_linear(wrong_x, values, crow, col, bias, n, k)
+    with pytest.raises(ValueError, match="expects in_features=70"):
+        bsr_linear_triton(wrong_x, values, crow, col, bias, n, k)
+    _, _, bw, _ = _case(1, 50, 70, 16, 0.5, True, torch.float32)
+    with pytest.raises(ValueError, match="expects in_features=70"):
+        bsr_linear(wrong_x, bw, bias)
+
+
+def test_fake_impl_checks_in_features():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _op_args()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake[0] = torch.empty(6, 64)
+        with pytest.raises(ValueError, match="expects in_features=70"):
+            torch.ops.sparse_compile.bsr_linear(*fake)
 
 
 def test_bad_bsr_tensors():
-    x, values, crow, col, bias, n = _op_args()
+    x, values, crow, col, bias, n, k = _op_args()
     with pytest.raises(TypeError, match="int32"):
-        torch.ops.sparse_compile.bsr_linear(x, values, crow.long(), col, bias, n)
+        torch.ops.sparse_compile.bsr_linear(x, values, crow.long(), col, bias, n, k)
     with pytest.raises(ValueError, match="out_features"):
-        torch.ops.sparse_compile.bsr_linear(x, values, crow, col, bias, n + 16)
+        torch.ops.sparse_compile.bsr_linear(x, values, crow, col, bias, n + 16, k)
     with pytest.raises(ValueError, match="bias"):
-        torch.ops.sparse_compile.bsr_linear(x, values, crow, col, bias[:-1], n)
+        torch.ops.sparse_compile.bsr_linear(x, values, crow, col, bias[:-1], n, k)
     with pytest.raises(ValueError, match="power of two"):
-        torch.ops.sparse_compile.bsr_linear(x, values[:, :8, :8], crow, col, bias, n)
+        torch.ops.sparse_compile.bsr_linear(x, values[:, :8, :8], crow, col, bias, n, k)
 
 
 # --- GPU: the compiled Triton kernel -------------------------------------------------------
@@ -248,7 +268,7 @@ def test_triton_kernel_cuda(m, n, k, b, density, with_bias, dtype, tf32, atol, r
     torch.backends.cuda.matmul.allow_tf32 = tf32
     x, w, bw, bias = _case(m, n, k, b, density, with_bias, dtype)
     xc, bwc, biasc = _to_cuda(x, bw, bias)
-    out = bsr_linear_triton(xc, bwc.values, bwc.crow_indices, bwc.col_indices, biasc, n)
+    out = bsr_linear_triton(xc, bwc.values, bwc.crow_indices, bwc.col_indices, biasc, n, k)
     _check(out.cpu(), x, w, bias, atol, rtol)
     out_op = bsr_linear(xc, bwc, biasc)
     _check(out_op.cpu(), x, w, bias, atol, rtol)

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 import sparse_compile
@@ -15,6 +16,12 @@ from sparse_compile.pruning import prune_linear_blocks_
 
 
 pytestmark = pytest.mark.usefixtures("fresh_compiler")
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    counters["sparse_compile"].clear()  # torch._dynamo.reset() keeps the counters
+    yield
 
 
 def run_compiled(model, x, options):
@@ -45,6 +52,7 @@ def test_vision_transformer():
     head = [layer for layer in report.layers if layer.name == "heads.head"]
     assert head and head[0].format == "dense" and "smaller than one" in head[0].reason
     assert code.count("sparse_compile.bsr_linear") >= 8
+    assert counters["sparse_compile"]["bsr_layers"] == 8 and counters["sparse_compile"]["dense_smaller_than_block"] == 1
 
 
 def test_resnet18_final_linear():
@@ -53,3 +61,4 @@ def test_resnet18_final_linear():
     report, code = run_compiled(model, torch.randn(2, 3, 32, 32), {"blocksize": 32})
     assert [(layer.name, layer.format) for layer in report.layers] == [("fc", "bsr")], str(report)
     assert "sparse_compile.bsr_linear" in code
+    assert counters["sparse_compile"]["bsr_layers"] == 1
