@@ -96,6 +96,23 @@ def shared_memory_per_block(device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+# Most fp32 values of the [BLOCK_M, b] accumulator one thread may hold. Measured with
+# `python -m benchmarks.inspect_kernels --include-pruned` (ptxas of triton 3.6, sm80 and sm90):
+# with tensor cores (fp16, bf16, TF32) 64 per thread compiles without spills and 128 spills
+# (fp16 b=128 BLOCK_M=128 4 warps: 255 registers + 108 B of spill stores on sm80); without
+# them (fp32 "ieee": tl.dot becomes FMAs whose operands also live in registers) 32 per thread
+# fits in 168-254 registers and 64 spills (b=64 BLOCK_M=128 4 warps: 8 B on sm80, 20 B on
+# sm90; b=128 BLOCK_M=128 4 warps: ~64 KB).
+_MAX_ACC_PER_THREAD = {True: 64, False: 32}
+# fp32 "ieee" configs under that bound that ptxas still spills (12 B on sm80, 8 B on sm90, at
+# 96 registers), found by the same inspection: (major, blocksize, (BLOCK_M, warps, stages)).
+_FMA_SPILLS = {
+    (8, 32, (64, 4, 3)),
+    (8, 32, (64, 4, 4)),
+    (9, 64, (32, 4, 3)),
+}
+
+
 def pruned_reason(
     cfg: triton.Config, capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int,
     input_precision: str,
@@ -104,10 +121,18 @@ def pruned_reason(
     if _key(cfg) not in {_key(c) for c in arch_configs(capability[0])}:
         return f"not in the sm{capability[0]}x set"
     bm = cfg.kwargs["BLOCK_M"]
-    # Each pipeline stage holds one x tile [BLOCK_M, b] and one weight block [b, b].
+    # Each pipeline stage holds one x tile [BLOCK_M, b] and one weight block [b, b]. An upper
+    # bound: triton 3.6 allocated at most this in all 224 configs inspected, mostly
+    # (stages - 1) / stages of it.
     need = cfg.num_stages * (bm * blocksize + blocksize * blocksize) * elem_bytes
     if need > smem_bytes:
         return f"shared memory: needs ~{need // 1024} KiB, block limit {smem_bytes // 1024} KiB"
+    tensor_cores = elem_bytes < 4 or input_precision == "tf32"
+    per_thread = bm * blocksize // (32 * cfg.num_warps)
+    if per_thread > _MAX_ACC_PER_THREAD[tensor_cores]:
+        return f"registers: {per_thread} accumulator values per thread spill"
+    if not tensor_cores and (capability[0], blocksize, _key(cfg)) in _FMA_SPILLS:
+        return "registers: ptxas spills it (measured)"
     return None
 
 
