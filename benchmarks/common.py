@@ -168,14 +168,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Times of one timed loop, in milliseconds per call.
-
-    ``calls_per_time`` > 1 when the timer ran calls in blocks (``Timer.blocked_autorange`` does
-    for calls under ~10 ms): each time is then the mean call of one block.
-    """
+    """Per-call times of one timed loop, in milliseconds."""
 
     times_ms: tuple[float, ...]
-    calls_per_time: int = 1
 
     @property
     def median_ms(self) -> float:
@@ -183,8 +178,7 @@ class Timing:
 
     @property
     def reps(self) -> int:
-        """Timed calls."""
-        return len(self.times_ms) * self.calls_per_time
+        return len(self.times_ms)
 
 
 def synchronize(device: torch.device) -> None:
@@ -193,28 +187,37 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> Timing:
-    """``warmup`` untimed calls, then about ``reps`` timed calls through the library timers.
+    """``warmup`` untimed calls, then timed calls through the library timers.
 
     CUDA: ``triton.testing.do_bench`` (CUDA events, L2 cache cleared before every call,
-    ``return_mode="all"`` for every call's time). CPU: ``torch.utils.benchmark.Timer`` (runs
-    under the process's thread setting; ``blocked_autorange`` times single calls once a call
-    takes more than ~0.5 ms, i.e. every row here). Both take a time budget, not a count: the
-    budget is ``reps`` times one call's time as measured over the warm-up calls, so the count
-    is close to ``reps`` and the table prints the real one.
+    ``return_mode="all"`` for every call's time). It takes a time budget, not a count: the
+    budget is ``reps`` times the fastest warm-up call, so the count is close to ``reps`` and the
+    table prints the real one.
+    CPU: ``reps`` calls of ``torch.utils.benchmark.Timer.timeit(number=1)`` (under the process's
+    thread setting), each one timed call after the Timer's own 2 untimed ones. Not
+    ``blocked_autorange``: for calls under ~10 ms it times blocks of 10 and more, and the raw
+    times would be block means, not calls.
     """
-    per_call_s = _warm_up(fn, device, max(warmup, 1))
-    budget_s = reps * per_call_s
     if device.type == "cuda":
         import triton.testing
 
-        times = triton.testing.do_bench(fn, warmup=0, rep=budget_s * 1e3, return_mode="all")
-        return Timing(tuple(times))
+        budget_ms = reps * _warm_up(fn, device, max(warmup, 1)) * 1e3
+        return Timing(tuple(triton.testing.do_bench(fn, warmup=0, rep=budget_ms, return_mode="all")))
     from torch.utils.benchmark import Timer
 
+    for _ in range(warmup):
+        fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=budget_s)
-    per_block = measurement.number_per_run
-    return Timing(tuple(t / per_block * 1e3 for t in measurement.raw_times), per_block)
+    return Timing(tuple(timer.timeit(number=1).raw_times[0] * 1e3 for _ in range(reps)))
+
+
+def timing_fact(device: torch.device, args: argparse.Namespace) -> str:
+    """How the rows were timed, for the facts above the tables."""
+    if device.type == "cuda":
+        return (f"triton.testing.do_bench: median of ~{args.reps} calls (budget {args.reps} x the fastest of "
+                f"{max(args.warmup, 1)} warm-up calls), L2 flushed before each")
+    return (f"torch.utils.benchmark.Timer: median of {args.reps} calls after {args.warmup} warm-up calls, "
+            "each timed call after 2 untimed ones")
 
 
 def _warm_up(fn: Callable[[], Any], device: torch.device, calls: int) -> float:

@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("dtypes", ", ".join(common.dtype_name(d) for d in args.dtype)),
         ("sparsity", ", ".join(f"{s:.0%}" for s in args.sparsity) + " of the weight blocks"),
         ("block sizes", ", ".join(map(str, args.blocksize))),
-        ("timing", f"median of ~{args.reps} calls after {args.warmup} warm-up calls"),
+        ("timing", common.timing_fact(device, args)),
         ("floor", f"{gpu.name} data-sheet peaks (benchmarks/floors.py)" if gpu else "unknown GPU: no floor"),
     ]
     common.print_key_values(facts)

@@ -37,10 +37,11 @@ DEFAULTS = {
         model="vit_b_16", batch_size=256, image_size=224, dtype=[torch.float32, torch.bfloat16],
         sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
     ),
-    # Sized for ~2 minutes on 2 shared cores, compile times included.
+    # Sized for ~3 minutes on 2 shared cores, compile times included; three sparsities so
+    # that --plot draws lines.
     "cpu": dict(
         model="tiny", batch_size=16, image_size=CPU_TINY["image_size"], dtype=[torch.float32],
-        sparsity=[0.9], blocksize=[32, 64], warmup=3, reps=30,
+        sparsity=[0.5, 0.7, 0.9], blocksize=[32, 64], warmup=3, reps=30,
     ),
 }
 
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("dtypes", ", ".join(common.dtype_name(d) for d in args.dtype)),
         ("sparsity", ", ".join(f"{s:.0%}" for s in args.sparsity) + " of the blocks of every encoder linear"),
         ("block sizes", ", ".join(map(str, args.blocksize))),
-        ("timing", f"median of ~{args.reps} calls after {args.warmup} warm-up calls"),
+        ("timing", common.timing_fact(device, args)),
         ("floor", f"{gpu.name} data-sheet peaks, linears only (benchmarks/floors.py)" if gpu else "unknown GPU"),
     ]
     common.print_key_values(facts)

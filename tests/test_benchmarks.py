@@ -170,8 +170,8 @@ def test_cpu_timing_goes_through_torch_utils_benchmark(monkeypatch):
     calls = []
     timing = common.measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=5)
     assert made and made[0]["num_threads"] == torch.get_num_threads()
-    assert timing.reps >= 1 and all(t > 0 for t in timing.times_ms)
-    assert len(calls) >= 2 + timing.reps  # the warm-up calls, then the timed ones
+    assert timing.reps == 5 and all(t > 0 for t in timing.times_ms)
+    assert len(calls) == 2 + 5 * 3  # our warm-up calls, then per timed call Timer's 2 untimed ones
 
 
 def test_cuda_timing_goes_through_do_bench_with_every_time(monkeypatch):
