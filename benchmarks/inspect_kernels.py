@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import torch
@@ -351,13 +352,14 @@ def table_rows(results: Sequence[Result]) -> list[list[str]]:
 
 def summary(results: Sequence[Result], pruned: Sequence[Case]) -> list[str]:
     lines = []
-    for arch in dict.fromkeys(r.case.arch for r in results) or dict.fromkeys(c.arch for c in pruned):
+    for arch in dict.fromkeys([r.case.arch for r in results] + [c.arch for c in pruned]):
         mine = [r for r in results if r.case.arch == arch and not r.case.pruned]
         bad = [r for r in mine if failures(r)]
-        skipped = [c for c in pruned if c.arch == arch]
+        reasons = Counter(c.pruned.split(":")[0] for c in pruned if c.arch == arch)
+        why = ", ".join(f"{n} for {reason}" for reason, n in reasons.items()) or "none"
         lines.append(
             f"{arch}: {len(mine)} configs the autotuner may try, {len(bad)} with a problem; "
-            f"{len(skipped)} pruned (limit {smem_limit(arch) // 1024} KiB shared memory per block)"
+            f"pruned: {why} (shared memory limit {smem_limit(arch) // 1024} KiB per block)"
         )
     return lines
 

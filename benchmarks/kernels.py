@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.plot:
         plot.plot_speedups(args.plot, f"Linear layers, M = {m}, {common.device_name(device)}", "dense F.linear",
-                           points, f"floor ({gpu.name})" if gpu else None)
+                           points, f"floor ratio ({gpu.name})" if gpu else None)
         print(f"wrote {args.plot}")
     return common.finish_run(args, argv, "benchmarks.kernels", "Linear-layer kernels", legend, facts, tables, raw,
                              all_ok, ours_not_run)
