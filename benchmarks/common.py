@@ -1,15 +1,15 @@
 """What every benchmark shares: command-line flags, timing, output checks, environment, tables.
 
 Timing follows DESIGN.md: warm-up calls first, then many timed calls, and the median is reported
-with the number of timed calls. On CUDA each call is timed with CUDA events (GPU time, not launch
-time) after flushing the L2 cache, as ``triton.testing.do_bench`` does; on CPU with
-``time.perf_counter`` around each call.
+with the number of timed calls: ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed
+before each call), ``torch.utils.benchmark.Timer`` on CPU (see :func:`measure`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import platform
 import shlex
 import statistics
@@ -113,6 +113,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--output", metavar="FILE", help="also write the tables and raw numbers as markdown")
+    parser.add_argument(
+        "--plot", metavar="PNG",
+        help="also draw speedup over dense vs sparsity per block size (needs matplotlib: the bench extra)",
+    )
+    parser.add_argument(
+        "--floor-gpu", choices=["a100", "h100", "h100-pcie", "h200"],
+        help="GPU of the 'floor ms' column (default: this GPU; H100 on CPU)",
+    )
 
 
 def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, dict]) -> None:
@@ -128,6 +136,10 @@ def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, defau
     for key, value in defaults[args.device].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.plot:
+        from benchmarks.plot import require_matplotlib
+
+        require_matplotlib()
 
 
 def set_up_run(args: argparse.Namespace) -> torch.device:
@@ -176,33 +188,66 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> Timing:
-    """Calls ``fn`` ``warmup`` times untimed, then ``reps`` times timed, one time per call."""
+    """``warmup`` untimed calls, then timed calls through the library timers.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 cache cleared before every call,
+    ``return_mode="all"`` for every call's time). It takes a time budget, not a count: the
+    budget is ``reps`` times the fastest warm-up call, so the count is close to ``reps`` and the
+    table prints the real one.
+    CPU: ``reps`` calls of ``torch.utils.benchmark.Timer.timeit(number=1)`` (under the process's
+    thread setting), each one timed call after the Timer's own 2 untimed ones. Not
+    ``blocked_autorange``: for calls under ~10 ms it times blocks of 10 and more, and the raw
+    times would be block means, not calls.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        # do_bench counts the L2 clearing into each call's share of the budget.
+        per_call_s = _warm_up(fn, device, max(warmup, 1)) + _l2_clear_s(device)
+        budget_ms = reps * per_call_s * 1e3
+        return Timing(tuple(triton.testing.do_bench(fn, warmup=0, rep=budget_ms, return_mode="all")))
+    from torch.utils.benchmark import Timer
+
     for _ in range(warmup):
         fn()
-    synchronize(device)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return Timing(tuple(timer.timeit(number=1).raw_times[0] * 1e3 for _ in range(reps)))
+
+
+def timing_fact(device: torch.device, args: argparse.Namespace) -> str:
+    """How the rows were timed, for the facts above the tables."""
     if device.type == "cuda":
-        return _measure_cuda(fn, device, reps)
-    times = []
-    for _ in range(reps):
+        return (f"triton.testing.do_bench: median of ~{args.reps} calls (budget {args.reps} x the fastest of "
+                f"{max(args.warmup, 1)} warm-up calls), L2 flushed before each")
+    return (f"torch.utils.benchmark.Timer: median of {args.reps} calls after {args.warmup} warm-up calls, "
+            "each timed call after 2 untimed ones")
+
+
+@functools.cache
+def _l2_clear_s(device: torch.device) -> float:
+    """Seconds of one of do_bench's L2 clears (zeroing a 256 MB buffer), measured once."""
+    import triton
+
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        driver.clear_cache(cache)
+    synchronize(device)
+    return (time.perf_counter() - start) / 5
+
+
+def _warm_up(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Runs ``fn`` ``calls`` times; returns the seconds of the fastest call (the budget's unit)."""
+    fastest = float("inf")
+    for _ in range(calls):
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return Timing(tuple(times))
-
-
-def _measure_cuda(fn: Callable[[], Any], device: torch.device, reps: int) -> Timing:
-    # Zeroing a buffer larger than L2 before each call means no call starts with the previous
-    # call's weights in cache (what triton.testing.do_bench does; 256 MB > H100's 50 MB L2).
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return Timing(tuple(start.elapsed_time(end) for start, end in zip(starts, ends)))
+        synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 def warm_up_compiler(device: torch.device) -> None:
@@ -323,6 +368,11 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_sig(value: float | None, digits: int = 3) -> str:
+    """``digits`` significant digits: floors span 1e-4 ms (tiny CPU shapes) to 100 ms."""
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
 def fmt_ratio(numerator: float | None, denominator: float | None) -> str:
     if numerator is None or denominator is None or denominator <= 0:
         return "-"
@@ -339,12 +389,20 @@ def finish_run(
     tables: list["Table"],
     raw: list[dict[str, Any]],
     all_ok: bool,
+    ours_not_run: Sequence[str] = (),
 ) -> int:
-    """Prints the column legend, writes ``--output`` and returns the exit status (1: a wrong row)."""
+    """Prints the column legend, writes ``--output`` and returns the exit status.
+
+    1 when a row's output is wrong (``all_ok`` false) or when one of this project's rows did
+    not run (``ours_not_run``: their labels). A reference path that cannot run (torch's CPU
+    BSR matmul has no bf16 kernel) is a fact about torch and leaves the status at 0.
+    """
     print("\n" + legend)
     if args.output:
         write_markdown(args.output, title, command_line(argv, module), facts, tables, raw)
         print(f"wrote {args.output}")
     if not all_ok:
         print("ERROR: a row's output differs from dense beyond its tolerance (see 'check')", file=sys.stderr)
-    return 0 if all_ok else 1
+    for label in ours_not_run:
+        print(f"ERROR: a row of sparse_compile did not run: {label}", file=sys.stderr)
+    return 0 if all_ok and not ours_not_run else 1

@@ -8,7 +8,9 @@
 #    entry point exists), 2. runs the gpu-marked tests, 3. writes the kernel table and the ViT
 #    tables (one file per dtype) as benchmarks/results-style markdown under $OUT.
 # `quick` runs the tests and the kernel table only. Results are copied back by the device tool;
-# commit them under benchmarks/results/.
+# commit them under benchmarks/results/. Every step runs even when one before it failed (a
+# failed test should not cost the session its tables); the exit status is that of the first
+# step that failed (pytest's, or a benchmark's: 1 for a wrong or a failed row of ours).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
@@ -28,8 +30,25 @@ gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((w 
 echo "GPU: $gpu"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/$gpu-nvidia-smi.txt"
 
-python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/$gpu-pytest-gpu.txt"
-python3 -m benchmarks.kernels --output "$OUT/$gpu-kernels.md" 2>&1 | tail -40
-[ "${1:-}" = quick ] && exit 0
-python3 -m benchmarks.vit --dtype bfloat16 --output "$OUT/$gpu-vit-bf16.md" 2>&1 | tail -30
-python3 -m benchmarks.vit --dtype float32 --output "$OUT/$gpu-vit-fp32.md" 2>&1 | tail -30
+status=0
+step() {  # runs "$@" (a pipeline's status is its first failing command's: pipefail), keeps the first failure
+    "$@"
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "FAILED (exit $rc): ${STEP_NAME:-$1}" >&2
+        [ "$status" -eq 0 ] && status=$rc
+    fi
+}
+run_pytest() { python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/$gpu-pytest-gpu.txt"; }
+run_bench() { local name=$1 lines=$2; shift 2; python3 -m "benchmarks.$name" "$@" 2>&1 | tail -"$lines"; }
+plot() {  # --plot FILE where matplotlib exists (an optional extra: the device may not have it)
+    python3 -c "import matplotlib" 2> /dev/null && echo "--plot $OUT/$1"
+}
+
+STEP_NAME="pytest -m gpu" step run_pytest
+STEP_NAME="benchmarks.kernels" step run_bench kernels 40 --output "$OUT/$gpu-kernels.md" $(plot "$gpu-kernels.png")
+if [ "${1:-}" != quick ]; then
+    STEP_NAME="benchmarks.vit bf16" step run_bench vit 30 --dtype bfloat16 --output "$OUT/$gpu-vit-bf16.md" $(plot "$gpu-vit-bf16.png")
+    STEP_NAME="benchmarks.vit fp32" step run_bench vit 30 --dtype float32 --output "$OUT/$gpu-vit-fp32.md" $(plot "$gpu-vit-fp32.png")
+fi
+exit $status

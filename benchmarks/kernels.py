@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from benchmarks import common, floors, plot
 from sparse_compile.kernels import BsrWeight, bsr_linear
 from sparse_compile.pruning import prune_blocks_
 
@@ -39,19 +39,9 @@ DEFAULTS = {
     ),
 }
 
-#: Dense peak throughput (FLOP/s; fp32 without and with TF32, half types on tensor cores) and
-#: memory bandwidth (B/s) from NVIDIA's data sheets, matched against the device name in order.
-#: Used only for the "floor" column: the time below which no kernel can go.
-PEAKS = [
-    ("H100 PCIe", dict(fp32=51.2e12, tf32=378e12, half=756e12, bandwidth=2.0e12)),
-    ("H100", dict(fp32=66.9e12, tf32=494.7e12, half=989.4e12, bandwidth=3.35e12)),  # SXM
-    ("H200", dict(fp32=66.9e12, tf32=494.7e12, half=989.4e12, bandwidth=4.8e12)),
-    ("A100", dict(fp32=19.5e12, tf32=156e12, half=312e12, bandwidth=2.0e12)),  # 80 GB SXM
-]
-
 HEADERS = [
     "K x N", "M", "sparsity", "block", "variant", "median ms", "reps",
-    "eff TFLOP/s", "vs dense", "FLOP/B", "floor ms", "rel err", "check",
+    "eff TFLOP/s", "vs dense", "FLOP/B", "floor ms", "% of floor", "rel err", "check",
 ]
 
 
@@ -99,38 +89,19 @@ class Problem:
     def dense_flops(self) -> int:
         return 2 * self.m * self.n * self.k
 
-
-def work(problem: Problem, bsr: BsrWeight | None) -> tuple[float, float]:
-    """``(FLOPs, bytes)`` a kernel cannot avoid: read x, the weight (only stored blocks for BSR,
-    plus its indices) and the bias once, write the output once; multiply only stored blocks."""
-    p, elem = problem, problem.dtype.itemsize
-    activations = (p.m * p.k + p.m * p.n + p.n) * elem
-    if bsr is None:
-        return p.dense_flops, activations + p.n * p.k * elem
-    stored = bsr.nnz_blocks * bsr.blocksize**2
-    indices = (bsr.nnz_blocks + bsr.crow_indices.numel()) * 4
-    return 2 * p.m * stored, activations + stored * elem + indices
+    def linear(self, bsr: BsrWeight | None) -> floors.Linear:
+        """The work no kernel can avoid (see ``benchmarks.floors``): only stored blocks for BSR."""
+        if bsr is None:
+            return floors.Linear(self.m, self.k, self.n, self.dtype)
+        indices = (bsr.nnz_blocks + bsr.crow_indices.numel()) * 4
+        return floors.Linear(self.m, self.k, self.n, self.dtype, stored=bsr.nnz_blocks * bsr.blocksize**2,
+                             index_bytes=indices)
 
 
 def intensity(problem: Problem, bsr: BsrWeight | None) -> float:
-    flops, nbytes = work(problem, bsr)
-    return flops / nbytes
-
-
-def floor_ms(problem: Problem, bsr: BsrWeight | None, device: torch.device, tf32: bool) -> float | None:
-    """max(FLOPs / peak FLOP/s, bytes / peak bandwidth), or ``None`` for an unknown device."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peaks = next((peaks for key, peaks in PEAKS if key in name), None)
-    if peaks is None:
-        return None
-    if problem.dtype == torch.float32:
-        flop_rate = peaks["tf32" if tf32 else "fp32"]
-    else:
-        flop_rate = peaks["half"]
-    flops, nbytes = work(problem, bsr)
-    return max(flops / flop_rate, nbytes / peaks["bandwidth"]) * 1e3
+    """Unavoidable FLOPs / unavoidable bytes."""
+    linear = problem.linear(bsr)
+    return linear.flops / linear.bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +118,7 @@ class Row:
     tol: float | None = None
     intensity: float | None = None  # unavoidable FLOPs / unavoidable bytes
     floor: float | None = None
+    ours: bool = False  # a row of sparse_compile: if it cannot run, the run fails
     note: str = ""
 
     @property
@@ -171,7 +143,7 @@ def run_row(row: Row, make: Callable[[], Callable[[], torch.Tensor]], ref: torch
     return row
 
 
-def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device) -> list[Row]:
+def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device, gpu: floors.Gpu | None) -> list[Row]:
     """The dense row, then torch.sparse and ours for every (sparsity, block size)."""
     dtype = problem.dtype
     torch.manual_seed(0)
@@ -180,7 +152,7 @@ def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device)
     bias = torch.randn(problem.n, device=device, dtype=dtype)
 
     dense = Row("dense F.linear (" + ("cuBLAS" if device.type == "cuda" else "CPU BLAS") + ")")
-    dense.intensity, dense.floor = intensity(problem, None), floor_ms(problem, None, device, args.tf32)
+    dense.intensity, dense.floor = intensity(problem, None), floors.floor_ms(problem.linear(None), gpu, args.tf32)
     rows = [run_row(dense, lambda: lambda: F.linear(x, dense_weight, bias),
                     F.linear(x, dense_weight, bias), args, device, dtype)]
     for sparsity in args.sparsity:
@@ -188,7 +160,7 @@ def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device)
             w = prune_blocks_(dense_weight.clone(), sparsity, b)
             ref = F.linear(x, w, bias)
             bsr = BsrWeight.from_dense(w, b)
-            cost = dict(intensity=intensity(problem, bsr), floor=floor_ms(problem, bsr, device, args.tf32))
+            cost = dict(intensity=intensity(problem, bsr), floor=floors.floor_ms(problem.linear(bsr), gpu, args.tf32))
 
             def torch_sparse(w=w, b=b):
                 w_bsr = w.to_sparse_bsr(b)
@@ -196,12 +168,12 @@ def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device)
 
             rows.append(run_row(Row("torch.sparse BSR", sparsity, b, **cost), torch_sparse,
                                 ref, args, device, dtype))
-            rows.append(run_row(Row("sparse_compile bsr_linear", sparsity, b, **cost),
+            rows.append(run_row(Row("sparse_compile bsr_linear", sparsity, b, ours=True, **cost),
                                 lambda bsr=bsr: lambda: bsr_linear(x, bsr, bias), ref, args, device, dtype))
     return rows
 
 
-def table_rows(problem: Problem, rows: list[Row]) -> list[list[str]]:
+def table_rows(problem: Problem, rows: list[Row], device: torch.device) -> list[list[str]]:
     dense_ms = rows[0].median_ms
     out = []
     for row in rows:
@@ -212,13 +184,14 @@ def table_rows(problem: Problem, rows: list[Row]) -> list[list[str]]:
             row.variant,
         ]
         if row.timing is None:
-            out.append(cells + ["-"] * 7 + [row.note])
+            out.append(cells + ["-"] * 8 + [row.note])
             continue
         tflops = None if row.median_ms is None else problem.dense_flops / (row.median_ms * 1e-3) / 1e12
         check = "ok" if row.ok else f"WRONG: err > {row.tol:.0e}"
         out.append(cells + [
             common.fmt(row.timing.median_ms, 3), str(row.timing.reps), common.fmt(tflops, 3),
-            common.fmt_ratio(dense_ms, row.median_ms), common.fmt(row.intensity, 0), common.fmt(row.floor, 3), f"{row.rel_err:.1e}", check,
+            common.fmt_ratio(dense_ms, row.median_ms), common.fmt(row.intensity, 0), common.fmt_sig(row.floor),
+            common.fmt(floors.percent_of_floor(row.floor, row.median_ms, device), 0), f"{row.rel_err:.1e}", check,
         ])
     return out
 
@@ -231,14 +204,27 @@ def raw_records(problem: Problem, rows: list[Row]) -> list[dict[str, Any]]:
     ]
 
 
+def plot_points(problem: Problem, rows: list[Row]) -> list[plot.Point]:
+    dense = rows[0]
+    panel = f"{common.dtype_name(problem.dtype)} {problem.k}x{problem.n}"
+    return [
+        plot.Point(panel, row.blocksize, row.variant, row.sparsity,
+                   None if row.median_ms is None or dense.median_ms is None else dense.median_ms / row.median_ms,
+                   None if row.floor is None or dense.floor is None else dense.floor / row.floor)
+        for row in rows[1:]
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer."""
+    """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer or one
+    of sparse_compile's rows did not run."""
     args = parse_args(argv)
     device = common.set_up_run(args)
+    gpu = floors.gpu_for(device, args.floor_gpu)
     m = args.batch_size * args.tokens
 
     facts = common.environment(device, args.tf32) + [
@@ -247,31 +233,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("dtypes", ", ".join(common.dtype_name(d) for d in args.dtype)),
         ("sparsity", ", ".join(f"{s:.0%}" for s in args.sparsity) + " of the weight blocks"),
         ("block sizes", ", ".join(map(str, args.blocksize))),
-        ("timing", f"median of {args.reps} calls after {args.warmup} warm-up calls"),
+        ("timing", common.timing_fact(device, args)),
+        ("floor", f"{gpu.name} data-sheet peaks (benchmarks/floors.py)" if gpu else "unknown GPU: no floor"),
     ]
     common.print_key_values(facts)
 
-    tables, raw, all_ok = [], [], True
+    tables, raw, points, all_ok, ours_not_run = [], [], [], True, []
     with torch.no_grad():
         for dtype in args.dtype:
             cells = []
             for k, n in args.shapes:
                 problem = Problem(m, k, n, dtype)
-                rows = shape_rows(problem, args, device)
-                cells += table_rows(problem, rows)
+                rows = shape_rows(problem, args, device, gpu)
+                cells += table_rows(problem, rows, device)
                 raw += raw_records(problem, rows)
+                points += plot_points(problem, rows)
                 all_ok &= all(row.ok or row.timing is None for row in rows)
+                ours_not_run += [
+                    f"{problem.k}x{problem.n} {common.dtype_name(dtype)} {row.variant} "
+                    f"sparsity {row.sparsity} block {row.blocksize}: {row.note}"
+                    for row in rows if row.ours and row.timing is None
+                ]
             table = common.Table(f"linear layers, {common.dtype_name(dtype)}", HEADERS, cells)
             print(f"\n{table.title}\n{table.text()}", flush=True)
             tables.append(table)
 
     legend = (
         "eff TFLOP/s: 2*M*N*K (dense-equivalent work) / median time. vs dense: dense median / this "
-        "row's median. FLOP/B: unavoidable FLOPs / unavoidable bytes (low: memory-bound). floor ms: max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with only the "
-        "stored blocks multiplied and read (known GPUs only). rel err: max |out - dense out| / "
-        "max |dense out|."
+        "row's median. FLOP/B: unavoidable FLOPs / unavoidable bytes (low: memory-bound). floor ms: "
+        "max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) on the GPU named under 'floor', only the "
+        "stored blocks multiplied and read. % of floor: floor / median (GPU runs only). rel err: "
+        "max |out - dense out| / max |dense out|."
     )
-    return common.finish_run(args, argv, "benchmarks.kernels", "Linear-layer kernels", legend, facts, tables, raw, all_ok)
+    if args.plot:
+        plot.plot_speedups(args.plot, f"Linear layers, M = {m}, {common.device_name(device)}", "dense F.linear",
+                           points, f"floor ratio ({gpu.name})" if gpu else None)
+        print(f"wrote {args.plot}")
+    return common.finish_run(args, argv, "benchmarks.kernels", "Linear-layer kernels", legend, facts, tables, raw,
+                             all_ok, ours_not_run)
 
 
 if __name__ == "__main__":

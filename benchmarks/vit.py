@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 
 import sparse_compile
-from benchmarks import common
+from benchmarks import common, floors, plot
 
 CPU_TINY = dict(image_size=64, patch_size=16, num_layers=4, hidden_dim=256, mlp_dim=1024, num_heads=4)
 TINY_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
@@ -37,16 +37,17 @@ DEFAULTS = {
         model="vit_b_16", batch_size=256, image_size=224, dtype=[torch.float32, torch.bfloat16],
         sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
     ),
-    # Sized for ~2 minutes on 2 shared cores, compile times included.
+    # Sized for ~3 minutes on 2 shared cores, compile times included; three sparsities so
+    # that --plot draws lines.
     "cpu": dict(
         model="tiny", batch_size=16, image_size=CPU_TINY["image_size"], dtype=[torch.float32],
-        sparsity=[0.9], blocksize=[32, 64], warmup=3, reps=30,
+        sparsity=[0.5, 0.7, 0.9], blocksize=[32, 64], warmup=3, reps=30,
     ),
 }
 
 HEADERS = [
     "variant", "sparsity", "block", "sparse layers", "median ms", "reps",
-    "vs eager", "vs compile", "compile s", "rel err", "check",
+    "vs eager", "vs compile", "compile s", "linears floor ms", "% of floor", "rel err", "check",
 ]
 
 
@@ -215,6 +216,8 @@ class Row:
     compile_s: float | None = None
     rel_err: float | None = None
     tol: float | None = None
+    floor: float | None = None  # the linears' floor (benchmarks.floors), ms
+    ours: bool = False  # a row of sparse_compile: if it cannot run, the run fails
     note: str = ""  # why the row did not run, when it did not
 
     @property
@@ -235,6 +238,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     x: torch.Tensor
+    gpu: floors.Gpu | None = None  # whose floor the table shows
 
     @property
     def tol(self) -> float:
@@ -296,15 +300,78 @@ def sparse_backend(model: nn.Module, setup: Setup, blocksize: int):
     return lambda: compiled(setup.x), count_layers
 
 
+def linears_floor(model: nn.Module, setup: Setup, blocksize: int | None, sparse_24: bool = False) -> float | None:
+    """Floor of the model's linears alone (``benchmarks.floors``), ms: encoder linears as BSR of
+    their (pruned) weights when ``blocksize`` is given, dense otherwise; the head always dense.
+
+    Attention, norms and the rest are left out, so the whole model's time is always further
+    above this than a single kernel's: read "% of floor" as an upper bound on what the linears
+    reach.
+    """
+    tokens, batch = model.seq_length, setup.args.batch_size
+    linears = []
+    for name, module in model.named_modules():
+        weights = []
+        if isinstance(module, nn.Linear):
+            weights = [module.weight]
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            weights = [module.in_proj_weight]  # out_proj is an nn.Linear of its own
+        for weight in weights:
+            m = batch if name.startswith("heads") else batch * tokens  # the head sees the class token
+            n, k = weight.shape
+            if blocksize is not None and is_encoder(name, module):
+                if sparse_24:
+                    linears.append(floors.Linear(m, k, n, setup.dtype, stored=n * k // 2, sparse_24=True))
+                else:
+                    linears.append(floors.bsr_linear(m, weight, blocksize, setup.dtype))
+            else:
+                linears.append(floors.Linear(m, k, n, setup.dtype))
+    return floors.floor_ms(linears, setup.gpu, setup.args.tf32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseVariant:
+    """One way of running the pruned model: a row per (sparsity, block size).
+
+    ``make(pruned_model, setup, blocksize, total_linears)`` returns the function to time and one
+    that says how many layers run sparse (see :func:`run_row`). ``ours``: a row of
+    sparse_compile (if it cannot run, the run fails). ``sparse_24``: its linears run on 2:4
+    sparse tensor cores (the floor then uses that peak).
+    """
+
+    label: str
+    make: Callable[[nn.Module, Setup, int, int], tuple[Callable[[], Any], Callable[[], str] | None]]
+    compiled: bool
+    ours: bool
+    sparse_24: bool = False
+
+
+def _torch_sparse_variant(pruned: nn.Module, setup: Setup, blocksize: int, total: int):
+    return torch_sparse(pruned, setup, blocksize, total)
+
+
+def _sparse_backend_variant(pruned: nn.Module, setup: Setup, blocksize: int, total: int):
+    return sparse_backend(copy.deepcopy(pruned), setup, blocksize)
+
+
+#: Every sparse row, in table order. A new way of running the pruned model is one entry here.
+SPARSE_VARIANTS = [
+    SparseVariant("torch.sparse BSR (eager)", _torch_sparse_variant, compiled=False, ours=False),
+    SparseVariant('torch.compile backend="sparse"', _sparse_backend_variant, compiled=True, ours=True),
+]
+
+
 def dense_rows(setup: Setup, model: nn.Module) -> list[Row]:
     with torch.no_grad():
         ref = on_device(copy.deepcopy(model), setup)(setup.x)
-    rows = [run_row(setup, Row("dense eager"), lambda: eager(copy.deepcopy(model), setup), ref, compiled=False)]
+    floor = linears_floor(model, setup, None)
+    rows = [run_row(setup, Row("dense eager", floor=floor), lambda: eager(copy.deepcopy(model), setup), ref,
+                    compiled=False)]
     modes = [None, "max-autotune"] if setup.device.type == "cuda" else [None]
     for mode in modes:
         label = "dense torch.compile" + (f" ({mode})" if mode else "")
         make = lambda mode=mode: inductor(copy.deepcopy(model), setup, mode)  # noqa: E731
-        rows.append(run_row(setup, Row(label), make, ref, compiled=True))
+        rows.append(run_row(setup, Row(label, floor=floor), make, ref, compiled=True))
     return rows
 
 
@@ -313,18 +380,18 @@ def sparse_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: int)
     total = sum(isinstance(m, nn.Linear) for m in pruned.modules())  # MHA out_proj included
     total += sum(isinstance(m, nn.MultiheadAttention) for m in pruned.modules())  # in_proj
     with torch.no_grad():
-        # The reference for both sparse rows: dense eager on the pruned weights.
+        # The reference for every sparse row: dense eager on the pruned weights.
         ref = on_device(copy.deepcopy(pruned), setup)(setup.x)
-    label = dict(sparsity=sparsity, blocksize=blocksize)
-    return [
-        run_row(setup, Row("torch.sparse BSR (eager)", **label),
-                lambda: torch_sparse(pruned, setup, blocksize, total), ref, compiled=False),
-        run_row(setup, Row('torch.compile backend="sparse"', **label),
-                lambda: sparse_backend(copy.deepcopy(pruned), setup, blocksize), ref, compiled=True),
-    ]
+    rows = []
+    for variant in SPARSE_VARIANTS:
+        row = Row(variant.label, sparsity, blocksize, ours=variant.ours,
+                  floor=linears_floor(pruned, setup, blocksize, variant.sparse_24))
+        make = lambda variant=variant: variant.make(pruned, setup, blocksize, total)  # noqa: E731
+        rows.append(run_row(setup, row, make, ref, compiled=variant.compiled))
+    return rows
 
 
-def table_rows(rows: list[Row]) -> list[list[str]]:
+def table_rows(rows: list[Row], device: torch.device) -> list[list[str]]:
     eager_ms = rows[0].median_ms
     compile_ms = rows[1].median_ms
     out = []
@@ -336,13 +403,14 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
             row.sparse_layers,
         ]
         if row.timing is None:
-            out.append(cells + ["-"] * 6 + [row.note])
+            out.append(cells + ["-"] * 8 + [row.note])
             continue
         check = "ok" if row.ok else f"WRONG: err > {row.tol:.0e}"
         out.append(cells + [
             common.fmt(row.timing.median_ms, 3), str(row.timing.reps),
             common.fmt_ratio(eager_ms, row.median_ms), common.fmt_ratio(compile_ms, row.median_ms),
-            common.fmt(row.compile_s, 1), f"{row.rel_err:.1e}", check,
+            common.fmt(row.compile_s, 1), common.fmt_sig(row.floor),
+            common.fmt(floors.percent_of_floor(row.floor, row.median_ms, device), 0), f"{row.rel_err:.1e}", check,
         ])
     return out
 
@@ -359,10 +427,22 @@ def raw_records(dtype: torch.dtype, rows: list[Row]) -> list[dict[str, Any]]:
 # Main
 
 
+def plot_points(dtype: torch.dtype, rows: list[Row]) -> list[plot.Point]:
+    """Speedup of each sparse row over dense torch.compile (the best dense row on every device)."""
+    dense_ms = rows[1].median_ms
+    return [
+        plot.Point(common.dtype_name(dtype), row.blocksize, row.variant, row.sparsity,
+                   None if row.median_ms is None or dense_ms is None else dense_ms / row.median_ms)
+        for row in rows if row.sparsity is not None
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer."""
+    """Runs the benchmark and prints the tables; returns 1 if a row gave a wrong answer or one
+    of sparse_compile's rows did not run."""
     args = parse_args(argv)
     device = common.set_up_run(args)
+    gpu = floors.gpu_for(device, args.floor_gpu)
     common.warm_up_compiler(device)
     model = build_model(args)
     torch.manual_seed(1)
@@ -373,13 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("dtypes", ", ".join(common.dtype_name(d) for d in args.dtype)),
         ("sparsity", ", ".join(f"{s:.0%}" for s in args.sparsity) + " of the blocks of every encoder linear"),
         ("block sizes", ", ".join(map(str, args.blocksize))),
-        ("timing", f"median of {args.reps} calls after {args.warmup} warm-up calls"),
+        ("timing", common.timing_fact(device, args)),
+        ("floor", f"{gpu.name} data-sheet peaks, linears only (benchmarks/floors.py)" if gpu else "unknown GPU"),
     ]
     common.print_key_values(facts)
 
-    tables, raw, all_ok = [], [], True
+    tables, raw, points, all_ok, ours_not_run = [], [], [], True, []
     for dtype in args.dtype:
-        setup = Setup(args, device, dtype, x_fp32.to(device=device, dtype=dtype))
+        setup = Setup(args, device, dtype, x_fp32.to(device=device, dtype=dtype), gpu)
         # The sparse backend never uses Inductor's on-disk graph cache; with it off for dense
         # too, "compile s" compares cold compiles, whatever ran before on this machine.
         with torch._inductor.config.patch(fx_graph_cache=False):
@@ -387,19 +468,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             for sparsity in args.sparsity:
                 for blocksize in args.blocksize:
                     rows += sparse_rows(setup, model, sparsity, blocksize)
-        table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, table_rows(rows))
+        table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, table_rows(rows, device))
         print(f"\n{table.title}\n{table.text()}", flush=True)
         tables.append(table)
         raw += raw_records(dtype, rows)
+        points += plot_points(dtype, rows)
         all_ok &= all(row.ok or row.timing is None for row in rows)
+        ours_not_run += [
+            f"{common.dtype_name(dtype)} {row.variant} sparsity {row.sparsity} block {row.blocksize}: {row.note}"
+            for row in rows if row.ours and row.timing is None
+        ]
 
     legend = (
         "sparse layers: linears run sparse / linears in the model. vs eager, vs compile: dense "
         "eager or dense torch.compile median / this row's median. compile s: wall time of the first "
-        "call (cold compile). rel err: max |out - dense eager out| / max |dense eager out|, same "
-        "weights and dtype."
+        "call (cold compile). linears floor ms: the model's linears alone at the floor GPU's peaks "
+        "(attention and the rest not counted); % of floor: that floor / median (GPU runs only). "
+        "rel err: max |out - dense eager out| / max |dense eager out|, same weights and dtype."
     )
-    return common.finish_run(args, argv, "benchmarks.vit", "ViT inference latency", legend, facts, tables, raw, all_ok)
+    if args.plot:
+        plot.plot_speedups(args.plot, f"{model_config(args, model)}\n{common.device_name(device)}",
+                           "dense torch.compile", points, None)
+        print(f"wrote {args.plot}")
+    return common.finish_run(args, argv, "benchmarks.vit", "ViT inference latency", legend, facts, tables, raw,
+                             all_ok, ours_not_run)
 
 
 if __name__ == "__main__":

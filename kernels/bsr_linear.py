@@ -273,9 +273,8 @@ def _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_fea
 _GATHER_CHUNK_ELEMS = 1 << 24
 # Eager CPU: gather+bmm when density <= 0.25 and b >= 32, dense rebuild + addmm otherwise.
 # Measured (fp32, M = 2 * 197, K = 768, N = 3072, median of 15 round-robin runs after 3
-# warm-ups, torch 2.11, shared 2-core box so torch.set_num_threads(1) for stable numbers):
-#   .venv/bin/python -W ignore -c "import torch; torch.set_num_threads(1);
-#       from sparse_compile.kernels.bsr_linear import _measure_cpu; _measure_cpu()"
+# warm-ups, torch 2.11, shared 2-core box so one thread for stable numbers):
+#   python -m benchmarks.cpu_op --threads 1
 #   ms                 | dense+addmm | gather+bmm+index_add | torch.sparse BSR | dense W kept
 #   b=32, 90% sparse   |    42.4     |        16.9          |      24.0        |    42.2
 #   b=32, 50% sparse   |    43.6     |       146.8          |      88.7        |    40.2
@@ -342,62 +341,4 @@ def bsr_linear(x: Tensor, weight: BsrWeight, bias: Optional[Tensor] = None) -> T
     return torch.ops.sparse_compile.bsr_linear(
         x, weight.values, weight.crow_indices, weight.col_indices, bias, weight.out_features, weight.in_features
     )
-
-
-def _cpu_candidates(x2d, values, crow_indices, col_indices, bias, out_features):
-    """The ways of computing the op on CPU that were measured (see ``_bsr_linear_torch``)."""
-    m, k = x2d.shape
-    b = values.shape[1]
-    nb = crow_indices.shape[0] - 1
-    kb = -(-k // b)
-
-    def gather_bmm():
-        return _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features)
-
-    def torch_sparse():
-        w = torch.sparse_bsr_tensor(crow_indices, col_indices, values, size=(nb * b, kb * b))
-        x_pad = torch.nn.functional.pad(x2d, (0, kb * b - k))
-        out = (w @ x_pad.t()).t()[:, :out_features]
-        return out + bias if bias is not None else out
-
-    dense_w = _dense_weight(values, crow_indices, col_indices, out_features, k).contiguous()
-
-    return {
-        "dense+addmm": lambda: _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features),
-        "gather+bmm+index_add": gather_bmm,
-        "torch.sparse BSR": torch_sparse,
-        "F.linear, dense W kept": lambda: torch.nn.functional.linear(x2d, dense_w, bias),
-    }
-
-
-def _measure_cpu(m: int = 2 * 197, k: int = 768, n: int = 3072, reps: int = 15) -> None:
-    """Time the CPU candidates (fp32); command in ``_bsr_linear_torch``'s docstring."""
-    import statistics
-    import time
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
-    torch.manual_seed(0)
-    print(f"M={m} K={k} N={n} fp32 threads={torch.get_num_threads()}; median ms of {reps} after 3 warm-ups")
-    for b in (32, 64):
-        for sparsity in (0.9, 0.5):
-            keep = torch.rand(-(-n // b), -(-k // b)) >= sparsity
-            w = torch.randn(n, k) * keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
-            bw = BsrWeight.from_dense(w, b)
-            x, bias = torch.randn(m, k), torch.randn(n)
-            ref = x.double() @ w.double().t() + bias.double()
-            fns = _cpu_candidates(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
-            times = {name: [] for name in fns}
-            for name, fn in fns.items():
-                torch.testing.assert_close(fn().double(), ref, atol=1e-3, rtol=1e-3)
-                for _ in range(3):
-                    fn()
-            # Round-robin so that load from other processes hits every candidate alike.
-            for _ in range(reps):
-                for name, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-            row = [f"{name} {statistics.median(t):.1f}" for name, t in times.items()]
-            print(f"b={b} sparsity={sparsity:.0%} density={bw.density:.2f}: " + " | ".join(row))
 

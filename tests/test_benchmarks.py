@@ -4,10 +4,18 @@ They check that each benchmark runs end to end, prints every row and column, cat
 answers, and turns bad flags into argparse errors. They say nothing about speed.
 """
 
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from benchmarks import common, kernels, vit
+from benchmarks import common, cpu_op, kernels, vit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CPU = ["--device", "cpu", "--warmup", "0", "--reps", "2"]
 TINY_VIT = CPU + [
@@ -75,12 +83,34 @@ def test_kernels_prints_every_row_and_column(capsys):
         assert variant in line and line.rstrip().endswith("ok"), line
 
 
-def test_a_path_that_cannot_run_gets_a_row_not_a_crash(capsys):
-    # torch's CPU BSR matmul has no bf16 kernel.
-    assert kernels.main(TINY_KERNELS + ["--dtype", "bf16"]) == 0
+def test_a_reference_path_that_cannot_run_gets_a_row_saying_why(capsys):
+    # torch's CPU BSR matmul has no bf16 kernel: a fact about torch, shown in its row.
+    kernels.main(TINY_KERNELS + ["--dtype", "bf16"])
     lines = table_lines(capsys.readouterr().out, "64x128")
     assert "not run: NotImplementedError" in lines[1]
     assert lines[2].rstrip().endswith("ok")
+
+
+def test_a_row_of_ours_that_cannot_run_fails_the_kernel_run(capsys, monkeypatch):
+    def broken(x, bsr, bias):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(kernels, "bsr_linear", broken)
+    assert kernels.main(TINY_KERNELS) == 1
+    captured = capsys.readouterr()
+    assert "not run: RuntimeError: kernel exploded" in table_lines(captured.out, "64x128")[2]
+    assert "a row of sparse_compile did not run" in captured.err
+
+
+def test_a_row_of_ours_that_cannot_run_fails_the_vit_run(capsys, monkeypatch):
+    def broken(model, setup, blocksize):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(vit, "sparse_backend", broken)
+    assert vit.main(TINY_VIT) == 1
+    captured = capsys.readouterr()
+    assert "not run: RuntimeError: backend exploded" in captured.out
+    assert "a row of sparse_compile did not run" in captured.err
 
 
 def test_a_fast_wrong_answer_is_caught(capsys, monkeypatch):
@@ -124,6 +154,113 @@ def test_relative_error_is_scaled_by_the_output():
     ref = torch.tensor([10.0, -20.0])
     assert common.relative_error(ref + 0.2, ref) == pytest.approx(0.01, rel=1e-5)
     assert common.relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
+
+
+def test_cpu_timing_goes_through_torch_utils_benchmark(monkeypatch):
+    from torch.utils import benchmark
+
+    made = []
+    real_timer = benchmark.Timer
+
+    def recording_timer(*args, **kwargs):
+        made.append(kwargs)
+        return real_timer(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "Timer", recording_timer)
+    calls = []
+    timing = common.measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=5)
+    assert made and made[0]["num_threads"] == torch.get_num_threads()
+    assert timing.reps == 5 and all(t > 0 for t in timing.times_ms)
+    assert len(calls) == 2 + 5 * 3  # our warm-up calls, then per timed call Timer's 2 untimed ones
+
+
+def test_cuda_timing_goes_through_do_bench_with_every_time(monkeypatch):
+    import triton.testing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        seen.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        fn()
+        return [0.5, 0.25, 0.75]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(common, "synchronize", lambda device: None)
+    monkeypatch.setattr(common, "_l2_clear_s", lambda device: 0.001)
+    timing = common.measure(lambda: None, torch.device("cuda"), warmup=1, reps=3)
+    assert seen["rep"] >= 3 * 0.001 * 1e3  # the budget covers 3 calls with their L2 clears
+    assert seen["return_mode"] == "all"  # raw times, kept in the results files
+    assert timing.times_ms == (0.5, 0.25, 0.75) and timing.median_ms == 0.5
+
+
+def test_kernel_table_shows_the_gpu_floor_on_cpu(capsys):
+    assert kernels.main(TINY_KERNELS + ["--floor-gpu", "a100"]) == 0
+    text = capsys.readouterr().out
+    assert "A100 data-sheet peaks" in text
+    floor_col = kernels.HEADERS.index("floor ms")
+    # The dense row, M = 40, K = 64, N = 128 in fp32 (no TF32): A100's 19.5 TFLOP/s on CUDA
+    # cores and 2039 GB/s; FLOP/B = 10.2 > 19.5e12 / 2.039e12, so the FLOPs set the floor.
+    m, k, n = 40, 64, 128
+    flops, nbytes = 2 * m * n * k, (m * k + m * n + n * k + n) * 4
+    assert flops / 19.5e12 > nbytes / 2.039e12
+    cells = re.split(r"\s{2,}", table_lines(text, "64x128")[0].strip())
+    assert float(cells[floor_col]) == pytest.approx(flops / 19.5e12 * 1e3, rel=1e-2)
+    assert cells[floor_col + 1] == "-"  # % of floor: only against a GPU's own time
+
+
+def test_vit_table_shows_the_linears_floor(capsys):
+    assert vit.main(TINY_VIT) == 0
+    text = capsys.readouterr().out
+    assert "linears floor ms" in text and "H100 data-sheet peaks" in text
+    dense = next(line for line in text.splitlines() if line.startswith("dense eager"))
+    sparse = next(line for line in text.splitlines() if line.startswith('torch.compile backend="sparse"'))
+    floor_col = vit.HEADERS.index("linears floor ms")
+    dense_floor = float(re.split(r"\s{2,}", dense.strip())[floor_col])
+    sparse_floor = float(re.split(r"\s{2,}", sparse.strip())[floor_col])
+    assert 0 < sparse_floor < dense_floor
+
+
+@pytest.mark.parametrize("module, flags", [(kernels, TINY_KERNELS), (vit, TINY_VIT)])
+def test_plot_writes_a_png(module, flags, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "speedup.png"
+    assert module.main(flags + ["--sparsity", "0.5,0.75", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmarks_import_matplotlib_only_for_a_plot():
+    code = "import sys, benchmarks.vit, benchmarks.kernels; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_cpu_op_benchmark_checks_and_times_every_candidate(capsys):
+    assert cpu_op.main(["--m", "8", "--k", "64", "--n", "64", "--blocksize", "32", "--sparsity", "0.5",
+                        "--warmup", "0", "--reps", "1"]) == 0
+    text = capsys.readouterr().out
+    for name in ("dense+addmm", "gather+bmm+index_add", "torch.sparse BSR", "F.linear, dense W kept"):
+        assert name in text
+    assert "b=32, 50% sparse" in text
+
+
+def test_gpu_session_fails_when_pytest_fails(tmp_path):
+    """gpu_session.sh with stand-ins for python3 and nvidia-smi: pytest exits 1, all else 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *pytest*) echo "1 failed"; exit 1;; esac\n'
+        'case "$*" in -c*get_device_name*) echo h100;; esac\n'
+        "exit 0\n"
+    )
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H100\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "quick"], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED (exit 1): pytest -m gpu" in done.stderr
+    assert (tmp_path / "out" / "h100-pytest-gpu.txt").read_text().strip() == "1 failed"
 
 
 def test_gpu_defaults_are_the_seed_setting():

@@ -1,0 +1,118 @@
+"""The ways of computing ``sparse_compile::bsr_linear`` on CPU, timed side by side.
+
+    python -m benchmarks.cpu_op --threads 1        # the numbers behind _GATHER_MAX_DENSITY
+
+What the op's CPU kernel chooses between (``kernels/bsr_linear.py``: dense rebuild + addmm, or
+gather + bmm + index_add) and two references (torch.sparse BSR, a dense weight kept in memory),
+for fp32 at a few block sizes and sparsities. Every candidate is checked against float64 first,
+then timed round-robin (one call of each in turn, ``--reps`` rounds) so that load from other
+processes on a shared machine hits every candidate alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from benchmarks import common
+from sparse_compile.kernels.bsr_format import BsrWeight
+from sparse_compile.kernels.bsr_linear import _bsr_linear_gather_bmm, _bsr_linear_torch, _dense_weight
+
+
+def candidates(x2d, values, crow_indices, col_indices, bias, out_features) -> dict[str, Callable[[], torch.Tensor]]:
+    """The ways of computing the op on CPU that were measured (see ``_bsr_linear_torch``)."""
+    m, k = x2d.shape
+    b = values.shape[1]
+    nb = crow_indices.shape[0] - 1
+    kb = -(-k // b)
+
+    def gather_bmm():
+        return _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features)
+
+    def torch_sparse():
+        w = torch.sparse_bsr_tensor(crow_indices, col_indices, values, size=(nb * b, kb * b))
+        x_pad = F.pad(x2d, (0, kb * b - k))
+        out = (w @ x_pad.t()).t()[:, :out_features]
+        return out + bias if bias is not None else out
+
+    dense_w = _dense_weight(values, crow_indices, col_indices, out_features, k).contiguous()
+
+    return {
+        "dense+addmm": lambda: _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features),
+        "gather+bmm+index_add": gather_bmm,
+        "torch.sparse BSR": torch_sparse,
+        "F.linear, dense W kept": lambda: F.linear(x2d, dense_w, bias),
+    }
+
+
+def time_round_robin(fns: dict[str, Callable[[], torch.Tensor]], warmup: int, reps: int) -> dict[str, list[float]]:
+    """Per-call ms of every candidate: ``warmup`` untimed rounds, then ``reps`` timed rounds,
+    each round one ``Timer`` call of every candidate in turn."""
+    timers = {
+        name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()
+    }
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, timer in timers.items():
+            # timeit(1) runs 2 untimed calls before the timed one: the candidate is warm in cache
+            # whichever ran before it.
+            times[name].append(timer.timeit(number=1).raw_times[0] * 1e3)
+    return times
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.cpu_op", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--m", type=common.positive_int, default=2 * 197, help="rows of x")
+    parser.add_argument("--k", type=common.positive_int, default=768, help="in features")
+    parser.add_argument("--n", type=common.positive_int, default=3072, help="out features")
+    parser.add_argument("--blocksize", type=common.comma_list(int), default=[32, 64])
+    parser.add_argument("--sparsity", type=common.comma_list(float), default=[0.9, 0.5])
+    parser.add_argument("--warmup", type=common.non_negative_int, default=3)
+    parser.add_argument("--reps", type=common.positive_int, default=15)
+    parser.add_argument("--threads", type=common.positive_int, help="torch.set_num_threads (1: stable numbers)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    torch.manual_seed(0)
+    m, k, n = args.m, args.k, args.n
+    print(f"M={m} K={k} N={n} fp32 threads={torch.get_num_threads()}; median ms of {args.reps} round-robin "
+          f"calls after {args.warmup} warm-up rounds (each timed call after Timer's 2 untimed ones)")
+    rows, names = [], []
+    for b in args.blocksize:
+        for sparsity in args.sparsity:
+            keep = torch.rand(-(-n // b), -(-k // b)) >= sparsity
+            w = torch.randn(n, k) * keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+            bw = BsrWeight.from_dense(w, b)
+            x, bias = torch.randn(m, k), torch.randn(n)
+            ref = x.double() @ w.double().t() + bias.double()
+            fns = candidates(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
+            for name, fn in fns.items():
+                torch.testing.assert_close(fn().double(), ref, atol=1e-3, rtol=1e-3, msg=lambda s, name=name: f"{name}: {s}")
+            times = time_round_robin(fns, args.warmup, args.reps)
+            names = list(fns)
+            rows.append([f"b={b}, {sparsity:.0%} sparse", f"{bw.density:.2f}"]
+                        + [f"{statistics.median(t):.1f}" for t in times.values()])
+    print(common.Table("CPU op candidates", ["ms", "density", *names], rows).text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
