@@ -7,9 +7,11 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
   -> ``conv_*``. A kind whose sparsity is 0 stays dense. :func:`apply_nm` masks every Linear and
   Conv2d.
 - ``nn.MultiheadAttention.in_proj_weight`` is a raw Parameter of the attention module, not a
-  Linear: it is *not* masked, as in SuperBlock, which only replaces ``nn.Linear`` modules. (The
-  inference backend does see those projections as linear ops; they simply stay dense.) The
-  ``out_proj`` Linear is masked; note that MultiheadAttention reads ``out_proj.weight`` directly,
+  Linear: by default it is *not* masked, as in SuperBlock, which only replaces ``nn.Linear``
+  modules (the inference backend then runs those projections dense). With
+  ``attention_in_proj=True`` it is masked with the ``linear_*`` settings (:func:`apply_nm`: the
+  same N:M) and named ``<attention>.in_proj``, as the compile report names that matmul; see
+  "Attention input projections" below. The ``out_proj`` Linear is masked; note that MultiheadAttention reads ``out_proj.weight`` directly,
   so with a parametrization the mask is applied — SuperBlock's module replacement never ran
   ``SupermaskLinear.forward`` there, so its ``out_proj`` trained dense.
 - ``skip_last_layer``: the last ``nn.Linear`` in ``model.named_modules()`` order (the
@@ -22,7 +24,22 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
   ``layers.0``). A container with a single such child is used when there is no larger one.
   No block found -> ValueError.
 - ``filter_fn(name, module) -> bool``: when given, only layers for which it returns True are
-  masked (on top of the rules above).
+  masked (on top of the rules above). For an input projection it gets ``"<attention>.in_proj"``
+  and the attention module.
+
+Attention input projections (``attention_in_proj=True``)
+--------------------------------------------------------
+The mask covers the packed ``[3E, E]`` weight (q, k and v rows stacked) as one tensor: one
+Supermask with tiles over the whole ``[3E, E]`` and **one shared sparsity target** — the kept
+tiles are the top-scoring ones of all three, so training decides how the budget splits among
+q, k and v. Why shared rather than one target each: it is what SuperBlock/Bi-Mask do for a
+fused qkv Linear (timm's DeiT), it needs no new parametrization, the layer's total number of
+kept blocks (what BSR speed depends on) is the same either way, and on the digits test it
+trained as well as one target per slice (tests/test_in_proj.py,
+``test_shared_vs_per_slice_target_on_digits``; numbers in that test's docstring). N:M groups run
+along the input dim, inside each row, so q, k and v rows are N:M on their own anyway.
+Bi-Mask on in_proj: the bidirectional gradient holds (see ``nm_mask.py``); attention modules
+with separate q/k/v weights, ``add_bias_kv`` or ``add_zero_attn`` are refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from sparse_compile.training.nm_mask import NMMask, _post_project
+from sparse_compile.training.nm_mask import NMMask, _post_project, mha_bimask_unsupported
 from sparse_compile.training.supermask import Supermask
 
 __all__ = [
@@ -85,6 +102,30 @@ def first_transformer_block(model: nn.Module) -> str:
     )
 
 
+def _in_proj_candidates(model, skip_first_transformer, filter_fn):
+    """(``"<attention>.in_proj"``, attention) for every nn.MultiheadAttention the rules allow."""
+    prefix = first_transformer_block(model) if skip_first_transformer else None
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.MultiheadAttention):
+            continue
+        if prefix is not None and (name == prefix or name.startswith(prefix + ".")):
+            continue
+        layer = f"{name}.in_proj" if name else "in_proj"
+        if filter_fn is not None and not filter_fn(layer, mod):
+            continue
+        if mod.in_proj_weight is None:
+            raise ValueError(
+                f"attention_in_proj=True: {name!r} has separate q/k/v weights (kdim/vdim != embed_dim), no "
+                "packed in_proj_weight to mask; leave it out with filter_fn (it gets the layer name "
+                f"{layer!r})"
+            )
+        if parametrize.is_parametrized(mod, "in_proj_weight"):
+            raise ValueError(f"layer {layer!r} already has a parametrization on in_proj_weight; finalize() it first")
+        out.append((layer, mod))
+    return out
+
+
 def _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
     """(name, module, kind) of the layers the rules allow, in named_modules order."""
     layers = [(n, m, layer_kind(m)) for n, m in model.named_modules()]
@@ -122,8 +163,13 @@ def apply_supermask(
     skip_first_transformer: bool = False,
     skip_last_layer: bool = False,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    attention_in_proj: bool = False,
 ) -> list[str]:
-    """Register a :class:`Supermask` on the weight of every selected layer; returns their names."""
+    """Register a :class:`Supermask` on the weight of every selected layer; returns their names.
+
+    ``attention_in_proj=True`` also masks every ``nn.MultiheadAttention.in_proj_weight`` with the
+    ``linear_*`` settings (one shared target over q, k and v; module docstring).
+    """
     settings = {
         "linear": (linear_sparsity, linear_tile_size),
         "conv1x1": (conv1x1_sparsity, conv1x1_tile_size),
@@ -134,6 +180,9 @@ def apply_supermask(
             raise ValueError(f"{kind}_sparsity must be in [0, 1), got {s}")
         if not isinstance(t, int) or isinstance(t, bool) or t < 1:
             raise ValueError(f"{kind}_tile_size must be an integer >= 1, got {t!r}")
+    in_projs = []  # chosen (and checked) before the model is changed
+    if attention_in_proj and linear_sparsity > 0.0:
+        in_projs = _in_proj_candidates(model, skip_first_transformer, filter_fn)
     names = []
     for name, mod, kind in _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
         sparsity, tile = settings[kind]
@@ -143,6 +192,11 @@ def apply_supermask(
         p = Supermask(w.shape, sparsity, tile).to(device=w.device)
         parametrize.register_parametrization(mod, "weight", p)
         names.append(name)
+    for layer, attn in in_projs:
+        w = attn.in_proj_weight
+        p = Supermask(w.shape, linear_sparsity, linear_tile_size).to(device=w.device)
+        parametrize.register_parametrization(attn, "in_proj_weight", p)
+        names.append(layer)
     return names
 
 
@@ -158,10 +212,13 @@ def apply_nm(
     skip_first_transformer: bool = False,
     skip_last_layer: bool = False,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    attention_in_proj: bool = False,
 ) -> list[str]:
     """Register an :class:`NMMask` on the weight of every selected Linear/Conv2d; returns their names.
 
     Layers whose shape does not fit N:M raise ValueError before the model is changed.
+    ``attention_in_proj=True`` also masks every ``nn.MultiheadAttention.in_proj_weight``; in mode
+    "bidirectional" the attention's input gradient then uses the backward mask (``nm_mask.py``).
     """
     kw = dict(mode=mode, perm_every=perm_every, perm_candidates=perm_candidates, decay=decay, keep_ratio=keep_ratio)
     NMMask(n, m, **kw, seed=0)  # validate the arguments
@@ -171,10 +228,25 @@ def apply_nm(
             NMMask(n, m, **kw, seed=0).right_inverse(mod.weight.detach())
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
+    in_projs = _in_proj_candidates(model, skip_first_transformer, filter_fn) if attention_in_proj else []
+    for layer, attn in in_projs:
+        why = mha_bimask_unsupported(attn) if mode == "bidirectional" else None
+        if why is not None:
+            raise ValueError(
+                f"layer {layer!r}: bidirectional N:M cannot run here: {why}; use mode 'forward', 'post' or "
+                "'unstructured', or leave it out with filter_fn"
+            )
+        try:
+            NMMask(n, m, **kw, seed=0).right_inverse(attn.in_proj_weight.detach())
+        except ValueError as e:
+            raise ValueError(f"layer {layer!r}: {e}") from None
     names = []
     for name, mod, _ in chosen:
         parametrize.register_parametrization(mod, "weight", NMMask(n, m, **kw))
         names.append(name)
+    for layer, attn in in_projs:
+        parametrize.register_parametrization(attn, "in_proj_weight", NMMask(n, m, **kw))
+        names.append(layer)
     return names
 
 
@@ -238,6 +310,9 @@ def sparsity_summary(model: nn.Module, include_dense: bool = False) -> list[dict
     """
     rows = []
     for name, mod in model.named_modules():
+        in_proj = _in_proj_row(name, mod, include_dense)
+        if in_proj is not None:
+            rows.append(in_proj)
         kind = layer_kind(mod)
         if kind is None:
             continue
@@ -259,6 +334,27 @@ def sparsity_summary(model: nn.Module, include_dense: bool = False) -> list[dict
             }
         )
     return rows
+
+
+def _in_proj_row(name: str, mod: nn.Module, include_dense: bool) -> dict | None:
+    """The :func:`sparsity_summary` row of an attention's packed input projection, ``<name>.in_proj``."""
+    if not isinstance(mod, nn.MultiheadAttention) or mod.in_proj_weight is None:
+        return None
+    ours = parametrize.is_parametrized(mod, "in_proj_weight") and any(
+        isinstance(p, OURS) for p in mod.parametrizations["in_proj_weight"]
+    )
+    if not ours and not include_dense:
+        return None
+    w = mod.in_proj_weight
+    method, target = _describe(mod.parametrizations["in_proj_weight"]) if ours else ("dense", 0.0)
+    return {
+        "name": f"{name}.in_proj" if name else "in_proj",
+        "kind": "linear",
+        "shape": tuple(w.shape),
+        "method": method,
+        "target_sparsity": float(target),
+        "sparsity": float((w == 0).sum().item() / max(1, w.numel())),
+    }
 
 
 def format_sparsity_summary(model_or_rows, include_dense: bool = False) -> str:
