@@ -378,3 +378,25 @@ def test_cli_attention_in_proj_trains_and_evaluates(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_cli.main(base + ["--attention-in-proj"])
     assert e.value.code == 2 and "add --sparsity-linear or --nm" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks.vit: the Supermask layout with and without in_proj
+
+
+@pytest.mark.usefixtures("fresh_compiler")
+def test_benchmark_supermask_layout_rows_count_in_proj():
+    from benchmarks import vit
+
+    args = vit.parse_args([
+        "--device", "cpu", "--warmup", "0", "--reps", "1", "--model", "tiny", "--image-size", "32",
+        "--patch-size", "16", "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2",
+        "--batch-size", "2", "--sparsity", "0.75", "--blocksize", "16",
+    ])  # fmt: skip
+    torch.manual_seed(1)
+    setup = vit.Setup(args, torch.device("cpu"), torch.float32, torch.randn(2, 3, 32, 32))
+    incl, excl = vit.supermask_rows(setup, vit.build_model(args), sparsity=0.75, blocksize=16)
+    assert incl.variant == "Supermask layout incl. in_proj" and excl.variant == "Supermask layout excl. in_proj"
+    assert incl.ok and excl.ok, (incl.note, excl.note)  # equal to eager of the same weights
+    # one encoder block: in_proj, out_proj, two MLP linears (+ the dense head)
+    assert (incl.sparse_layers, excl.sparse_layers) == ("4/5", "3/5")
