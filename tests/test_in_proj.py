@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import sparse_compile
+from sparse_compile.training.supermask import StackedSupermask
 from sparse_compile.training import (
     NMMask,
     Supermask,
@@ -193,25 +194,51 @@ def test_bimask_in_proj_permutation_search_counts_steps():
     for _ in range(4):
         mha(x, x, x)[0].sum().backward()
     assert nm._calls == 4 and nm._searches == 3
+    effective = mha.in_proj_weight.detach().clone()
+    finalize(mha)
+    assert type(mha) is nn.MultiheadAttention
+    torch.testing.assert_close(mha.in_proj_weight.detach(), effective, rtol=0, atol=0)
+    mha(x, x, x)[0].sum().backward()  # the hook left on the old tensor is inert
+    assert nm._calls == 4
 
 
-def test_supermask_in_proj_gradients_match_float64_reference():
+@pytest.mark.usefixtures("fresh_compiler")
+def test_bimask_attention_compiles_in_one_graph_with_the_same_gradients():
+    model = nn.Sequential(nn.Linear(E, E), nn.TransformerEncoderLayer(E, HEADS, 2 * E, dropout=0.0, batch_first=True))
+    apply_nm(model, 2, 4, attention_in_proj=True, perm_candidates=2)
+    attn = model[1].self_attn
+    attn.parametrizations.in_proj_weight[0].perm.copy_(torch.randperm(3 * E))  # Mb != Mf
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 5, E)
+    model(x).square().sum().backward()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    compiled(x).square().sum().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("parts", [3, 1])
+def test_supermask_in_proj_gradients_match_float64_reference(parts):
+    """parts=3: StackedSupermask, what apply_supermask uses (one target per q/k/v); 1: one shared target."""
     tile = 4
     mha = nn.MultiheadAttention(E, HEADS, batch_first=True).double()
     nn.init.normal_(mha.in_proj_bias)
-    sm = Supermask((3 * E, E), 0.6, tile).double()
+    sm = (StackedSupermask((3 * E, E), 0.6, tile) if parts == 3 else Supermask((3 * E, E), 0.6, tile)).double()
     parametrize.register_parametrization(mha, "in_proj_weight", sm)
     w = mha.parametrizations.in_proj_weight.original
     x = torch.randn(3, 5, E, dtype=torch.float64)
     g = torch.randn(3, 5, E, dtype=torch.float64)
     (mha(x, x, x, need_weights=False)[0] * g).sum().backward()
 
-    # Reference: the tile mask by hand (top-scoring tiles), dense attention with W_eff as a leaf.
-    scores = sm.scores.detach()
-    keep = scores.numel() - (1 + round(0.6 * (scores.numel() - 1))) + 1
-    tile_mask = torch.zeros(scores.numel(), dtype=torch.float64)
-    tile_mask[scores.reshape(-1).topk(keep).indices] = 1.0
-    mask = tile_mask.reshape(scores.shape).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+    # Reference: the tile mask by hand (top-scoring tiles of each part), dense attention with W_eff as a leaf.
+    tile_masks = []
+    for scores in sm.scores.detach().chunk(parts):
+        keep = scores.numel() - (1 + round(0.6 * (scores.numel() - 1))) + 1
+        tile_mask = torch.zeros(scores.numel(), dtype=torch.float64)
+        tile_mask[scores.reshape(-1).topk(keep).indices] = 1.0
+        tile_masks.append(tile_mask.reshape(scores.shape))
+    tile_mask = torch.cat(tile_masks)
+    mask = tile_mask.repeat_interleave(tile, 0).repeat_interleave(tile, 1)
     weff = (w.detach() * mask).requires_grad_(True)
     b = mha.in_proj_bias.detach()
     projs = [x @ weff[i * E:(i + 1) * E].T + b[i * E:(i + 1) * E] for i in range(3)]
@@ -222,8 +249,8 @@ def test_supermask_in_proj_gradients_match_float64_reference():
     torch.testing.assert_close(w.grad, weff.grad * mask, rtol=1e-10, atol=1e-10)
     dscores = (weff.grad * w.detach()).reshape(3 * E // tile, tile, E // tile, tile).sum((1, 3))
     torch.testing.assert_close(sm.scores.grad, dscores, rtol=1e-10, atol=1e-10)
-    # 48 tiles, k = 1 + round(0.6 * 47) = 29: 28 tiles dropped
-    assert tile_mask.sum() == 20
+    # shared: 48 tiles, k = 1 + round(0.6 * 47) = 29, 28 dropped; per part: 16 tiles, k = 10, 9 dropped
+    assert tile_mask.sum() == (3 * 7 if parts == 3 else 20) == sm.kept_tiles
     torch.testing.assert_close(mha.in_proj_weight.detach(), w.detach() * mask, rtol=0, atol=0)
 
 
@@ -240,8 +267,11 @@ def test_apply_masks_in_proj_and_summary_finalize_show_it():
     assert in_projs == [f"encoder.layers.encoder_layer_{i}.self_attention.in_proj" for i in (1, 2)]
     rows = {r["name"]: r for r in sparsity_summary(model, include_dense=True)}
     layer1 = "encoder.layers.encoder_layer_1.self_attention.in_proj"
-    assert rows[layer1]["shape"] == (48, 16) and rows[layer1]["method"] == "supermask tile=4"
+    assert rows[layer1]["shape"] == (48, 16) and rows[layer1]["method"] == "supermask tile=4 per q/k/v"
     assert rows[layer1]["sparsity"] == pytest.approx(0.5)
+    # one target each: q, k and v each keep half of their 16 tiles
+    w1 = model.encoder.layers.encoder_layer_1.self_attention.in_proj_weight.detach()
+    assert [(part != 0).float().mean().item() for part in w1.chunk(3)] == [0.5, 0.5, 0.5]
     assert rows["encoder.layers.encoder_layer_0.self_attention.in_proj"]["method"] == "dense"
     # default: in_proj stays dense (SuperBlock)
     assert not any(n.endswith("in_proj") for n in apply_supermask(tiny_vit(16, 3), linear_sparsity=0.5))
@@ -260,6 +290,12 @@ def test_apply_masks_in_proj_and_summary_finalize_show_it():
 
 
 def test_apply_refuses_attention_it_cannot_mask():
+    # a tile would straddle q/k/v (embed_dim 16, tile 32)
+    model = tiny_vit(hidden=16, layers=1)
+    with pytest.raises(ValueError, match="embed_dim 16, not a multiple of linear_tile_size 32.*filter_fn"):
+        apply_supermask(model, linear_sparsity=0.5, linear_tile_size=32, attention_in_proj=True)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
     class Cross(nn.Module):
         def __init__(self, **kw):
             super().__init__()
@@ -400,3 +436,84 @@ def test_benchmark_supermask_layout_rows_count_in_proj():
     assert incl.ok and excl.ok, (incl.note, excl.note)  # equal to eager of the same weights
     # one encoder block: in_proj, out_proj, two MLP linears (+ the dense head)
     assert (incl.sparse_layers, excl.sparse_layers) == ("4/5", "3/5")
+
+
+# --------------------------------------------------------------------------------------------
+# One sparsity target per q/k/v, or one shared: measured on the digits
+
+
+class DigitsTransformer(nn.Module):
+    """8x8 digits as 8 tokens (pixel rows) of 8 features; two encoder blocks of width 32."""
+
+    def __init__(self, width=32, blocks=2):
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.pos = nn.Parameter(torch.randn(1, 8, width) * 0.02)
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0, batch_first=True) for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.embed(x.view(-1, 8, 8)) + self.pos
+        for block in self.encoder:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+def train_digits_transformer(target: str, seed: int, sparsity: float, epochs: int = 20):
+    """Test accuracy and the trained model; ``target`` is "per-qkv" (apply_supermask's) or "shared".
+
+    Supermask, tile 4, on every encoder linear including in_proj; embed and head stay dense.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1347], order[1347:]
+    torch.manual_seed(seed)
+    model = DigitsTransformer()
+    encoder_only = lambda name, m: name.startswith("encoder")  # noqa: E731
+    apply_supermask(model, linear_sparsity=sparsity, linear_tile_size=4, attention_in_proj=(target == "per-qkv"),
+                    filter_fn=encoder_only)
+    if target == "shared":  # a plain Supermask over the whole [3E, E]: q, k and v compete for the tiles
+        for block in model.encoder:
+            attn = block.self_attn
+            parametrize.register_parametrization(attn, "in_proj_weight", Supermask(attn.in_proj_weight.shape, sparsity, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(train), generator=gen).split(64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[train[idx]]), y[train[idx]]).backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x[test]).argmax(1) == y[test]).float().mean().item()
+    return accuracy, model
+
+
+@pytest.mark.slow
+def test_in_proj_target_per_qkv_learns_digits():
+    """Measured with this helper (torch 2.11 CPU; seeds 0-7; test accuracy, mean over seeds):
+    see "Attention input projections" in training/apply.py for the table."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared CPU
+    try:
+        per_qkv, model = train_digits_transformer("per-qkv", seed=0, sparsity=0.9)
+        shared, shared_model = train_digits_transformer("shared", seed=0, sparsity=0.9)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\ndigits transformer, Supermask 90% tile 4 incl. in_proj: per q/k/v {per_qkv:.4f}  shared {shared:.4f}")
+    # per q/k/v: each third (64 tiles of 4x4) keeps 64 - (1 + round(0.9 * 63)) + 1 = 7 tiles
+    for block in model.encoder:
+        w = block.self_attn.in_proj_weight.detach()
+        assert [(part != 0).float().mean().item() for part in w.chunk(3)] == [7 / 64] * 3
+    # shared: 192 tiles keep 20 in all, split among q, k and v as training went
+    for block in shared_model.encoder:
+        kept = [(p != 0).sum().item() / 16 for p in block.self_attn.in_proj_weight.detach().chunk(3)]
+        assert sum(kept) == 20
+    assert per_qkv >= 0.9

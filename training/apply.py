@@ -11,7 +11,8 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
   modules (the inference backend then runs those projections dense). With
   ``attention_in_proj=True`` it is masked with the ``linear_*`` settings (:func:`apply_nm`: the
   same N:M) and named ``<attention>.in_proj``, as the compile report names that matmul; see
-  "Attention input projections" below. The ``out_proj`` Linear is masked; note that MultiheadAttention reads ``out_proj.weight`` directly,
+  "Attention input projections" below. The
+  ``out_proj`` Linear is masked; note that MultiheadAttention reads ``out_proj.weight`` directly,
   so with a parametrization the mask is applied — SuperBlock's module replacement never ran
   ``SupermaskLinear.forward`` there, so its ``out_proj`` trained dense.
 - ``skip_last_layer``: the last ``nn.Linear`` in ``model.named_modules()`` order (the
@@ -51,7 +52,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from sparse_compile.training.nm_mask import NMMask, _post_project, mha_bimask_unsupported
-from sparse_compile.training.supermask import Supermask
+from sparse_compile.training.supermask import StackedSupermask, Supermask
 
 __all__ = [
     "apply_supermask",
@@ -168,7 +169,8 @@ def apply_supermask(
     """Register a :class:`Supermask` on the weight of every selected layer; returns their names.
 
     ``attention_in_proj=True`` also masks every ``nn.MultiheadAttention.in_proj_weight`` with the
-    ``linear_*`` settings (one shared target over q, k and v; module docstring).
+    ``linear_*`` settings, one sparsity target for each of q, k and v (:class:`StackedSupermask`;
+    module docstring); the embedding dim must be a multiple of ``linear_tile_size``.
     """
     settings = {
         "linear": (linear_sparsity, linear_tile_size),
@@ -183,6 +185,14 @@ def apply_supermask(
     in_projs = []  # chosen (and checked) before the model is changed
     if attention_in_proj and linear_sparsity > 0.0:
         in_projs = _in_proj_candidates(model, skip_first_transformer, filter_fn)
+        for layer, attn in in_projs:
+            if attn.embed_dim % linear_tile_size:
+                raise ValueError(
+                    f"attention_in_proj=True: {layer!r} has embed_dim {attn.embed_dim}, not a multiple of "
+                    f"linear_tile_size {linear_tile_size}; q, k and v get one sparsity target each, so a tile may "
+                    f"not straddle two of them: choose a tile size dividing {attn.embed_dim}, or leave the layer "
+                    "out with filter_fn"
+                )
     names = []
     for name, mod, kind in _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
         sparsity, tile = settings[kind]
@@ -194,7 +204,7 @@ def apply_supermask(
         names.append(name)
     for layer, attn in in_projs:
         w = attn.in_proj_weight
-        p = Supermask(w.shape, linear_sparsity, linear_tile_size).to(device=w.device)
+        p = StackedSupermask(w.shape, linear_sparsity, linear_tile_size, parts=3).to(device=w.device)
         parametrize.register_parametrization(attn, "in_proj_weight", p)
         names.append(layer)
     return names
@@ -292,6 +302,8 @@ def finalize(model: nn.Module) -> nn.Module:
 
 def _describe(plist) -> tuple[str, float]:
     p = plist[0]
+    if isinstance(p, StackedSupermask):
+        return f"supermask tile={p.tile_size} per q/k/v", p.sparsity
     if isinstance(p, Supermask):
         return f"supermask tile={p.tile_size}", p.sparsity
     if isinstance(p, NMMask):
