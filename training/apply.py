@@ -30,15 +30,26 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
 
 Attention input projections (``attention_in_proj=True``)
 --------------------------------------------------------
-The mask covers the packed ``[3E, E]`` weight (q, k and v rows stacked) as one tensor: one
-Supermask with tiles over the whole ``[3E, E]`` and **one shared sparsity target** — the kept
-tiles are the top-scoring ones of all three, so training decides how the budget splits among
-q, k and v. Why shared rather than one target each: it is what SuperBlock/Bi-Mask do for a
-fused qkv Linear (timm's DeiT), it needs no new parametrization, the layer's total number of
-kept blocks (what BSR speed depends on) is the same either way, and on the digits test it
-trained as well as one target per slice (tests/test_in_proj.py,
-``test_shared_vs_per_slice_target_on_digits``; numbers in that test's docstring). N:M groups run
-along the input dim, inside each row, so q, k and v rows are N:M on their own anyway.
+The packed ``[3E, E]`` weight (q, k and v rows stacked) gets a :class:`StackedSupermask`: one
+``scores`` tensor with tiles over the whole weight, but **one sparsity target for each of q, k
+and v** — each keeps the same number of tiles, its own top-scoring ones (so ``E`` must be a
+multiple of the tile size). The alternative, one shared target over all ``3E`` rows, lets q, k
+and v compete for the tiles. Measured with ``train_digits_transformer`` in
+``tests/test_in_proj.py`` (the 8x8 digits as 8 tokens, two encoder blocks of width 32,
+Supermask tile 4 on every encoder linear, 20 epochs; test accuracy, mean of seeds 0-7):
+
+==========  ===============  ==============  ===========================================
+sparsity    one per q/k/v    one shared      note
+==========  ===============  ==============  ===========================================
+80%         0.946            0.941           dense 0.963, in_proj left dense 0.954 (seeds 0-2)
+90%         0.923            0.917           per seed the two differ by up to 4 points, both ways
+==========  ===============  ==============  ===========================================
+
+The accuracy difference is within the seed-to-seed noise; what decides is that a shared target
+can starve one projection (at 90%, seed 0, the first block's v kept 2 of its 64 tiles, its k 10,
+where one target each keeps 7): with one target each no projection collapses, and q/k/v get what they would get as three
+separate Linears (HF-style attention, per-layer targets). BSR cost (kept blocks) is the same.
+N:M needs no such choice: groups run along the input dim within each row.
 Bi-Mask on in_proj: the bidirectional gradient holds (see ``nm_mask.py``); attention modules
 with separate q/k/v weights, ``add_bias_kv`` or ``add_zero_attn`` are refused with a ValueError.
 """
