@@ -41,8 +41,8 @@ Supermask tile 4 on every encoder linear, 20 epochs; test accuracy, mean of seed
 ==========  ===============  ==============  ===========================================
 sparsity    one per q/k/v    one shared      note
 ==========  ===============  ==============  ===========================================
-80%         0.946            0.941           dense 0.963, in_proj left dense 0.954 (seeds 0-2)
-90%         0.923            0.917           per seed the two differ by up to 4 points, both ways
+80%         0.946            0.941           per seed: per q/k/v ahead by -0.4 to +1.8 points
+90%         0.923            0.917           per seed: -4.2 to +4.2 points, both ways
 ==========  ===============  ==============  ===========================================
 
 The accuracy difference is within the seed-to-seed noise; what decides is that a shared target
