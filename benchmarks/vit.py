@@ -391,6 +391,29 @@ def sparse_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: int)
     return rows
 
 
+def supermask_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: int) -> list[Row]:
+    """backend="sparse" on a Supermask layout (tile = block) with and without attention in_proj (issue 14).
+
+    The masks keep their initial random scores: training moves which tiles are kept, not how
+    many, and the speed depends on how many.
+    """
+    from sparse_compile.training import apply_supermask, finalize
+
+    rows = []
+    for in_proj in (True, False):
+        masked = copy.deepcopy(model)
+        apply_supermask(masked, linear_sparsity=sparsity, linear_tile_size=blocksize, filter_fn=is_encoder,
+                        attention_in_proj=in_proj)
+        finalize(masked)
+        with torch.no_grad():
+            ref = on_device(copy.deepcopy(masked), setup)(setup.x)
+        label = f"Supermask layout {'incl.' if in_proj else 'excl.'} in_proj"
+        row = Row(label, sparsity, blocksize, ours=True, floor=linears_floor(masked, setup, blocksize))
+        rows.append(run_row(setup, row,
+                            lambda m=masked: sparse_backend(copy.deepcopy(m), setup, blocksize), ref, compiled=True))
+    return rows
+
+
 def table_rows(rows: list[Row], device: torch.device) -> list[list[str]]:
     eager_ms = rows[0].median_ms
     compile_ms = rows[1].median_ms
@@ -468,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for sparsity in args.sparsity:
                 for blocksize in args.blocksize:
                     rows += sparse_rows(setup, model, sparsity, blocksize)
+                    rows += supermask_rows(setup, model, sparsity, blocksize)
         table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, table_rows(rows, device))
         print(f"\n{table.title}\n{table.text()}", flush=True)
         tables.append(table)

@@ -38,6 +38,11 @@ evaluated ``out_proj`` *dense* (its ``scores`` are in the checkpoint but were ne
 parametrization does mask ``out_proj``. To reproduce SuperBlock's numbers exactly, leave those
 layers dense: ``apply_supermask(..., filter_fn=lambda name, m: not name.endswith("out_proj"))`` and
 load with ``strict=False`` (their ``scores``/``scale``/``shift`` are then unused).
+
+SuperBlock never masked ``nn.MultiheadAttention.in_proj_weight``, so its checkpoints have no
+scores for it. A model built with ``apply_supermask(..., attention_in_proj=True)`` still loads
+one: each such in_proj Supermask is removed (the attention's ``in_proj_weight`` becomes the dense
+checkpoint weight), with a warning naming the layers.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import argparse
 import contextlib
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -100,6 +106,23 @@ def model_state_dict(obj) -> "OrderedDict[str, torch.Tensor]":
     return state
 
 
+def _leave_in_proj_dense(model: nn.Module) -> None:
+    """Drop the Supermask of every attention in_proj: SuperBlock has no scores for it (module docstring)."""
+    dropped = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention) and parametrize.is_parametrized(mod, "in_proj_weight"):
+            if any(isinstance(p, Supermask) for p in mod.parametrizations["in_proj_weight"]):
+                parametrize.remove_parametrizations(mod, "in_proj_weight", leave_parametrized=False)
+                dropped.append(f"{name}.in_proj")
+    if dropped:
+        warnings.warn(
+            f"SuperBlock checkpoints have no scores for attention input projections: {len(dropped)} in_proj "
+            f"layers ({dropped[0]}, ...) are left dense (apply_supermask without attention_in_proj, or the "
+            "CLIs without --attention-in-proj, to silence this)",
+            stacklevel=3,
+        )
+
+
 def load_superblock_checkpoint(model: nn.Module, state_dict_or_path, strict: bool = True) -> nn.Module:
     """Load a SuperBlock checkpoint (path, checkpoint dict or state dict) into our parametrized ``model``.
 
@@ -112,6 +135,7 @@ def load_superblock_checkpoint(model: nn.Module, state_dict_or_path, strict: boo
     else:
         obj = state_dict_or_path
     sd = model_state_dict(obj)
+    _leave_in_proj_dense(model)
     used: set[str] = set()
     new_sd: dict[str, torch.Tensor] = {}
     target = model.state_dict()

@@ -66,6 +66,12 @@ def add_sparsity_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--skip-first-transformer-sparsity", action="store_true", help="leave the first transformer block dense"
     )
+    g.add_argument(
+        "--attention-in-proj",
+        action="store_true",
+        help="also mask each nn.MultiheadAttention's packed q/k/v projection (in_proj_weight) with the linear "
+        "settings or --nm (SuperBlock leaves it dense); evaluate needs it when the checkpoint was trained with it",
+    )
 
     g = parser.add_argument_group("N:M masks (Bi-Mask)")
     g.add_argument("--nm", type=str, default=None, metavar="N:M", help="N:M mask on linear and conv layers, e.g. 2:4")
@@ -122,6 +128,9 @@ def check_sparsity_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         if getattr(args, name) < 1:
             parser.error(f"{flag} {getattr(args, name)}: must be >= 1")
 
+    if getattr(args, "attention_in_proj", False) and args.nm is None and args.sparsity_linear == 0:
+        parser.error("--attention-in-proj masks in_proj with the linear settings: add --sparsity-linear or --nm N:M")
+
     if args.nm is None:
         given = [
             flag
@@ -175,6 +184,7 @@ def apply_sparsity(model: nn.Module, args: argparse.Namespace) -> list[str]:
             keep_ratio=args.keep_ratio,
             skip_first_transformer=args.skip_first_transformer_sparsity,
             skip_last_layer=args.skip_last_layer_sparsity,
+            attention_in_proj=getattr(args, "attention_in_proj", False),
         )
     if uses_supermask(args):
         return apply_supermask(
@@ -187,6 +197,7 @@ def apply_sparsity(model: nn.Module, args: argparse.Namespace) -> list[str]:
             conv_tile_size=args.sp_conv_tile_size,
             skip_first_transformer=args.skip_first_transformer_sparsity,
             skip_last_layer=args.skip_last_layer_sparsity,
+            attention_in_proj=getattr(args, "attention_in_proj", False),
         )
     return []
 

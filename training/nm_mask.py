@@ -70,12 +70,25 @@ restores the original class and with it the original forward. This works with pl
 (the parameter is used normally) and ``torch.compile`` (a class-level forward and a traceable
 autograd.Function).
 
+``nn.MultiheadAttention.in_proj_weight`` (the packed ``[3E, E]`` q/k/v projection) has no Linear
+to route: on registration there, the per-instance attention class gets ``_bimask_mha_forward``,
+which (with grad enabled) computes the attention itself — projections through ``_BiMaskLinear``
+on rows of ``W``/``Mf``/``Mb`` (all of them for self-attention; q rows and k/v rows for
+cross-attention), then scaled dot-product attention, masks merged as
+``F.multi_head_attention_forward`` merges them, dropout, ``out_proj``. ``Mb`` is computed on the
+whole ``[3E, E]`` weight, so a permuted group of M rows may mix q, k and v rows. If ``out_proj``
+also has a bidirectional mask, its ``dx`` uses its ``Mb`` there too. Without grad the module's own
+forward (and torch's fused fast path) runs on ``in_proj_weight = W * Mf``.
+
 Limits:
 
-- An NMMask(mode="bidirectional") on anything but the ``weight`` of a Linear/Conv2d (e.g.
-  ``nn.MultiheadAttention.in_proj_weight``) warns at registration and gets forward-mode gradients.
-- A module whose forward is not called (``nn.MultiheadAttention`` reads ``out_proj.weight``
-  directly) sees only ``W * Mf`` and gets forward-mode (m3) gradients.
+- An NMMask(mode="bidirectional") on anything but the ``weight`` of a Linear/Conv2d or
+  ``nn.MultiheadAttention.in_proj_weight`` (or on an attention with separate q/k/v weights,
+  ``add_bias_kv`` or ``add_zero_attn``) warns at registration and gets forward-mode gradients;
+  ``apply_nm(..., attention_in_proj=True)`` refuses such attention modules instead.
+- A module whose forward is not called sees only ``W * Mf`` and gets forward-mode (m3)
+  gradients: ``out_proj`` of an ``nn.MultiheadAttention`` whose ``in_proj_weight`` is not masked
+  bidirectionally (the attention reads ``out_proj.weight`` directly).
 - A bidirectional NMMask registered on a module that was parametrized *before*
   ``sparse_compile.training`` was imported cannot be attached automatically; it warns at its
   first training forward and behaves as mode "forward" until :meth:`NMMask.attach` is called.
@@ -293,6 +306,144 @@ def _bimask_forward(self, input):
 
 
 # --------------------------------------------------------------------------------------------
+# Bi-Mask on nn.MultiheadAttention.in_proj_weight
+#
+# nn.MultiheadAttention never calls a Linear for its input projection: F.multi_head_attention_forward
+# multiplies by ``in_proj_weight`` itself, so the only way to give that matmul its own backward is
+# to own the attention forward. The forward below is installed on the per-instance parametrized
+# class (as ``_bimask_forward`` is for a Linear) and runs only with grad enabled; it computes the
+# same attention as F.multi_head_attention_forward for the configurations it accepts
+# (:func:`mha_bimask_unsupported` names the others), with both projections through _BiMaskLinear.
+# --------------------------------------------------------------------------------------------
+
+
+def mha_bimask_unsupported(mha: nn.MultiheadAttention) -> str | None:
+    """Why a bidirectional in_proj mask cannot run on ``mha`` (None when it can)."""
+    # (not reading mha.in_proj_weight: during registration the parametrized attribute is half set up)
+    if not mha._qkv_same_embed_dim:
+        return "it has separate q/k/v weights (kdim/vdim != embed_dim), no packed in_proj_weight"
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "add_bias_kv/add_zero_attn are not supported by the Bi-Mask attention forward"
+    return None
+
+
+def _bidirectional_nm(module: nn.Module, tensor_name: str) -> "NMMask | None":
+    plists = getattr(module, "parametrizations", None)
+    if plists is None or tensor_name not in plists:
+        return None
+    plist = plists[tensor_name]
+    if len(plist) == 1 and isinstance(plist[0], NMMask) and plist[0].mode == "bidirectional" and plist[0]._attached:
+        return plist[0]
+    return None
+
+
+def _projection(x, weight, mf, mb, bias, rows: slice, decay: float):
+    """``x (W*Mf)[rows]^T + b[rows]`` with the Bi-Mask backward (``Mb[rows]`` in ``dx``)."""
+    b = None if bias is None else bias[rows]
+    return _BiMaskLinear.apply(x, weight[rows], mf[rows], mb[rows], b, decay)
+
+
+def _out_projection(out_proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # The attention reads out_proj.weight itself; a bidirectional mask there gets its dx here.
+    nm = _bidirectional_nm(out_proj, "weight")
+    if nm is None:
+        return F.linear(x, out_proj.weight, out_proj.bias)
+    weight = out_proj.parametrizations.weight.original
+    if not torch.compiler.is_compiling():
+        nm._ensure_hook(out_proj, weight)
+    mf, mb = nm.masks(weight)
+    return _BiMaskLinear.apply(x, weight, mf, mb, out_proj.bias, nm.decay)
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool masks (True = may not attend) -> 0/-inf; float masks are added as they are."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _bimask_mha_forward(
+    self,
+    query,
+    key,
+    value,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
+    nm = _bidirectional_nm(self, "in_proj_weight")
+    if nm is None or not torch.is_grad_enabled():
+        return type(self)._sc_base_forward(
+            self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+    if is_causal and attn_mask is None:
+        raise RuntimeError("MultiheadAttention: is_causal needs attn_mask (as torch's own forward does)")
+    weight = self.parametrizations.in_proj_weight.original
+    if not torch.compiler.is_compiling():
+        nm._ensure_hook(self, weight)
+    mf, mb = nm.masks(weight)
+
+    # Work batch-first: [N, L, E]. "is" identities decide which projections are shared.
+    batched = query.dim() == 3
+    self_attention = query is key and key is value
+    kv_shared = key is value
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not self.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    n, tgt, e = query.shape
+    src, heads = key.shape[1], self.num_heads
+    proj = lambda x, rows: _projection(x, weight, mf, mb, self.in_proj_bias, rows, nm.decay)  # noqa: E731
+    if self_attention:
+        q, k, v = proj(query, slice(0, 3 * e)).split(e, dim=-1)
+    else:
+        q = proj(query, slice(0, e))
+        if kv_shared:
+            k, v = proj(key, slice(e, 3 * e)).split(e, dim=-1)
+        else:
+            k, v = proj(key, slice(e, 2 * e)), proj(value, slice(2 * e, 3 * e))
+    q, k, v = (t.reshape(n, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))  # [N, H, len, hd]
+
+    # One additive mask [N or 1, H or 1, L, S], as F.multi_head_attention_forward merges them.
+    mask = _additive_mask(attn_mask, q.dtype)
+    if mask is not None:
+        mask = mask.view(1, 1, tgt, src) if mask.dim() == 2 else mask.view(n, heads, tgt, src)
+    pad = _additive_mask(key_padding_mask, q.dtype)
+    if pad is not None:
+        pad = pad.view(n, 1, 1, src)
+        mask = pad if mask is None else mask + pad
+    dropout = self.dropout if self.training else 0.0
+    weights = None
+    if need_weights:
+        scores = q.matmul(k.transpose(-2, -1)) / (e // heads) ** 0.5
+        if mask is not None:
+            scores = scores + mask
+        weights = scores.softmax(dim=-1)
+        if dropout > 0.0:
+            weights = F.dropout(weights, p=dropout)
+        out = weights.matmul(v)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            weights = weights.squeeze(0)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    out = _out_projection(self.out_proj, out.transpose(1, 2).reshape(n, tgt, e))
+    if not batched:
+        out = out.squeeze(0)
+    elif not self.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+# --------------------------------------------------------------------------------------------
 # The parametrization
 # --------------------------------------------------------------------------------------------
 
@@ -345,6 +496,7 @@ class NMMask(nn.Module):
         self._calls = 0  # backward passes that reached the weight (bidirectional)
         self._hooked = None  # weakref to the tensor whose grad hook counts them
         self._owner = None  # weakref to the module
+        self._tensor_name = "weight"  # the tensor it parametrizes ("in_proj_weight" on attention)
         self._searches = 0
         self._search_due = False  # a search waits for the weights of the next forward
         self._attached = False
@@ -410,8 +562,8 @@ class NMMask(nn.Module):
             self._hooked is None
             or self._hooked() is not weight
             or plists is None
-            or "weight" not in plists
-            or plists["weight"][0] is not self
+            or self._tensor_name not in plists
+            or plists[self._tensor_name][0] is not self
         ):
             return  # stale hook: the parametrization was removed, or this is a copy's old tensor
         self._calls += 1
@@ -475,13 +627,12 @@ class NMMask(nn.Module):
     def _on_registered(self, owner: nn.Module, tensor_name: str, plist: parametrize.ParametrizationList) -> None:
         if self.mode != "bidirectional":
             return
-        if tensor_name != "weight" or not isinstance(owner, (nn.Linear, nn.Conv2d)):
+        if _bimask_target_error(owner, tensor_name) is not None:
             # Raising here would leave the module half-registered; warn and act as mode "forward".
             self._warned = True
             warnings.warn(
-                f"NMMask(mode='bidirectional') on {type(owner).__bases__[0].__name__}.{tensor_name}: only the "
-                "'weight' of nn.Linear/nn.Conv2d gets the backward mask; this tensor gets forward-mode "
-                "gradients (dx uses Mf)",
+                f"NMMask(mode='bidirectional') on {type(owner).__bases__[0].__name__}.{tensor_name}: "
+                f"{_bimask_target_error(owner, tensor_name)}; this tensor gets forward-mode gradients (dx uses Mf)",
                 stacklevel=4,
             )
             return
@@ -491,11 +642,9 @@ class NMMask(nn.Module):
 
     def attach(self, module: nn.Module, tensor_name: str = "weight") -> None:
         """Route ``module``'s forward through the Bi-Mask op (done automatically on registration)."""
-        if tensor_name != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise ValueError(
-                f"NMMask(mode='bidirectional') applies to the 'weight' of nn.Linear or nn.Conv2d, got "
-                f"{type(module).__name__}.{tensor_name}"
-            )
+        why = _bimask_target_error(module, tensor_name)
+        if why is not None:
+            raise ValueError(f"NMMask(mode='bidirectional') on {type(module).__name__}.{tensor_name}: {why}")
         cls = type(module)
         if not isinstance(getattr(module, "parametrizations", None), nn.ModuleDict) or cls.__name__ != (
             f"Parametrized{cls.__bases__[0].__name__}"
@@ -503,7 +652,8 @@ class NMMask(nn.Module):
             raise ValueError("attach: register the NMMask with torch.nn.utils.parametrize.register_parametrization first")
         if "_sc_base_forward" not in cls.__dict__:
             cls._sc_base_forward = cls.__bases__[0].forward
-            cls.forward = _bimask_forward
+            cls.forward = _bimask_mha_forward if isinstance(module, nn.MultiheadAttention) else _bimask_forward
+        self._tensor_name = tensor_name
         self._attached = True
 
     # -- state ----------------------------------------------------------------------------------
@@ -550,6 +700,18 @@ def _run_due_searches(optimizer, args, kwargs) -> None:
 if not getattr(_optim, "_sparse_compile_search_hook", False):
     _optim.register_optimizer_step_post_hook(_run_due_searches)
     _optim._sparse_compile_search_hook = True
+
+
+def _bimask_target_error(module: nn.Module, tensor_name: str) -> str | None:
+    """Why a bidirectional NMMask cannot own the backward of ``module.<tensor_name>`` (None when it can)."""
+    if isinstance(module, nn.MultiheadAttention) and tensor_name == "in_proj_weight":
+        return mha_bimask_unsupported(module)
+    if tensor_name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)):
+        return None
+    return (
+        "the backward mask applies only to the 'weight' of nn.Linear/nn.Conv2d and to "
+        "nn.MultiheadAttention.in_proj_weight; use mode='forward', 'post' or 'unstructured' here"
+    )
 
 
 def _post_project(module: NMMask, original: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Supermask"]
+__all__ = ["Supermask", "StackedSupermask"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,3 +217,44 @@ class Supermask(nn.Module):
             f"weight_shape={self.weight_shape}, sparsity={self.sparsity:.4g}, tile_size={self.tile_size}, "
             f"fixed_mask={self.fixed_mask}, fixed_weight={self.fixed_weight}"
         )
+
+
+class StackedSupermask(Supermask):
+    """A :class:`Supermask` over ``parts`` weights stacked along dim 0, with one sparsity target each.
+
+    Made for ``nn.MultiheadAttention.in_proj_weight``, the q, k and v projections stacked as
+    ``[3E, E]``: each of them keeps the same number of tiles, the top-scoring ones of its own
+    rows (``apply.py`` says why, with the measurement). ``scores`` is one tensor, as for a
+    Supermask (same state-dict key); its rows split into ``parts`` equal chunks, so a tile may
+    not straddle two parts: ``weight_shape[0] / parts`` must be a multiple of ``tile_size``.
+    Sparsity is capped per part (``1 - 1/tiles_per_part``).
+    """
+
+    def __init__(self, weight_shape, sparsity: float, tile_size: int, parts: int = 3, **kwargs):
+        weight_shape = tuple(int(d) for d in weight_shape)
+        rows = weight_shape[0] if weight_shape else 0
+        if not isinstance(parts, int) or parts < 1 or rows % parts or (rows // parts) % max(1, int(tile_size)):
+            raise ValueError(
+                f"StackedSupermask: weight rows {rows} do not split into {parts} parts that are each a multiple "
+                f"of tile_size {tile_size} (a tile may not straddle two parts); choose a tile size that divides "
+                f"{rows // max(1, parts) if parts else rows}"
+            )
+        # One part's threshold arithmetic (and its cap warning) is Supermask's own; its throwaway
+        # scores must not draw from the global RNG (same init as a Supermask of the full shape).
+        with torch.random.fork_rng(devices=[]):
+            part = Supermask((rows // parts, *weight_shape[1:]), sparsity, tile_size)
+        super().__init__(weight_shape, part.sparsity, tile_size, **kwargs)
+        self.parts = parts
+        self.part_k = part.k
+        self.part_tiles = part.num_tiles
+
+    @property
+    def kept_tiles(self) -> int:
+        return self.parts * (self.part_tiles - (self.part_k - 1))
+
+    def tile_mask(self) -> torch.Tensor:
+        chunks = self.scores.chunk(self.parts, dim=0)
+        return torch.cat([_STEThreshold.apply(chunk, self.part_k) for chunk in chunks])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", parts={self.parts}"
