@@ -351,6 +351,7 @@ def _out_projection(out_proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = out_proj.parametrizations.weight.original
     if not torch.compiler.is_compiling():
         nm._ensure_hook(out_proj, weight)
+        nm.run_due_search()  # as in _bimask_forward: search on the weights this forward uses
     mf, mb = nm.masks(weight)
     return _BiMaskLinear.apply(x, weight, mf, mb, out_proj.bias, nm.decay)
 
@@ -386,6 +387,7 @@ def _bimask_mha_forward(
     weight = self.parametrizations.in_proj_weight.original
     if not torch.compiler.is_compiling():
         nm._ensure_hook(self, weight)
+        nm.run_due_search()  # as in _bimask_forward: search on the weights this forward uses
     mf, mb = nm.masks(weight)
 
     # Work batch-first: [N, L, E]. "is" identities decide which projections are shared.
