@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile.analysis import decide
 from sparse_compile.kernels import BsrWeight
+from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
 from sparse_compile.report import GraphReport, LayerRecord
 
@@ -62,7 +63,7 @@ class BsrLinearPass(CustomGraphPass):
                 self._record_runtime_weight(node, weight_t_node, names)
                 continue
             weight = weight_t.t()
-            decision = decide(weight, self.options)
+            decision = decide(weight, self.options, rows=rows_hint(_fake(x).shape[0]))
             self.graph_report.layers.append(
                 LayerRecord(
                     name=names(node, *weight.shape),
@@ -74,6 +75,9 @@ class BsrLinearPass(CustomGraphPass):
                     density=decision.density,
                     reason=decision.reason,
                     device=weight.device.type,
+                    time_ms=decision.time_ms,
+                    dense_ms=decision.dense_ms,
+                    from_cache=decision.from_cache,
                 )
             )
             if decision.is_sparse:

@@ -32,6 +32,11 @@ class LayerRecord:
     density: float | None
     reason: str = ""
     device: str = "cpu"
+    # Measured with density_threshold="auto" (None otherwise): ms of the way chosen and of dense
+    # F.linear, and whether the times came from the cache (no timing ran for this layer).
+    time_ms: float | None = None
+    dense_ms: float | None = None
+    from_cache: bool | None = None
 
     @property
     def kernel(self) -> str:
@@ -65,8 +70,32 @@ class GraphReport:
         sparse = [layer for layer in self.layers if layer.format == "bsr"]
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers run as BSR" + (" (call sparse_compile.report(model) for details)" if self.layers else "")
+            f"layers run as BSR" + _expected_speedup(self.layers)
+            + (" (call sparse_compile.report(model) for details)" if self.layers else "")
         )
+
+
+def _expected_speedup(layers: list[LayerRecord]) -> str:
+    """``"; linears 1.84x faster than dense (measured)"``: summed dense time / summed chosen time."""
+    timed = [layer for layer in layers if layer.time_ms is not None and layer.dense_ms is not None]
+    chosen = sum(layer.time_ms for layer in timed)
+    if not timed or chosen <= 0:
+        return ""
+    untimed = len(layers) - len(timed)
+    return (
+        f"; expected speedup of the linears {sum(layer.dense_ms for layer in timed) / chosen:.2f}x "
+        f"over dense (measured" + (f", {untimed} layer(s) not timed)" if untimed else ")")
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _timing_source(layer: LayerRecord) -> str:
+    if layer.from_cache is None:
+        return "-"
+    return "cache" if layer.from_cache else "measured"
 
 
 @dataclasses.dataclass
@@ -102,13 +131,19 @@ class CompileReport:
                 layer.kernel,
                 layer.blocksize if layer.blocksize is not None else "-",
                 f"{layer.density:.3f}" if layer.density is not None else "-",
+                _ms(layer.time_ms),
+                _ms(layer.dense_ms),
+                _timing_source(layer),
                 layer.reason,
             ]
             for layer in self.layers
         ]
         lines = [graph.summary() for graph in self.graphs]
         if rows:
-            headers = ["layer", "out x in", "dtype", "format", "kernel", "block", "block density", "why dense"]
+            headers = [
+                "layer", "out x in", "dtype", "format", "kernel", "block", "block density",
+                "ms", "dense ms", "timing", "why dense",
+            ]
             lines.append(tabulate(rows, headers=headers, disable_numparse=True))
         return "\n".join(lines)
 

@@ -65,7 +65,7 @@ def test_sparse_layers_rewritten_dense_layer_kept(shape):
     formats = {layer.name: layer.format for layer in sparse_compile.report(compiled).layers}
     assert formats == {"sparse_bias": "bsr", "sparse_nobias": "bsr", "dense": "dense"}
     dense = sparse_compile.report(compiled).dense_layers[0]
-    assert "threshold" in dense.reason and dense.density == pytest.approx(1.0)
+    assert "no block to skip" in dense.reason and dense.density == pytest.approx(1.0)
 
 
 def test_dense_model_is_not_rewritten():
@@ -186,7 +186,7 @@ def test_report_table_names_every_layer():
     compiled, _, _ = compile_and_run(model, torch.randn(2, 64), options={"blocksize": 16})
     text = str(sparse_compile.report(compiled))
     assert "2 of 3 linear layers run as BSR" in text
-    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "threshold", "torch ops (cpu)", "inductor dense"):
+    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "no block to skip", "torch ops (cpu)", "inductor dense"):
         assert name in text
 
 
