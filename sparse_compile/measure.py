@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import platform
 import statistics
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+log = logging.getLogger("sparse_compile")
 
 CACHE_ENV = "SPARSE_COMPILE_CACHE_DIR"
 CACHE_FILE = "timings-v1.json"
@@ -104,6 +107,17 @@ class TimingRequest:
     candidate: Candidate
     layer: LayerSpec
     run: Callable[[], object]
+
+
+@dataclasses.dataclass
+class Spent:
+    """What measuring has cost this process so far (read by benchmarks, logged per layer)."""
+
+    candidates_timed: int = 0
+    seconds: float = 0.0
+
+
+spent = Spent()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +196,17 @@ def time_candidates(
     known = {key: cache.get(key) for key in keys}
     missing = [c for c, key in zip(candidates, keys) if known[key] is None]
     if missing:
+        start = time.perf_counter()
         requests = _requests(weight, layer, missing)
         measured = [float(ms) for ms in timer(requests)]
+        seconds = time.perf_counter() - start
+        spent.candidates_timed += len(missing)
+        spent.seconds += seconds
+        log.info(
+            "sparse_compile: timed %s for a %dx%d %s layer, %d rows, in %.2f s",
+            ", ".join(c.label for c in missing), layer.out_features, layer.in_features,
+            str(layer.dtype).removeprefix("torch."), layer.rows, seconds,
+        )
         if len(measured) != len(missing):
             raise RuntimeError(f"sparse_compile.measure: the timer returned {len(measured)} times for {len(missing)} candidates")
         new = {cache_key(layer, c): ms for c, ms in zip(missing, measured)}
