@@ -155,8 +155,9 @@ def test_second_compile_hits_the_cache(monkeypatch):
     timer = RecordedTimer(RECORDED)
     monkeypatch.setattr(measure, "timer", timer)
     model, x = FourDensities().eval(), torch.randn(3, FEATURES)
+    timed_before = measure.spent.candidates_timed
     compile_and_run(model, x, {"blocksize": 32})
-    assert timer.timed == 5
+    assert timer.timed == 5 and measure.spent.candidates_timed == timed_before + 5
 
     # A new process: nothing in memory, the file on disk.
     measure.forget_loaded_caches()
@@ -164,6 +165,7 @@ def test_second_compile_hits_the_cache(monkeypatch):
     sparse_compile.clear_reports()
     compiled, out = compile_and_run(model, x, {"blocksize": 32})
     assert timer.timed == 5, "the second compile timed something"
+    assert measure.spent.candidates_timed == timed_before + 5
     layers = sparse_compile.report(compiled).layers
     assert [layer.format for layer in layers] == EXPECTED
     assert all(layer.from_cache for layer in layers)
