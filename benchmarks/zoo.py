@@ -88,7 +88,9 @@ class _LastHiddenState(nn.Module):
 def _gpt2_tiny():
     from transformers import GPT2Config, GPT2Model
 
-    config = GPT2Config(n_layer=2, n_embd=128, n_head=2, n_positions=128, vocab_size=1000)
+    config = GPT2Config(
+        n_layer=2, n_embd=128, n_head=2, n_positions=128, vocab_size=1000, bos_token_id=0, eos_token_id=0
+    )
     return _LastHiddenState(GPT2Model(config)), torch.randint(0, 1000, (1, 64))
 
 
