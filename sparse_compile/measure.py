@@ -115,7 +115,8 @@ class Spent:
     """What measuring has cost this process so far (read by benchmarks, logged per layer)."""
 
     candidates_timed: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # timing, the wait below included
+    waiting_seconds: float = 0.0  # of which waiting for Inductor's compile workers to start
 
 
 spent = Spent()
@@ -149,7 +150,9 @@ def _wait_for_compile_workers() -> None:
         from torch._inductor.async_compile import AsyncCompile
 
         if AsyncCompile.process_pool.cache_info().currsize:  # a pool exists: we are compiling
+            start = time.perf_counter()
             AsyncCompile.wait_pool_ready(timeout=120)
+            spent.waiting_seconds += time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - a private API: timing goes on without it
         log.debug("sparse_compile: could not wait for Inductor's compile workers: %s", error)
 
