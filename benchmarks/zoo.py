@@ -17,9 +17,12 @@ never of the library; a model whose package is missing gets a row that says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -253,6 +256,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--density-threshold", type=_threshold, default="auto",
         help="the sparse backend's density_threshold: 'auto' (measured) or a number, e.g. 0.4",
     )
+    parser.add_argument(
+        "--timing-cache", metavar="DIR",
+        help="the sparse backend's timing cache (SPARSE_COMPILE_CACHE_DIR); default: a new empty "
+        "directory, so every run measures its layers on the machine as it is now",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the sparse backend's report per model")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
@@ -282,13 +290,34 @@ def _threshold(text: str) -> float | str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        cache = args.timing_cache or stack.enter_context(tempfile.TemporaryDirectory(prefix="sparse-compile-timings-"))
+        stack.enter_context(_environment_variable("SPARSE_COMPILE_CACHE_DIR", cache))
+        return _run(args, argv)
+
+
+@contextlib.contextmanager
+def _environment_variable(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     device = common.set_up_run(args)
     common.warm_up_compiler(device)
     dtype = args.dtype[0]
     facts = common.environment(device, args.tf32) + [
         ("models", "; ".join(f"{name}: {MODELS[name].describe}" for name in args.models)),
         ("pruning", f"{args.sparsity[0]:.0%} of the {args.blocksize[0]}x{args.blocksize[0]} blocks of every linear"),
-        ("sparse backend", f"options={{'density_threshold': {args.density_threshold!r}}} (blocksize 'auto')"),
+        ("sparse backend", f"options={{'density_threshold': {args.density_threshold!r}}} (blocksize 'auto'), "
+         f"timing cache {args.timing_cache or 'new and empty'}"),
         ("dtype", common.dtype_name(dtype)),
         ("timing", f"median of {args.reps} round-robin rounds after {args.warmup} warm-up calls, batch 1"),
     ]
