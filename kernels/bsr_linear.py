@@ -271,7 +271,8 @@ def _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_fea
 
 # Gather path: at most this many elements in the [nnz, chunk, b] intermediate (64 MiB fp32).
 _GATHER_CHUNK_ELEMS = 1 << 24
-# Eager CPU: gather+bmm when density <= 0.25 and b >= 32, dense rebuild + addmm otherwise.
+# Eager CPU, for weights the sparse backend did not measure (see _CPU_VARIANTS below):
+# gather+bmm when density <= 0.25 and b >= 32, dense rebuild + addmm otherwise.
 # Measured (fp32, M = 2 * 197, K = 768, N = 3072, median of 15 round-robin runs after 3
 # warm-ups, torch 2.11, shared 2-core box so one thread for stable numbers):
 #   python -m benchmarks.cpu_op --threads 1
@@ -316,14 +317,46 @@ def _bsr_linear_op(
     return out.reshape(*lead, out_features)
 
 
+#: The CPU variant measured fastest for a converted weight, keyed by :func:`_cpu_variant_key`.
+#: The sparse backend (``sparse_compile.measure``) times the gather path against dense
+#: ``F.linear`` and converts a layer only when gather won, so it records "gather" here; the
+#: rebuild path is dense work plus a rebuild (2-8 ms over ``F.linear`` in the table above), never
+#: faster than leaving the layer dense, so it is not a candidate. Weights nobody measured
+#: (direct calls of the op, or a numeric ``density_threshold``) follow the fixed rule above.
+_CPU_VARIANTS: dict[tuple, str] = {}
+CPU_VARIANTS = ("gather", "rebuild")
+
+
+def _cpu_variant_key(dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int) -> tuple:
+    return (dtype, out_features, in_features, blocksize, nnz_blocks)
+
+
+def set_cpu_variant(
+    dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int, variant: str
+) -> None:
+    """Makes the op's CPU kernel run ``variant`` ("gather" or "rebuild") for BSR weights of this
+    dtype, shape, block size and number of stored blocks."""
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"set_cpu_variant: variant must be one of {CPU_VARIANTS}, got {variant!r}")
+    _CPU_VARIANTS[_cpu_variant_key(dtype, out_features, in_features, blocksize, nnz_blocks)] = variant
+
+
+def _cpu_variant(x2d: Tensor, values: Tensor, crow_indices: Tensor, out_features: int) -> str:
+    b = values.shape[1]
+    key = _cpu_variant_key(values.dtype, out_features, x2d.shape[1], b, values.shape[0])
+    measured = _CPU_VARIANTS.get(key)
+    if measured is not None:
+        return measured
+    all_blocks = (crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b)
+    sparse_enough = values.shape[0] <= _GATHER_MAX_DENSITY * all_blocks
+    return "gather" if sparse_enough and b >= _GATHER_MIN_BLOCKSIZE else "rebuild"
+
+
 @_bsr_linear_op.register_kernel("cpu")
 def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features, in_features):
     _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
     x2d = x.reshape(-1, x.shape[-1])
-    b = values.shape[1]
-    all_blocks = (crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b)
-    sparse_enough = values.shape[0] <= _GATHER_MAX_DENSITY * all_blocks
-    if sparse_enough and b >= _GATHER_MIN_BLOCKSIZE and x2d.shape[0] > 0:
+    if x2d.shape[0] > 0 and _cpu_variant(x2d, values, crow_indices, out_features) == "gather":
         out = _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features)
     else:
         out = _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features)

@@ -33,8 +33,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
-from sparse_compile.analysis import decide
+from sparse_compile.analysis import LayerDecision, decide
 from sparse_compile.kernels import BsrWeight, kernel_unavailable_reason
+from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
 from sparse_compile.report import GraphReport, LayerRecord
 
@@ -85,7 +86,7 @@ class BsrLinearPass(CustomGraphPass):
                 continue
             weight = weight_t.t()
             name = names(node, weight_t_node, *weight.shape)
-            decision = _decide(weight, self.options)
+            decision = _decide(weight, self.options, rows=rows_hint(_fake(x).shape[0]))
             self.graph_report.layers.append(_record(name, weight, decision))
             if not decision.is_sparse:
                 continue
@@ -124,7 +125,7 @@ class BsrLinearPass(CustomGraphPass):
             weight = constants(weight_node) if isinstance(weight_node, torch.fx.Node) else None
             if weight is None:
                 continue
-            decision = _decide(weight, self.options)
+            decision = _decide(weight, self.options, rows=None)
             inside = (
                 f"runs inside PyTorch's fused {op_name} "
                 "(the nn.MultiheadAttention/TransformerEncoderLayer inference fast path)"
@@ -154,13 +155,16 @@ _FUSED_FAST_PATH_WEIGHTS = {
 }
 
 
-def _decide(weight: torch.Tensor, options: SparseOptions):
-    """:func:`decide`, plus: no BSR on a device this process has no kernel for (say which)."""
-    decision = decide(weight, options)
+def _decide(weight: torch.Tensor, options: SparseOptions, rows: int | None):
+    """:func:`decide`, but no BSR on a device this process has no kernel for (say which).
+
+    Checked before deciding: with ``density_threshold="auto"`` deciding times the BSR kernel,
+    which cannot run there.
+    """
     unavailable = kernel_unavailable_reason(weight.device.type)
-    if decision.is_sparse and unavailable:
-        return dataclasses.replace(decision, format="dense", reason=unavailable)
-    return decision
+    if unavailable:
+        return LayerDecision("dense", None, None, unavailable)
+    return decide(weight, options, rows=rows)
 
 
 def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
@@ -174,6 +178,9 @@ def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
         density=decision.density,
         reason=decision.reason,
         device=weight.device.type,
+        time_ms=decision.time_ms,
+        dense_ms=decision.dense_ms,
+        from_cache=decision.from_cache,
     )
 
 

@@ -252,6 +252,10 @@ def _reason_key(layer: LayerRecord) -> str:
         return "unsupported_dtype"
     if layer.density is not None and "threshold" in layer.reason:
         return "above_threshold"
+    if "dense measured faster" in layer.reason:
+        return "measured_faster"
+    if "no block to skip" in layer.reason:
+        return "no_block_to_skip"
     if "smaller than" in layer.reason:
         return "smaller_than_block"
     return "other"

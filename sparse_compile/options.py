@@ -15,14 +15,13 @@ import torch
 #: rarely find empty blocks in a learned mask.
 CANDIDATE_BLOCKSIZES = (16, 32, 64, 128)
 
-#: A linear layer becomes BSR when at most this fraction of its blocks hold a nonzero.
-#:
-#: Why 0.4: the seed reports 532 -> 394 ms for ViT-B/16 at 80% block sparsity (A100, torch's BSR
-#: kernel), a 1.35x model speedup, which puts the linear-layer crossover near 50-60% sparsity;
-#: 0.4 (60% of the blocks empty) keeps a margin so that a layer the pass converts is not slower
-#: than dense. Our own GPU timings will replace this number (see the README's "Decision" section);
-#: users with other hardware set ``density_threshold`` themselves.
-DEFAULT_DENSITY_THRESHOLD = 0.4
+#: ``density_threshold`` default: measure, per layer, dense against BSR at each candidate block
+#: size on the device the layer runs on, and keep the fastest (``sparse_compile/measure.py``).
+#: No fixed density crossover holds across devices, shapes and row counts: on this project's
+#: 2-core CPU the gather path beat dense at 10% block density on ViT-B's MLP but lost at 50%
+#: (kernels/bsr_linear.py), and torch's BSR kernel on an A100 crosses over near 50-60%.
+AUTO = "auto"
+DEFAULT_DENSITY_THRESHOLD = AUTO
 
 #: Torch.compile modes the backend maps onto Inductor's own settings for them.
 SUPPORTED_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -33,15 +32,18 @@ class SparseOptions:
     """What ``options=`` of ``torch.compile(..., backend="sparse")`` may contain.
 
     Attributes:
-        blocksize: side of the square BSR blocks, one of 16, 32, 64, 128, or ``"auto"`` to pick,
-            per layer, the candidate size with the lowest estimated cost.
-        density_threshold: a layer is converted to BSR when its block density (stored blocks /
-            all blocks) is at most this; denser layers stay dense. ``0`` converts only layers
-            whose weight is all zeros, ``1`` converts every supported layer.
+        blocksize: side of the square BSR blocks, one of 16, 32, 64, 128, or ``"auto"``: with
+            ``density_threshold="auto"`` every candidate size is timed; with a number, the size
+            with the lowest estimated cost (``analysis.BLOCK_OVERHEAD``) is taken.
+        density_threshold: ``"auto"`` (default): a layer runs as BSR when BSR was measured faster
+            than dense for its shape, dtype, rows and block density on its device (timings are
+            cached on disk, see ``sparse_compile.measure``). A number in [0, 1]: no timing; a layer
+            is converted when its block density (stored blocks / all blocks) is at most this.
+            ``0`` converts only all-zero weights, ``1`` every supported layer.
     """
 
-    blocksize: int | str = "auto"
-    density_threshold: float = DEFAULT_DENSITY_THRESHOLD
+    blocksize: int | str = AUTO
+    density_threshold: float | str = DEFAULT_DENSITY_THRESHOLD
 
     def __post_init__(self) -> None:
         blocksize = self.blocksize
@@ -62,9 +64,16 @@ class SparseOptions:
                 f"{list(CANDIDATE_BLOCKSIZES)} or 'auto'"
             )
         threshold = self.density_threshold
+        if isinstance(threshold, str):
+            if threshold != AUTO:
+                raise ValueError(
+                    f"sparse backend: density_threshold={threshold!r} is not valid; use 'auto' "
+                    "(measure each layer) or a number in [0, 1]"
+                )
+            return
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(
-                "sparse backend: density_threshold must be a number in [0, 1], "
+                "sparse backend: density_threshold must be 'auto' or a number in [0, 1], "
                 f"got {type(threshold).__name__}"
             )
         if not 0.0 <= float(threshold) <= 1.0:
@@ -91,6 +100,11 @@ class SparseOptions:
                 f"sparse backend: unknown option(s) {unknown}; valid options are {valid}"
             )
         return cls(**options)
+
+    @property
+    def measured(self) -> bool:
+        """True when the choice is timed (``density_threshold="auto"``), not read off a threshold."""
+        return self.density_threshold == AUTO
 
     @property
     def blocksizes(self) -> tuple[int, ...]:

@@ -34,6 +34,11 @@ class LayerRecord:
     device: str = "cpu"
     # The PyTorch op the layer runs inside (its fused transformer fast path), "" for a linear.
     fused_op: str = ""
+    # Measured with density_threshold="auto" (None otherwise): ms of the way chosen and of dense
+    # F.linear, and whether the times came from the cache (no timing ran for this layer).
+    time_ms: float | None = None
+    dense_ms: float | None = None
+    from_cache: bool | None = None
 
     @property
     def kernel(self) -> str:
@@ -72,11 +77,35 @@ class GraphReport:
         fused = [layer for layer in self.layers if layer.fused_op]
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers run as BSR"
+            f"layers run as BSR" + _expected_speedup(self.layers)
             + (f", {len(fused)} inside PyTorch's fused transformer fast path" if fused else "")
             + (" (call sparse_compile.report(model) for details)" if self.layers else "")
             + (f"; {self.fallback}" if self.fallback else "")
         )
+
+
+def _expected_speedup(layers: list[LayerRecord]) -> str:
+    """``"; expected speedup of the linears 1.84x over dense (measured)"``: the summed dense
+    time of the timed layers / their summed chosen time (nothing when no layer was timed)."""
+    timed = [layer for layer in layers if layer.time_ms is not None and layer.dense_ms is not None]
+    chosen = sum(layer.time_ms for layer in timed)
+    if not timed or chosen <= 0:
+        return ""
+    untimed = len(layers) - len(timed)
+    return (
+        f"; expected speedup of the linears {sum(layer.dense_ms for layer in timed) / chosen:.2f}x "
+        f"over dense (measured" + (f", {untimed} layer(s) not timed)" if untimed else ")")
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _timing_source(layer: LayerRecord) -> str:
+    if layer.from_cache is None:
+        return "-"
+    return "cache" if layer.from_cache else "measured"
 
 
 @dataclasses.dataclass
@@ -112,13 +141,19 @@ class CompileReport:
                 layer.kernel,
                 layer.blocksize if layer.blocksize is not None else "-",
                 f"{layer.density:.3f}" if layer.density is not None else "-",
+                _ms(layer.time_ms),
+                _ms(layer.dense_ms),
+                _timing_source(layer),
                 layer.reason,
             ]
             for layer in self.layers
         ]
         lines = [graph.summary() for graph in self.graphs]
         if rows:
-            headers = ["layer", "out x in", "dtype", "format", "kernel", "block", "block density", "why dense"]
+            headers = [
+                "layer", "out x in", "dtype", "format", "kernel", "block", "block density",
+                "ms", "dense ms", "timing", "why dense",
+            ]
             lines.append(tabulate(rows, headers=headers, disable_numparse=True))
         return "\n".join(lines)
 
@@ -143,7 +178,8 @@ def report(model: torch.nn.Module | None = None) -> CompileReport:
 
     Returns:
         a :class:`CompileReport`; ``print`` it for a table with, per layer, name, shape, dtype,
-        format, block size, block density and, for dense layers, why.
+        format, block size, block density, the measured times of the chosen way and of dense
+        (``density_threshold="auto"``) and, for dense layers, why.
     """
     if model is None:
         return CompileReport(list(_reports))

@@ -38,3 +38,21 @@ def fresh_compiler():
     sparse_compile.clear_reports()
     yield
     torch._dynamo.reset()
+
+
+def modelled_timer(requests):
+    """A stand-in for real timings (``sparse_compile.measure.timer``): dense takes 1 ms, BSR
+    ``2 x block density`` ms, so BSR wins below density 0.5. Deterministic, instant."""
+    return [1.0 if r.candidate.kind == "dense" else 2.0 * r.candidate.density for r in requests]
+
+
+@pytest.fixture(autouse=True)
+def _no_real_timings(monkeypatch, tmp_path_factory):
+    """``density_threshold="auto"`` (the default) times kernels and caches the times on disk.
+    No test may depend on a timing or on the user's cache: every test gets the modelled timer
+    and an empty cache dir of its own; tests of the measuring itself replace both again."""
+    from sparse_compile import measure
+
+    monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path_factory.mktemp("timings")))
+    monkeypatch.setattr(measure, "timer", modelled_timer)
+    yield

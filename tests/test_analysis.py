@@ -47,9 +47,19 @@ def test_unsupported_dtype_stays_dense_with_reason(dtype):
     assert str(dtype).removeprefix("torch.") in decision.reason and "float32" in decision.reason
 
 
-def test_weight_smaller_than_a_block_stays_dense():
-    decision = decide(torch.randn(10, 512), SparseOptions(blocksize=16))
-    assert decision.format == "dense" and "smaller than one 16x16 block" in decision.reason
+@pytest.mark.parametrize("threshold", [0.4, "auto"])
+def test_weight_narrower_than_a_block_is_padded_and_converted(threshold):
+    # A 10 x 512 weight at block 16 is one zero-padded block row; 3 of its 32 blocks hold values.
+    weight = random_block_sparse(10, 512, 16, 0.0)
+    weight[:, [0, 100, 300]] = 1.0
+    decision = decide(weight, SparseOptions(blocksize=16, density_threshold=threshold))
+    assert decision.format == "bsr" and decision.blocksize == 16
+    assert decision.density == pytest.approx(block_density_by_hand(weight, 16)) == pytest.approx(3 / 32)
+
+
+def test_dense_narrow_weight_says_the_true_reason():
+    decision = decide(torch.randn(10, 512), SparseOptions(blocksize=16, density_threshold=0.4))
+    assert decision.format == "dense" and decision.reason == "block density 1.00 > threshold 0.40"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -62,7 +72,7 @@ def test_threshold(dtype):
     assert above.format == "dense" and "threshold" in above.reason
 
 
-def test_auto_picks_lowest_estimated_cost():
+def test_auto_blocksize_with_a_threshold_picks_lowest_estimated_cost():
     # Sparse in 32-blocks: 16 and 32 see the same density, 64 and 128 see more.
     weight = random_block_sparse(256, 256, 32, 0.3)
     decision = decide(weight, SparseOptions(blocksize="auto", density_threshold=1.0))

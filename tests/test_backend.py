@@ -69,11 +69,11 @@ def test_sparse_layers_rewritten_dense_layer_kept(shape):
     compiled, out, code = compile_and_run(model, x, options={"blocksize": 16})
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     assert code.count(OP_NAME) >= 2
-    assert counters["sparse_compile"]["bsr_layers"] == 2 and counters["sparse_compile"]["dense_above_threshold"] == 1
+    assert counters["sparse_compile"]["bsr_layers"] == 2 and counters["sparse_compile"]["dense_no_block_to_skip"] == 1
     formats = {layer.name: layer.format for layer in sparse_compile.report(compiled).layers}
     assert formats == {"sparse_bias": "bsr", "sparse_nobias": "bsr", "dense": "dense"}
     dense = sparse_compile.report(compiled).dense_layers[0]
-    assert "threshold" in dense.reason and dense.density == pytest.approx(1.0)
+    assert "no block to skip" in dense.reason and dense.density == pytest.approx(1.0)
 
 
 def test_dense_model_is_not_rewritten():
@@ -198,7 +198,7 @@ def test_report_table_names_every_layer():
     compiled, _, _ = compile_and_run(model, torch.randn(2, 64), options={"blocksize": 16})
     text = str(sparse_compile.report(compiled))
     assert "2 of 3 linear layers run as BSR" in text
-    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "threshold", "torch ops (cpu)", "inductor dense"):
+    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "no block to skip", "torch ops (cpu)", "inductor dense"):
         assert name in text
 
 

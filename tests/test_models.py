@@ -50,9 +50,9 @@ def test_vision_transformer():
     assert any("self_attention" in layer.name for layer in sparse)
     assert any(layer.name.endswith("mlp.0") for layer in sparse)
     head = [layer for layer in report.layers if layer.name == "heads.head"]
-    assert head and head[0].format == "dense" and "smaller than one" in head[0].reason
+    assert head and head[0].format == "dense" and "no block to skip" in head[0].reason
     assert code.count("sparse_compile.bsr_linear") >= 8
-    assert counters["sparse_compile"]["bsr_layers"] == 8 and counters["sparse_compile"]["dense_smaller_than_block"] == 1
+    assert counters["sparse_compile"]["bsr_layers"] == 8 and counters["sparse_compile"]["dense_no_block_to_skip"] == 1
 
 
 def test_resnet18_final_linear():

@@ -15,7 +15,14 @@ def test_defaults():
     options = SparseOptions.from_user(None)
     assert options.blocksize == "auto"
     assert options.blocksizes == CANDIDATE_BLOCKSIZES
-    assert options.density_threshold == DEFAULT_DENSITY_THRESHOLD
+    assert options.density_threshold == DEFAULT_DENSITY_THRESHOLD == "auto"
+    assert options.measured
+
+
+@pytest.mark.parametrize("threshold", [0, 0.4, 1])
+def test_a_number_means_no_measuring(threshold):
+    options = SparseOptions.from_user({"density_threshold": threshold})
+    assert not options.measured and options.density_threshold == threshold
 
 
 @pytest.mark.parametrize("blocksize", CANDIDATE_BLOCKSIZES)
@@ -39,7 +46,8 @@ def test_unknown_key_lists_valid_ones():
         ({"blocksize": True}, TypeError, "int or 'auto'"),
         ({"density_threshold": 1.5}, ValueError, r"outside \[0, 1\]"),
         ({"density_threshold": -0.1}, ValueError, r"outside \[0, 1\]"),
-        ({"density_threshold": "0.3"}, TypeError, "number"),
+        ({"density_threshold": "0.3"}, ValueError, r"'auto' \(measure each layer\) or a number"),
+        ({"density_threshold": None}, TypeError, "'auto' or a number"),
     ],
 )
 def test_bad_values(options, error, match):

@@ -1,0 +1,446 @@
+"""Measured kernel choice: time every viable way to run a linear layer, once, and remember it.
+
+With ``density_threshold="auto"`` (the default) :func:`sparse_compile.analysis.decide` asks
+:func:`time_candidates` for the time of each :class:`Candidate` — dense (``F.linear``, what
+Inductor runs for a dense layer) and BSR at each candidate block size — with the layer's real
+shape and dtype, the number of rows the graph was traced with, on the device the layer runs on.
+
+- CUDA: the first call of each candidate autotunes our Triton kernel (``triton.autotune`` picks
+  its config there); then ``triton.testing.do_bench`` (CUDA events, L2 flushed, median).
+- CPU: what the ``sparse_compile::bsr_linear`` CPU kernel runs for a converted layer (the
+  gathered block matmuls; see ``kernels/bsr_linear.py: set_cpu_variant``), against ``F.linear``
+  on the dense weight; warm-up calls, then round-robin timed calls, the fastest call.
+
+Times are cached in one JSON file, ``$SPARSE_COMPILE_CACHE_DIR/timings-v1.json`` (default
+``$XDG_CACHE_HOME/sparse_compile`` or ``~/.cache/sparse_compile``), keyed by device name,
+torch/triton versions, shape, dtype, rows bucket, candidate (block size) and density bucket. A
+second compile of the same model times nothing; layers of one shape and density bucket share
+one measurement. Writes take a file lock, merge with what is on disk and replace the file
+atomically, so processes compiling at once (DDP ranks) keep each other's entries; a file that
+cannot be read is ignored with a warning and rewritten.
+
+Tests replace :data:`timer` (module attribute, looked up at every call): no test depends on a
+real timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger("sparse_compile")
+
+CACHE_ENV = "SPARSE_COMPILE_CACHE_DIR"
+CACHE_FILE = "timings-v1.json"
+_FORMAT_VERSION = 1
+
+#: Rows measured when the caller does not know the traced batch (a direct ``decide`` call).
+DEFAULT_ROWS = 256
+
+#: Density buckets are this wide: layers whose block densities round to the same bucket share a
+#: measurement. BSR time grows with stored blocks, so 0.05 moves a BSR time by at most ~5%.
+DENSITY_BUCKET = 0.05
+
+# CPU timing: CPU_WARMUP round-robin warm-up calls, then round-robin timed calls until about
+# CPU_BUDGET_S of work per layer shape (between CPU_MIN_REPS and CPU_MAX_REPS calls each); the
+# fastest call counts. A candidate whose best warm-up call took CPU_HOPELESS times the fastest
+# candidate's is not timed further (its warm-up time is kept): on ViT-B's MLP (2 cores) the
+# gather path at 50% density, block 32, took 3.5x dense (kernels/bsr_linear.py).
+CPU_WARMUP = 2
+CPU_MIN_REPS = 5
+CPU_MIN_ROUNDS_UNDER_LOAD = 3
+CPU_MAX_REPS = 25
+CPU_BUDGET_S = 0.3
+CPU_HOPELESS = 3.0
+
+# CUDA timing: do_bench's own warm-up and measuring window, in ms.
+CUDA_WARMUP_MS = 25
+CUDA_REP_MS = 100
+
+
+# --------------------------------------------------------------------------------------------
+# What is timed
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run a layer. ``kind`` is ``"dense"`` or ``"bsr"`` (a 2:4 kind can join them)."""
+
+    kind: str
+    blocksize: int | None = None
+    density: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.blocksize is None else f"{self.kind}{self.blocksize}"
+
+
+DENSE = Candidate("dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What a timing depends on besides the candidate."""
+
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+    rows: int
+    device: torch.device
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingRequest:
+    """A candidate to time: ``run()`` computes the layer once on a representative input."""
+
+    candidate: Candidate
+    layer: LayerSpec
+    run: Callable[[], object]
+
+
+@dataclasses.dataclass
+class Spent:
+    """What measuring has cost this process so far (read by benchmarks, logged per layer)."""
+
+    candidates_timed: int = 0
+    seconds: float = 0.0  # timing, the wait below included
+    waiting_seconds: float = 0.0  # of which waiting for Inductor's compile workers to start
+
+
+spent = Spent()
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed:
+    candidate: Candidate
+    ms: float
+    from_cache: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Timers
+
+
+def time_requests(requests: Sequence[TimingRequest]) -> list[float]:
+    """Median ms of each request's ``run``, all of one layer, on its device."""
+    device = requests[0].layer.device
+    if device.type == "cuda":
+        return _time_cuda([request.run for request in requests], device)
+    _wait_for_compile_workers()
+    return _time_cpu([request.run for request in requests])
+
+
+def _wait_for_compile_workers() -> None:
+    """Inductor starts its compile worker processes as compiling begins, just before our pass
+    runs; while they start they take the cores a CPU timing needs (tiny ViT's 768x256 layer,
+    1 thread: fastest dense call 14.3 ms while they started, 0.64 ms on its own). Wait for them."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        if AsyncCompile.process_pool.cache_info().currsize:  # a pool exists: we are compiling
+            start = time.perf_counter()
+            AsyncCompile.wait_pool_ready(timeout=120)
+            spent.waiting_seconds += time.perf_counter() - start
+    except Exception as error:  # noqa: BLE001 - a private API: timing goes on without it
+        log.debug("sparse_compile: could not wait for Inductor's compile workers: %s", error)
+
+
+#: The timer :func:`time_candidates` calls. Tests replace it with a fake that returns recorded
+#: times (it receives the candidates, so it can answer per block size and density).
+timer: Callable[[Sequence[TimingRequest]], list[float]] = time_requests
+
+
+def _time_cpu(fns: Sequence[Callable[[], object]]) -> list[float]:
+    warm: list[list[float]] = [[] for _ in fns]
+    for _ in range(CPU_WARMUP):
+        for i, fn in enumerate(fns):
+            warm[i].append(_seconds(fn))
+    best_warm = [min(w) for w in warm]
+    fastest = max(min(best_warm), 1e-4)  # below 0.1 ms a warm-up call says too little to drop one
+    active = [i for i, seconds in enumerate(best_warm) if seconds <= CPU_HOPELESS * fastest]
+    per_round = sum(best_warm[i] for i in active)
+    reps = int(min(CPU_MAX_REPS, max(CPU_MIN_REPS, CPU_BUDGET_S / max(per_round, 1e-9))))
+    times: dict[int, list[float]] = {i: [] for i in active}
+    # Round-robin: load from other processes hits every candidate alike. The minimum, not the
+    # median: other processes only ever add time, and on a shared machine a median of a few
+    # calls still moved by 10x between runs (tiny ViT's 256x256 layer: 0.9 vs 26.8 ms, 2 cores).
+    start = time.perf_counter()
+    for done in range(reps):
+        # A loaded machine makes calls slower than the warm-up promised: stop at twice the budget.
+        if done >= CPU_MIN_ROUNDS_UNDER_LOAD and time.perf_counter() - start > 2 * CPU_BUDGET_S:
+            break
+        for i in active:
+            times[i].append(_seconds(fns[i]))
+    return [1e3 * (min(times[i]) if i in times else best_warm[i]) for i in range(len(fns))]
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _time_cuda(fns: Sequence[Callable[[], object]], device: torch.device) -> list[float]:
+    from triton.testing import do_bench
+
+    results = []
+    for fn in fns:
+        fn()  # our kernel's autotuning (and Triton's compiling) happen here, outside the timing
+        torch.cuda.synchronize(device)
+        results.append(float(do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median")))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one layer
+
+
+def time_candidates(
+    weight: torch.Tensor, candidates: Sequence[Candidate], rows: int | None = None
+) -> list[Timed]:
+    """Time of each candidate for ``weight`` ``[out, in]`` (from the cache where it has one).
+
+    Only candidates missing from the cache are timed, all in one round-robin run.
+    """
+    rows = DEFAULT_ROWS if rows is None else max(1, int(rows))
+    layer = LayerSpec(weight.shape[0], weight.shape[1], weight.dtype, rows, weight.device)
+    cache = current_cache()
+    keys = [cache_key(layer, candidate) for candidate in candidates]
+    known = {key: cache.get(key) for key in keys}
+    missing = [c for c, key in zip(candidates, keys) if known[key] is None]
+    if missing:
+        start = time.perf_counter()
+        requests = _requests(weight, layer, missing)
+        measured = [float(ms) for ms in timer(requests)]
+        seconds = time.perf_counter() - start
+        spent.candidates_timed += len(missing)
+        spent.seconds += seconds
+        log.info(
+            "sparse_compile: timed %s for a %dx%d %s layer, %d rows, in %.2f s",
+            ", ".join(c.label for c in missing), layer.out_features, layer.in_features,
+            str(layer.dtype).removeprefix("torch."), layer.rows, seconds,
+        )
+        if len(measured) != len(missing):
+            raise RuntimeError(f"sparse_compile.measure: the timer returned {len(measured)} times for {len(missing)} candidates")
+        new = {cache_key(layer, c): ms for c, ms in zip(missing, measured)}
+        cache.put(new)
+        known.update(new)
+    missing_labels = {c.label for c in missing}
+    return [Timed(c, known[key], c.label not in missing_labels) for c, key in zip(candidates, keys)]
+
+
+def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candidate]) -> list[TimingRequest]:
+    from sparse_compile.kernels import BsrWeight, bsr_linear
+    from sparse_compile.kernels.bsr_linear import set_cpu_variant
+
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(layer.rows, layer.in_features, generator=generator, device=weight.device).to(weight.dtype)
+    bias = torch.randn(layer.out_features, generator=generator, device=weight.device).to(weight.dtype)
+    dense_weight = weight.detach().contiguous()
+    requests = []
+    for candidate in candidates:
+        if candidate.kind == "dense":
+            run = functools.partial(_no_grad, torch.nn.functional.linear, x, dense_weight, bias)
+        elif candidate.kind == "bsr":
+            bsr = BsrWeight.from_dense(dense_weight, candidate.blocksize)
+            if weight.device.type == "cpu":
+                # Time what the op runs for a converted layer: the gathered block matmuls.
+                set_cpu_variant(bsr.values.dtype, bsr.out_features, bsr.in_features, bsr.blocksize, bsr.nnz_blocks, "gather")
+            run = functools.partial(_no_grad, bsr_linear, x, bsr, bias)
+        else:
+            raise ValueError(f"sparse_compile.measure: no way to time a {candidate.kind!r} candidate")
+        requests.append(TimingRequest(candidate, layer, run))
+    return requests
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def rows_bucket(rows: int) -> int:
+    """Next power of two: batches 200 and 250 share timings, 16 and 256 do not."""
+    return 1 if rows <= 1 else 1 << (int(rows) - 1).bit_length()
+
+
+def density_bucket(density: float) -> str:
+    return f"{round(density / DENSITY_BUCKET) * DENSITY_BUCKET:.2f}"
+
+
+def cache_key(layer: LayerSpec, candidate: Candidate) -> str:
+    parts = [
+        device_name(layer.device),
+        f"torch {torch.__version__}",
+        f"triton {_triton_version()}",
+        f"{layer.out_features}x{layer.in_features}",
+        str(layer.dtype).removeprefix("torch."),
+        f"rows {rows_bucket(layer.rows)}",
+        candidate.label,
+    ]
+    if candidate.density is not None:
+        parts.append(f"density {density_bucket(candidate.density)}")
+    return " | ".join(parts)
+
+
+def device_name(device: torch.device) -> str:
+    """The device as timings depend on it: GPU model, or CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}: {_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+# --------------------------------------------------------------------------------------------
+# The cache file
+
+
+def cache_dir() -> Path:
+    """``$SPARSE_COMPILE_CACHE_DIR``, else the user's cache dir + ``sparse_compile``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "sparse_compile"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparse_compile"
+
+
+class TimingCache:
+    """Cache key -> ms, loaded once per process, written through to a JSON file."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / CACHE_FILE
+        self._entries: dict[str, float] | None = None
+
+    def get(self, key: str) -> float | None:
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries.get(key)
+
+    def put(self, new: dict[str, float]) -> None:
+        if self._entries is None:
+            self._entries = self._read()
+        self._entries.update(new)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+                # Another process may have written since we read: keep its entries too.
+                merged = {**self._read(quiet=True), **new}
+                _atomic_write_json(self.path, {"version": _FORMAT_VERSION, "entries": merged})
+            self._entries = {**merged, **self._entries}
+        except OSError as error:
+            warnings.warn(
+                f"sparse_compile: could not write the timing cache {self.path} ({error}); timings are "
+                f"kept for this process only. Set {CACHE_ENV} to a writable directory.",
+                stacklevel=2,
+            )
+
+    def _read(self, quiet: bool = False) -> dict[str, float]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            return self._unreadable(f"cannot be read ({error})", quiet)
+        try:
+            data = json.loads(text)
+            if data.get("version") != _FORMAT_VERSION:
+                raise ValueError(f"format version {data.get('version')!r}, expected {_FORMAT_VERSION}")
+            entries = data["entries"]
+            if not isinstance(entries, dict):
+                raise ValueError(f"'entries' is a {type(entries).__name__}, not an object")
+            return {str(k): float(v) for k, v in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            return self._unreadable(f"is corrupt ({type(error).__name__}: {error})", quiet)
+
+    def _unreadable(self, why: str, quiet: bool) -> dict[str, float]:
+        if not quiet:
+            warnings.warn(
+                f"sparse_compile: timing cache {self.path} {why}; ignoring it: layers are measured "
+                "again and the file is rewritten",
+                stacklevel=3,
+            )
+        return {}
+
+
+_caches: dict[Path, TimingCache] = {}
+
+
+def current_cache() -> TimingCache:
+    """The cache of the current cache dir (read from the environment at every call)."""
+    directory = cache_dir()
+    if directory not in _caches:
+        _caches[directory] = TimingCache(directory)
+    return _caches[directory]
+
+
+def forget_loaded_caches() -> None:
+    """Drops what this process has read or measured, as a new process would start (tests)."""
+    _caches.clear()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the atomic replace still keeps the file whole
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def rows_hint(value) -> int | None:
+    """The traced number of rows as an int (a dynamic dim's hint), or None when unknown."""
+    if isinstance(value, int):
+        return value
+    hint = getattr(getattr(value, "node", None), "hint", None)
+    return int(hint) if isinstance(hint, int) else None

@@ -1,0 +1,325 @@
+"""Measured choice (density_threshold="auto"): the fastest recorded candidate wins, timings are
+cached on disk, and the CPU op runs what was timed.
+
+Every test replaces the timer (``sparse_compile.measure.timer``) with recorded times: nothing
+here depends on how fast this machine is.
+"""
+
+import importlib
+import json
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_compile
+from sparse_compile import measure
+from sparse_compile.analysis import decide
+from sparse_compile.kernels import BsrWeight
+from sparse_compile.options import SparseOptions
+from sparse_compile.pruning import prune_linear_blocks_
+
+# The module, not the function of the same name that sparse_compile.kernels exports.
+bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
+
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
+
+FEATURES = 256  # 8 x 8 = 64 blocks of 32
+# Stored blocks of 64 -> block densities 0.047, 0.30, 0.59, 0.95 (buckets 0.05, 0.30, 0.60, 0.95).
+KEPT_BLOCKS = (3, 19, 38, 61)
+
+
+def keep_blocks(weight, kept, b=32):
+    """Zeroes all but ``kept`` random whole b x b blocks of ``weight`` (randn: no other zeros)."""
+    nb, kb = weight.shape[0] // b, weight.shape[1] // b
+    keep = torch.zeros(nb * kb, dtype=torch.bool)
+    keep[torch.randperm(nb * kb)[:kept]] = True
+    mask = keep.view(nb, kb).repeat_interleave(b, 0).repeat_interleave(b, 1)
+    with torch.no_grad():
+        weight.mul_(mask)
+    return weight
+
+
+class FourDensities(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(FEATURES, FEATURES) for _ in KEPT_BLOCKS)
+        for layer, kept in zip(self.layers, KEPT_BLOCKS):
+            keep_blocks(layer.weight, kept)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class RecordedTimer:
+    """Times from a table ``{label: ms}`` or ``{label: {density bucket: ms}}``; counts its calls."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = []
+
+    def __call__(self, requests):
+        self.calls.append([r.candidate for r in requests])
+        times = []
+        for request in requests:
+            entry = self.table[request.candidate.label]
+            if isinstance(entry, dict):
+                entry = entry[measure.density_bucket(request.candidate.density)]
+            times.append(entry)
+        return times
+
+    @property
+    def timed(self):
+        return sum(len(call) for call in self.calls)
+
+
+def compile_and_run(model, x, options=None):
+    compiled = torch.compile(model, backend="sparse", options=options)
+    with torch.no_grad():
+        out = compiled(x)
+    return compiled, out
+
+
+def float64_reference(model, x):
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+# Dense always 1 ms. BSR is faster at 0.05 and 0.30, slower at 0.60, and (unlike any density
+# rule) faster again at 0.95: the choice must follow the recorded times, not the density.
+RECORDED = {"dense": 1.0, "bsr32": {"0.05": 0.2, "0.30": 0.7, "0.60": 1.3, "0.95": 0.9}}
+EXPECTED = ["bsr", "bsr", "dense", "bsr"]
+
+
+def test_choices_follow_the_recorded_timings(monkeypatch):
+    timer = RecordedTimer(RECORDED)
+    monkeypatch.setattr(measure, "timer", timer)
+    gather_calls = []
+    real_gather = bsr_linear_module._bsr_linear_gather_bmm
+    monkeypatch.setattr(
+        bsr_linear_module, "_bsr_linear_gather_bmm", lambda *a: gather_calls.append(1) or real_gather(*a)
+    )
+    model = FourDensities().eval()
+    x = torch.randn(6, 10, FEATURES)
+    compiled, out = compile_and_run(model, x, {"blocksize": 32})
+
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+    layers = sparse_compile.report(compiled).layers
+    assert [layer.format for layer in layers] == EXPECTED, str(sparse_compile.report(compiled))
+    for layer, kept in zip(layers, KEPT_BLOCKS):
+        bucket = measure.density_bucket(kept / 64)
+        assert layer.density == pytest.approx(kept / 64)
+        assert layer.dense_ms == 1.0 and layer.from_cache is False
+        assert layer.time_ms == (RECORDED["bsr32"][bucket] if layer.format == "bsr" else 1.0)
+    assert "dense measured faster: 1 ms vs 1.3 ms for BSR at block 32" in layers[2].reason
+    # The three BSR layers ran the gathered block matmuls that were timed, including the one at
+    # density 0.95 that the op's fixed rule (gather up to 0.25) would have run dense.
+    assert len(gather_calls) == 3
+    # One timing run per layer; dense only once: its time does not depend on the density.
+    assert [[c.label for c in call] for call in timer.calls] == [["dense", "bsr32"]] + [["bsr32"]] * 3
+
+
+def test_summary_says_the_expected_speedup(monkeypatch):
+    monkeypatch.setattr(measure, "timer", RecordedTimer(RECORDED))
+    compiled, _ = compile_and_run(FourDensities().eval(), torch.randn(4, FEATURES), {"blocksize": 32})
+    text = str(sparse_compile.report(compiled))
+    # dense 4 x 1 ms; chosen 0.2 + 0.7 + 1.0 + 0.9 = 2.8 ms.
+    assert f"expected speedup of the linears {4 / 2.8:.2f}x over dense (measured)" in text
+    for column in ("ms", "dense ms", "timing", "measured"):
+        assert column in text
+
+
+@pytest.mark.parametrize("slow", ["dense", "bsr16", "bsr32", "bsr64", "bsr128"])
+def test_a_slow_candidate_is_never_chosen(monkeypatch, slow):
+    # Without the slow one every candidate ties but the slow one, which would otherwise win.
+    table = {label: 1.0 for label in ("dense", "bsr16", "bsr32", "bsr64", "bsr128")}
+    table[slow] = 1e6
+    best_otherwise = "bsr128" if slow != "bsr128" else "bsr64"
+    table[best_otherwise] = 0.5
+    monkeypatch.setattr(measure, "timer", RecordedTimer(table))
+    weight = keep_blocks(torch.randn(512, 512), 4, b=128)  # density 0.25 at every block size
+    decision = decide(weight, SparseOptions(), rows=64)
+    chosen = "dense" if decision.format == "dense" else f"bsr{decision.blocksize}"
+    assert chosen != slow
+    assert chosen == best_otherwise
+    assert dict(decision.timings)[slow] == 1e6
+
+
+def test_second_compile_hits_the_cache(monkeypatch):
+    timer = RecordedTimer(RECORDED)
+    monkeypatch.setattr(measure, "timer", timer)
+    model, x = FourDensities().eval(), torch.randn(3, FEATURES)
+    timed_before = measure.spent.candidates_timed
+    compile_and_run(model, x, {"blocksize": 32})
+    assert timer.timed == 5 and measure.spent.candidates_timed == timed_before + 5
+
+    # A new process: nothing in memory, the file on disk.
+    measure.forget_loaded_caches()
+    torch._dynamo.reset()
+    sparse_compile.clear_reports()
+    compiled, out = compile_and_run(model, x, {"blocksize": 32})
+    assert timer.timed == 5, "the second compile timed something"
+    assert measure.spent.candidates_timed == timed_before + 5
+    layers = sparse_compile.report(compiled).layers
+    assert [layer.format for layer in layers] == EXPECTED
+    assert all(layer.from_cache for layer in layers)
+    assert "cache" in str(sparse_compile.report(compiled))
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_layers_of_one_shape_and_density_share_one_measurement(monkeypatch):
+    timer = RecordedTimer({"dense": 1.0, "bsr32": 0.5})
+    monkeypatch.setattr(measure, "timer", timer)
+    model = nn.Sequential(*[nn.Linear(FEATURES, FEATURES) for _ in range(3)]).eval()
+    for layer in model:
+        keep_blocks(layer.weight, 6)  # different blocks, same density
+    compiled, _ = compile_and_run(model, torch.randn(2, FEATURES), {"blocksize": 32})
+    assert len(timer.calls) == 1
+    assert [layer.from_cache for layer in sparse_compile.report(compiled).layers] == [False, True, True]
+
+
+def test_cache_key_names_everything_a_time_depends_on():
+    layer = measure.LayerSpec(768, 3072, torch.bfloat16, 394, torch.device("cpu"))
+    key = measure.cache_key(layer, measure.Candidate("bsr", 32, 0.102))
+    for part in (f"torch {torch.__version__}", "triton ", "768x3072", "bfloat16", "rows 512", "bsr32", "density 0.10"):
+        assert part in key
+    assert key.startswith(measure.device_name(torch.device("cpu")))
+    assert measure.cache_key(layer, measure.DENSE).endswith("| dense")
+    # Same bucket, same key; next bucket, another.
+    assert key == measure.cache_key(layer, measure.Candidate("bsr", 32, 0.11))
+    assert key != measure.cache_key(layer, measure.Candidate("bsr", 32, 0.13))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path / "here"))
+    assert measure.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv(measure.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert measure.cache_dir() == tmp_path / "xdg" / "sparse_compile"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": [1, 2]}', '{"version": 99, "entries": {}}', ""])
+def test_corrupt_cache_file_is_rebuilt_with_a_warning(monkeypatch, content):
+    timer = RecordedTimer(RECORDED)
+    monkeypatch.setattr(measure, "timer", timer)
+    path = measure.cache_dir() / measure.CACHE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    with pytest.warns(UserWarning, match=r"timing cache .* is corrupt \(.*\); ignoring it"):
+        compiled, _ = compile_and_run(FourDensities().eval(), torch.randn(2, FEATURES), {"blocksize": 32})
+    assert timer.timed == 5
+    assert [layer.format for layer in sparse_compile.report(compiled).layers] == EXPECTED
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 5 and all(isinstance(ms, float) for ms in entries.values())
+
+
+def _write_entries(directory, worker, count):
+    cache = measure.TimingCache(directory)
+    for i in range(count):
+        cache.put({f"worker {worker} entry {i}": float(i)})
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    # Processes writing at once (DDP ranks compiling together) must not lose each other's
+    # entries nor leave a half-written file.
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_entries, args=(tmp_path, w, 25)) for w in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unreadable file would warn
+        entries = measure.TimingCache(tmp_path)._read()
+    assert entries == {f"worker {w} entry {i}": float(i) for w in range(4) for i in range(25)}
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_numeric_threshold_times_nothing(monkeypatch):
+    timer = RecordedTimer(RECORDED)
+    monkeypatch.setattr(measure, "timer", timer)
+    compiled, _ = compile_and_run(FourDensities().eval(), torch.randn(2, FEATURES), {"blocksize": 32, "density_threshold": 0.4})
+    assert timer.calls == []
+    layers = sparse_compile.report(compiled).layers
+    assert [layer.format for layer in layers] == ["bsr", "bsr", "dense", "dense"]
+    assert all(layer.time_ms is None and layer.from_cache is None for layer in layers)
+    assert "expected speedup" not in str(sparse_compile.report(compiled))
+
+
+def test_cpu_timer_times_every_candidate_round_robin(monkeypatch):
+    monkeypatch.setattr(measure, "CPU_HOPELESS", float("inf"))  # none dropped, however the calls vary
+    calls = []
+    fns = [lambda name=name: calls.append(name) for name in "abc"]
+    times = measure._time_cpu(fns)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    # Warm-up, then rounds of a, b, c (interleaved, so load hits all alike).
+    assert calls[-3:] == ["a", "b", "c"] and len(calls) >= 3 * (measure.CPU_WARMUP + measure.CPU_MIN_REPS)
+
+
+def test_cuda_timer_warms_up_before_do_bench(monkeypatch):
+    import triton.testing
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(
+        triton.testing, "do_bench",
+        lambda fn, warmup, rep, return_mode: events.append(("bench", return_mode)) or 0.25,
+    )
+    times = measure._time_cuda([lambda: events.append("call")], torch.device("cuda"))
+    # The first call (autotuning) is finished before do_bench starts timing.
+    assert events == ["call", "sync", ("bench", "median")] and times == [0.25]
+
+
+def test_cpu_variant_set_by_measurement_overrides_the_fixed_rule():
+    weight = keep_blocks(torch.randn(64, 64), 3, b=16)  # density 3/16 but block 16: fixed rule rebuilds
+    bsr = BsrWeight.from_dense(weight, 16)
+    x = torch.randn(5, 64)
+    values, crow = bsr.values, bsr.crow_indices
+    assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "rebuild"
+    bsr_linear_module.set_cpu_variant(values.dtype, 64, 64, 16, bsr.nnz_blocks, "gather")
+    try:
+        assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "gather"
+        torch.testing.assert_close(
+            bsr_linear_module.bsr_linear(x, bsr).double(), x.double() @ weight.double().t(), atol=1e-5, rtol=1e-5
+        )
+    finally:
+        bsr_linear_module._CPU_VARIANTS.clear()
+    with pytest.raises(ValueError, match="gather"):
+        bsr_linear_module.set_cpu_variant(values.dtype, 64, 64, 16, 3, "fast")
+
+
+class Mixer(nn.Module):
+    """timm Mixer's token mixing: 16 tokens -> 384 -> 16, applied across tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 384), nn.Linear(384, 16)
+
+    def forward(self, x):  # x: [batch, channels, tokens=16]
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("options", [{"blocksize": 32}, {}, {"blocksize": 32, "density_threshold": 0.4}])
+def test_narrow_linears_are_converted(options):
+    # 384x16 and 16x384 at block 32: 12 zero-padded blocks each, 11 pruned.
+    model = Mixer().eval()
+    prune_linear_blocks_(model, 0.9, 32)
+    x = torch.randn(2, 24, 16)
+    compiled, out = compile_and_run(model, x, options)
+    report = sparse_compile.report(compiled)
+    assert [layer.format for layer in report.layers] == ["bsr", "bsr"], str(report)
+    assert all(layer.density <= 0.1 for layer in report.layers)
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_dense_narrow_linear_says_why():
+    decision = decide(torch.randn(10, 512), SparseOptions(blocksize=16))
+    assert decision.format == "dense" and "no block to skip" in decision.reason
+    assert "smaller than" not in decision.reason

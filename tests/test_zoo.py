@@ -1,0 +1,63 @@
+"""Smoke tests for benchmarks/zoo.py: a tiny stand-in model, a missing package, Conv1D pruning.
+
+They say nothing about speed (the conftest timer decides for the sparse backend).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import zoo
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)), torch.randn(1, 10, 64)
+
+
+@pytest.fixture
+def tiny_zoo(monkeypatch):
+    models = {
+        "tiny": zoo.ZooModel("tiny", "torch", "two linears", tiny_model),
+        "absent": zoo.ZooModel("absent", "no_such_package_here", "needs a package that is missing", tiny_model),
+    }
+    monkeypatch.setattr(zoo, "MODELS", models)
+    return models
+
+
+def test_rows_for_every_variant_and_a_missing_package(tiny_zoo, capsys, tmp_path):
+    output = tmp_path / "zoo.md"
+    argv = ["--device", "cpu", "--models", "tiny,absent", "--warmup", "0", "--reps", "2", "--output", str(output)]
+    assert zoo.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith(("tiny ", "absent "))]
+    assert len(rows) == 6, text
+    tiny = {variant: line for line in rows for variant in zoo.VARIANTS if line.startswith("tiny") and variant in line}
+    assert set(tiny) == set(zoo.VARIANTS)
+    assert all(line.rstrip().endswith("ok") for line in tiny.values()), text
+    # 90% of 8 blocks of 32 pruned: both linears sparse enough for the conftest timer.
+    assert "2/2" in tiny['backend="sparse"']
+    assert all("no_such_package_here is not installed" in line for line in rows if line.startswith("absent"))
+    written = output.read_text()
+    assert "python -m benchmarks.zoo" in written and "Raw per-call times" in written
+
+
+def test_conv1d_weights_are_pruned_too():
+    transformers = pytest.importorskip("transformers")
+    conv = transformers.pytorch_utils.Conv1D(96, 64)  # weight [in 64, out 96]
+    torch.nn.init.normal_(conv.weight)
+    model = nn.Sequential(conv, nn.Linear(96, 64))
+    assert zoo.prune_every_linear(model, 0.5, 32) == 2
+    blocks = conv.weight.detach().view(2, 32, 3, 32).ne(0).any(dim=(1, 3))
+    assert blocks.sum() == 3  # round(0.5 * 6) of 6 blocks zeroed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "resnet9000"], "unknown model"),
+    (["--density-threshold", "1.5"], "outside"),
+    (["--sparsity", "0.8,0.9"], "one value"),
+])
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        zoo.parse_args(["--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
