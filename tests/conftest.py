@@ -5,6 +5,7 @@ read when triton is first imported, so it is set here, before any test module im
 On a GPU machine it is left alone: there the kernels are compiled for real.
 """
 
+import importlib
 import os
 
 import pytest
@@ -53,6 +54,13 @@ def _no_real_timings(monkeypatch, tmp_path_factory):
     and an empty cache dir of its own; tests of the measuring itself replace both again."""
     from sparse_compile import measure
 
+    # importlib: the package attribute "bsr_linear" is the function of that name, not the module.
+    bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
+
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path_factory.mktemp("timings")))
     monkeypatch.setattr(measure, "timer", modelled_timer)
+    # The CPU op remembers, per process, which variant a measurement chose for a shape: one
+    # test's choice must not decide another's.
+    bsr_linear_module._CPU_VARIANTS.clear()
     yield
+    bsr_linear_module._CPU_VARIANTS.clear()
