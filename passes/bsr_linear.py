@@ -2,11 +2,13 @@
 
 Runs as ``post_grad_custom_pre_pass`` on the frozen inference graph. By then AOTAutograd has
 lowered every ``nn.Linear``/``F.linear`` (and the projections inside ``nn.MultiheadAttention``)
-to ``aten.mm(x2d, W^T)`` or ``aten.addmm(bias, x2d, W^T)``, and freezing has folded every weight
+to ``aten.mm(x2d, W^T)`` or ``aten.addmm(bias, x2d, W^T)`` (or, for a non-contiguous 3-D input
+and a weight that does not require grad, ``aten.bmm(x3d, expand(W^T))``), and freezing has folded every weight
 expression — parametrizations such as ``W * mask(scores)`` included — into one constant
 ``get_attr`` tensor. The pass works in three steps per node:
 
-1. match: an ``mm``/``addmm`` whose second operand is a constant 2-D tensor (the transposed weight);
+1. match: an ``mm``/``addmm``/``bmm`` whose second operand is a constant matrix (the transposed
+   weight; for ``bmm``, one matrix expanded over the batch);
 2. check: :func:`sparse_compile.analysis.decide` on the weight;
 3. replace: convert the weight to BSR once, store the BSR tensors as new constants, and call
    ``torch.ops.sparse_compile.bsr_linear`` instead. Linears that share one weight (tied
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 from typing import Callable, Mapping
 
@@ -86,7 +89,7 @@ class BsrLinearPass(CustomGraphPass):
                 continue
             weight = weight_t.t()
             name = names(node, weight_t_node, *weight.shape)
-            decision = _decide(weight, self.options, rows=rows_hint(_fake(x).shape[0]))
+            decision = _decide(weight, self.options, rows=rows_hint(math.prod(_fake(x).shape[:-1])))
             self.graph_report.layers.append(_record(name, weight, decision))
             if not decision.is_sparse:
                 continue
@@ -209,6 +212,13 @@ def _match_linear(node: torch.fx.Node):
         bias_val = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
         if bias_val is None or bias_val.dim() > 2 or (bias_val.dim() == 2 and bias_val.shape[0] != 1):
             return None
+    elif node.target is aten.bmm.default:
+        # F.linear on a non-contiguous 3-D input whose weight does not require grad (a
+        # parametrized weight under no_grad, e.g. nn.MultiheadAttention's in_proj with batch_first:
+        # it transposes its input) decomposes to bmm(x, expand(W^T)); freezing folds the expanded
+        # W^T into one 3-D constant. The pass takes it when every batch sees one matrix.
+        x, weight_t = node.args
+        bias = None
     else:
         return None
     if not isinstance(x, torch.fx.Node) or not isinstance(weight_t, torch.fx.Node):
@@ -231,10 +241,19 @@ class _ConstantEvaluator:
         self._values: dict[torch.fx.Node, torch.Tensor | None] = {}
 
     def __call__(self, node: torch.fx.Node) -> torch.Tensor | None:
+        """The node's constant value as a matrix, or None.
+
+        A 3-D constant counts when it is one matrix expanded over its batch dim (stride 0, as
+        ``expand`` makes it: the weight operand of a linear lowered to ``bmm``).
+        """
         if node not in self._values:
             self._values[node] = self._evaluate(node)
         value = self._values[node]
-        return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dim() == 3 and value.shape[0] > 0 and value.stride(0) == 0:
+            return value[0]
+        return value if value.dim() == 2 else None
 
     def _evaluate(self, node: torch.fx.Node):
         if node.op == "get_attr":

@@ -329,16 +329,10 @@ def test_apply_refuses_attention_it_cannot_mask():
 # Train, then compile: all four linears of every block are BSR
 
 
-ONLINE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="passes/bsr_linear matches aten.mm/addmm only; with the mask still parametrized, the in_proj "
-    "linear on MHA's transposed (non-contiguous) input lowers to bmm(expand(x), expand(W^T)) and is not "
-    "seen (not even listed in the report). finalize() first, as the evaluate CLI's --bsr does.",
-)
-
-
 @pytest.mark.usefixtures("fresh_compiler")
-@pytest.mark.parametrize("finalize_first", [True, pytest.param(False, marks=ONLINE_XFAIL)])
+# finalize_first=False: the mask is still a parametrization, and the in_proj matmul reaches the pass
+# as bmm(x, expanded W^T) (MHA transposes its batch_first input); the pass takes that form too.
+@pytest.mark.parametrize("finalize_first", [True, False])
 def test_vit_trained_with_in_proj_compiles_to_bsr_everywhere(finalize_first):
     torch.manual_seed(0)
     model = tiny_vit(hidden=64, layers=2)
