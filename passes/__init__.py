@@ -2,8 +2,11 @@
 
 - :class:`~sparse_compile.passes.bsr_linear.BsrLinearPass`: Inductor post-grad pass that runs
   linear layers with block-sparse constant weights as ``torch.ops.sparse_compile.bsr_linear``.
+- :class:`~sparse_compile.passes.masked_linear.MaskedLinearPass`: rewrite of Dynamo training
+  graphs that runs Supermask linears as ``torch.ops.sparse_compile.masked_linear``.
 """
 
 from sparse_compile.passes.bsr_linear import BsrLinearPass
+from sparse_compile.passes.masked_linear import MaskedLinearPass
 
-__all__ = ["BsrLinearPass"]
+__all__ = ["BsrLinearPass", "MaskedLinearPass"]

@@ -10,8 +10,10 @@ with Inductor's freezing semantics. Changing a weight after compiling needs a ne
 (``torch._dynamo.reset()`` or a new ``torch.compile`` call): the compiled code keeps the
 weights, and the BSR copies, that it saw on the first call.
 
-Training (grad enabled): weights change every step, and the only format we have (BSR built once)
-needs them fixed, so training graphs compile exactly as with ``backend="inductor"``.
+Training (grad enabled): weights change every step, so no BSR. Linear layers whose weight is a
+Supermask parametrization run through ``torch.ops.sparse_compile.masked_linear`` (dropped tiles
+skipped in the forward and input-gradient matmuls, see ``passes/masked_linear.py``); the rest
+compiles exactly as with ``backend="inductor"``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
 from sparse_compile.passes.bsr_linear import BsrLinearPass, chain_passes
+from sparse_compile.passes.masked_linear import MaskedLinearPass
 from sparse_compile.report import new_graph_report
 
 log = logging.getLogger("sparse_compile")
@@ -57,10 +60,11 @@ def sparse_backend(
     graph_report.remember_tensors(itertools.chain(example_inputs, gm.parameters(), gm.buffers()))
 
     if torch.is_grad_enabled():
-        graph_report.note = (
-            "grad is enabled, so weights are not constants: compiled by Inductor unchanged "
-            "(compile under torch.no_grad() for BSR inference)"
-        )
+        # Training: weights change every step, so no BSR. Linears whose weight is a Supermask
+        # tile mask run through the masked op (rewritten before AOTAutograd, which then takes
+        # the op's own backward); everything else is Inductor's.
+        graph_report.training = True
+        MaskedLinearPass(graph_report)(gm)
         log.info(graph_report.summary())
         return compile_fx(gm, example_inputs, config_patches=config_patches)
 

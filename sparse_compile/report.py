@@ -27,7 +27,7 @@ class LayerRecord:
     out_features: int
     in_features: int
     dtype: str
-    format: str  # "bsr" or "dense"
+    format: str  # "bsr", "masked" (training graphs) or "dense"
     blocksize: int | None
     density: float | None
     reason: str = ""
@@ -37,6 +37,8 @@ class LayerRecord:
     def kernel(self) -> str:
         """What runs the layer: our Triton kernel (autotuned per shape at its first call on the
         GPU), our CPU implementation, or Inductor's dense matmul."""
+        if self.format == "masked":
+            return "triton masked" if self.device == "cuda" else "per-tile addmm (cpu)"
         if self.format != "bsr":
             return "inductor dense"
         return "triton bsr" if self.device == "cuda" else "torch ops (cpu)"
@@ -49,6 +51,7 @@ class GraphReport:
     graph_id: int
     layers: list[LayerRecord] = dataclasses.field(default_factory=list)
     note: str = ""
+    training: bool = False  # compiled with grad enabled: linears run masked, not BSR
     # Weak references to the parameters and buffers the graph read, to tell which model it
     # belongs to without keeping the model alive.
     _tensor_refs: list[weakref.ref] = dataclasses.field(default_factory=list, repr=False)
@@ -62,10 +65,11 @@ class GraphReport:
     def summary(self) -> str:
         if self.note:
             return f"sparse backend, graph {self.graph_id}: {self.note}"
-        sparse = [layer for layer in self.layers if layer.format == "bsr"]
+        sparse = [layer for layer in self.layers if layer.format != "dense"]
+        how = "run masked (training graph)" if self.training else "run as BSR"
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers run as BSR" + (" (call sparse_compile.report(model) for details)" if self.layers else "")
+            f"layers {how}" + (" (call sparse_compile.report(model) for details)" if self.layers else "")
         )
 
 
@@ -81,11 +85,11 @@ class CompileReport:
 
     @property
     def sparse_layers(self) -> list[LayerRecord]:
-        return [layer for layer in self.layers if layer.format == "bsr"]
+        return [layer for layer in self.layers if layer.format != "dense"]
 
     @property
     def dense_layers(self) -> list[LayerRecord]:
-        return [layer for layer in self.layers if layer.format != "bsr"]
+        return [layer for layer in self.layers if layer.format == "dense"]
 
     def __str__(self) -> str:
         if not self.graphs:
@@ -108,7 +112,7 @@ class CompileReport:
         ]
         lines = [graph.summary() for graph in self.graphs]
         if rows:
-            headers = ["layer", "out x in", "dtype", "format", "kernel", "block", "block density", "why dense"]
+            headers = ["layer", "out x in", "dtype", "format", "kernel", "block/tile", "block density", "why dense"]
             lines.append(tabulate(rows, headers=headers, disable_numparse=True))
         return "\n".join(lines)
 
