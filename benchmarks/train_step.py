@@ -46,10 +46,10 @@ DEFAULTS = {
         model="vit_b_16", batch_size=64, image_size=224, dtype=[torch.bfloat16],
         sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
     ),
-    # A small ViT whose step is dominated by its linears. About 15 minutes on 2 shared cores.
+    # A small ViT whose step is dominated by its linears. Runtime: see benchmarks/results/cpu-train-step.md.
     "cpu": dict(
         model="small", batch_size=32, image_size=CPU_SMALL["image_size"], dtype=[torch.float32],
-        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=2, reps=15,
+        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=1, reps=10,
     ),
 }
 
@@ -164,6 +164,10 @@ def grad_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> 
     return max(common.relative_error(grads[name], ref[name]) for name in ref)
 
 
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = common.set_up_run(args)
@@ -234,10 +238,12 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                         variant.masked_layers = f"{sum(r.format == 'masked' for r in report.layers)}/{variant.masked_total}"
                     for _ in range(args.warmup):
                         train_step(variant, x, y)
+                    progress(f"{variant.label} {variant.sparsity} {variant.tile}: first step {seconds:.1f} s")
                 except Exception as error:  # noqa: BLE001 - reported in the table instead
                     variant.note = f"not run: {common.describe_error(error)}"
         variants = [v for group in groups for v in group if v.note == ""]
-        for _ in range(args.reps):
+        for rep in range(args.reps):
+            progress(f"timed round {rep + 1}/{args.reps}")
             for variant in variants:
                 common.synchronize(device)
                 start = time.perf_counter()
