@@ -171,3 +171,31 @@ def test_tile_masked_weight_is_the_old_formula_with_the_same_gradients(shape, t)
 def test_tile_masked_weight_checks_the_mask_shape():
     with pytest.raises(ValueError, match=r"tile mask of shape \(3, 5\)"):
         tile_masked_weight(torch.randn(40, 70), torch.ones(3, 4), 16)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the compiled (autotuned) kernel behind the op, forward and gradients
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("t", [32, 64])
+def test_op_on_cuda_matches_float64_autograd(dtype, atol, rtol, t):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m, n, k = 300, 200, 264  # ragged edges on every dim
+    x = torch.randn(m, k, dtype=dtype, device="cuda", requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype, device="cuda", requires_grad=True)
+    b = torch.randn(n, dtype=dtype, device="cuda", requires_grad=True)
+    mask = random_tile_mask(n, k, t, 0.2).cuda().requires_grad_()
+    counters.clear()
+    out = masked_linear(x, w, mask, b, t)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    assert counters["sparse_compile"]["masked_mm_triton"] == 2  # forward and dx
+    x64, w64, b64, m64 = (t_.detach().double().requires_grad_() for t_ in (x, w, b, mask))
+    ref = torch.nn.functional.linear(x64, w64 * expand(m64, w.shape, t), b64)
+    ref.backward(dy.double())
+    torch.testing.assert_close(out.double(), ref, atol=atol * k**0.5, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol * n**0.5, rtol=rtol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=atol * m**0.5, rtol=rtol)
+    torch.testing.assert_close(mask.grad.double(), m64.grad, atol=atol * t * m**0.5, rtol=rtol)
