@@ -25,6 +25,8 @@ linears Dynamo does not show: ``nn.MultiheadAttention`` stays one
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
@@ -159,8 +161,6 @@ def _linear_args(node: torch.fx.Node):
 
 
 def _bind_mha(node: torch.fx.Node) -> dict:
-    import inspect
-
     try:
         bound = inspect.signature(torch.nn.functional.multi_head_attention_forward).bind(*node.args, **node.kwargs)
     except TypeError:

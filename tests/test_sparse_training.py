@@ -43,7 +43,7 @@ def supermask(model, sparsity, tile, layers=(0, 2), **kwargs):
 
 def train(model, batches, step_fn=None, lr=0.05):
     """SGD with momentum over ``batches``; returns the losses. ``step_fn`` runs the model (compiled or not)."""
-    step_fn = step_fn or model
+    step_fn = model if step_fn is None else step_fn
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     losses = []
     for x, y in batches:
