@@ -195,13 +195,15 @@ def _ddp_worker(rank, world_size, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model, batches = _ddp_model_and_batches()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        compiled = torch.compile(ddp, backend="sparse")
+        # Compile, then wrap: torch.compile(DDP(model)) graph-breaks in DDP's forward and only the
+        # parametrizations get compiled (seen: no linear reached the backend), so nothing runs masked.
+        compiled = nn.parallel.DistributedDataParallel(torch.compile(model, backend="sparse"))
         shard = [(x.chunk(world_size)[rank], y.chunk(world_size)[rank]) for x, y in batches]
         train(model, shard, compiled)
         if rank == 0:
-            report = sparse_compile.report(compiled)
-            torch.save({"state": model.state_dict(), "masked": len(report.sparse_layers)}, out_path)
+            masked = [r.name for r in sparse_compile.report().layers if r.format == "masked"]
+            tiles = counters["sparse_compile"]["masked_mm_cpu_tiles"]
+            torch.save({"state": model.state_dict(), "masked": masked, "tiles": tiles}, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -214,6 +216,6 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     out_path = str(tmp_path / "rank0.pt")
     mp.start_processes(_ddp_worker, args=(2, _free_port(), out_path), nprocs=2, join=True, start_method="spawn")
     result = torch.load(out_path)
-    assert result["masked"] == 2
     for name, value in model.state_dict().items():
         torch.testing.assert_close(result["state"][name], value, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert len(result["masked"]) == 2 and result["tiles"] > 0
