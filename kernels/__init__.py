@@ -1,11 +1,13 @@
 """Triton kernels, their launchers and the ``torch.ops.sparse_compile.*`` ops.
 
-Importing this package registers ``torch.ops.sparse_compile.bsr_linear``. Triton is optional:
-without it the op has its CPU implementation only (``HAS_TRITON``, ``kernel_unavailable_reason``).
+Importing this package registers ``torch.ops.sparse_compile.bsr_linear`` and the masked ops
+(``masked_linear``, ``masked_linear_input_grad``, ``tile_masked_weight``). Triton is optional:
+without it the ops have their CPU implementations only (``HAS_TRITON``, ``kernel_unavailable_reason``).
 """
 
 from .bsr_format import BsrWeight, block_mask
 from .bsr_linear import HAS_TRITON, SUPPORTED_DTYPES, bsr_linear, bsr_linear_triton, kernel_unavailable_reason
+from .masked_linear import masked_linear, tile_masked_weight
 
 __all__ = [
     "BsrWeight",
@@ -15,4 +17,6 @@ __all__ = [
     "kernel_unavailable_reason",
     "HAS_TRITON",
     "SUPPORTED_DTYPES",
+    "masked_linear",
+    "tile_masked_weight",
 ]

@@ -15,8 +15,10 @@ when Inductor cannot compile a graph the backend falls back (see :func:`_compile
 it logs each layer's decision on the ``sparse_compile`` logger and counts what it did in
 ``torch._dynamo.utils.counters["sparse_compile"]`` (see :func:`_log_and_count`).
 
-Training (grad enabled): weights change every step, and the only format we have (BSR built once)
-needs them fixed, so training graphs compile exactly as with ``backend="inductor"``.
+Training (grad enabled): weights change every step, so no BSR. Linear layers whose weight is a
+Supermask parametrization run through ``torch.ops.sparse_compile.masked_linear`` (dropped tiles
+skipped in the forward and input-gradient matmuls, see ``passes/masked_linear.py``); the rest
+compiles exactly as with ``backend="inductor"``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sparse_compile.kernels import SUPPORTED_DTYPES
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
 from sparse_compile.passes.bsr_linear import BsrLinearPass, chain_passes
 from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
+from sparse_compile.passes.masked_linear import MaskedLinearPass
 from sparse_compile.report import GraphReport, LayerRecord, new_graph_report
 
 log = logging.getLogger("sparse_compile")
@@ -68,10 +71,11 @@ def sparse_backend(
     graph_report.remember_tensors(itertools.chain(example_inputs, gm.parameters(), gm.buffers()))
 
     if torch.is_grad_enabled():
-        graph_report.note = (
-            "grad is enabled, so weights are not constants: compiled by Inductor unchanged "
-            "(compile under torch.no_grad() for BSR inference)"
-        )
+        # Training: weights change every step, so no BSR. Linears whose weight is a Supermask
+        # tile mask run through the masked op (rewritten before AOTAutograd, which then takes
+        # the op's own backward); everything else is Inductor's.
+        graph_report.training = True
+        MaskedLinearPass(graph_report)(gm)
         log.info(graph_report.summary())
         return compile_fx(gm, example_inputs, config_patches=config_patches)
 

@@ -27,7 +27,7 @@ class LayerRecord:
     out_features: int
     in_features: int
     dtype: str
-    format: str  # "bsr" or "dense"
+    format: str  # "bsr", "masked" (training graphs) or "dense"
     blocksize: int | None
     density: float | None
     reason: str = ""
@@ -46,6 +46,8 @@ class LayerRecord:
         GPU), our CPU implementation, Inductor's dense matmul, or a fused PyTorch op."""
         if self.fused_op:
             return self.fused_op
+        if self.format == "masked":
+            return "triton masked" if self.device == "cuda" else "per-tile addmm (cpu)"
         if self.format != "bsr":
             return "inductor dense"
         return "triton bsr" if self.device == "cuda" else "torch ops (cpu)"
@@ -60,6 +62,7 @@ class GraphReport:
     note: str = ""
     # Set when Inductor could not compile the graph and the backend worked around it.
     fallback: str = ""
+    training: bool = False  # compiled with grad enabled: linears run masked, not BSR
     # Weak references to the parameters and buffers the graph read, to tell which model it
     # belongs to without keeping the model alive.
     _tensor_refs: list[weakref.ref] = dataclasses.field(default_factory=list, repr=False)
@@ -73,11 +76,12 @@ class GraphReport:
     def summary(self) -> str:
         if self.note:
             return f"sparse backend, graph {self.graph_id}: {self.note}"
-        sparse = [layer for layer in self.layers if layer.format == "bsr"]
+        sparse = [layer for layer in self.layers if layer.format != "dense"]
         fused = [layer for layer in self.layers if layer.fused_op]
+        how = "run masked (training graph)" if self.training else "run as BSR"
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers run as BSR" + _expected_speedup(self.layers)
+            f"layers {how}" + _expected_speedup(self.layers)
             + (f", {len(fused)} inside PyTorch's fused transformer fast path" if fused else "")
             + (" (call sparse_compile.report(model) for details)" if self.layers else "")
             + (f"; {self.fallback}" if self.fallback else "")
@@ -120,11 +124,11 @@ class CompileReport:
 
     @property
     def sparse_layers(self) -> list[LayerRecord]:
-        return [layer for layer in self.layers if layer.format == "bsr"]
+        return [layer for layer in self.layers if layer.format != "dense"]
 
     @property
     def dense_layers(self) -> list[LayerRecord]:
-        return [layer for layer in self.layers if layer.format != "bsr"]
+        return [layer for layer in self.layers if layer.format == "dense"]
 
     def __str__(self) -> str:
         if not self.graphs:
@@ -151,7 +155,7 @@ class CompileReport:
         lines = [graph.summary() for graph in self.graphs]
         if rows:
             headers = [
-                "layer", "out x in", "dtype", "format", "kernel", "block", "block density",
+                "layer", "out x in", "dtype", "format", "kernel", "block/tile", "block density",
                 "ms", "dense ms", "timing", "why dense",
             ]
             lines.append(tabulate(rows, headers=headers, disable_numparse=True))

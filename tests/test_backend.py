@@ -176,7 +176,7 @@ def test_torch_ao_pruning_masks():
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr", "bsr"]
 
 
-def test_grad_enabled_compiles_unchanged_and_says_so():
+def test_grad_enabled_without_supermask_compiles_unchanged_and_says_so():
     model = ThreeLinears()
     x = torch.randn(4, 64, requires_grad=True)
     compiled = torch.compile(model, backend="sparse")
@@ -185,7 +185,10 @@ def test_grad_enabled_compiles_unchanged_and_says_so():
     expected = model(x.detach())
     torch.testing.assert_close(out, expected)
     report = sparse_compile.report(compiled)
-    assert report.layers == [] and "grad is enabled" in str(report)
+    # Training graph: only Supermask linears run masked (tests/test_sparse_training.py); these stay dense.
+    assert [layer.format for layer in report.layers] == ["dense"] * 3
+    assert all("not a Supermask" in layer.reason for layer in report.layers)
+    assert "0 of 3 linear layers run masked (training graph)" in str(report)
 
 
 def test_report_before_the_first_call():

@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from sparse_compile.kernels.masked_linear import tile_masked_weight
+
 __all__ = ["Supermask", "StackedSupermask"]
 
 
@@ -206,7 +208,9 @@ class Supermask(nn.Module):
             raise ValueError(f"Supermask built for weight shape {self.weight_shape}, got {tuple(weight.shape)}")
         if self.fixed_weight:
             weight = weight.detach()
-        return weight * self.mask().to(weight.dtype)
+        # weight * expand(tile_mask), through our op so that the sparse backend can find, in a
+        # compiled training graph, the linears to run with the masked kernel (same aten ops).
+        return tile_masked_weight(weight, self.tile_mask(), self.tile_size)
 
     def _on_registered(self, owner: nn.Module, tensor_name: str, plist: parametrize.ParametrizationList) -> None:
         if self.fixed_weight:

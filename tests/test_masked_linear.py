@@ -1,0 +1,201 @@
+"""The masked linear op: Triton kernel (interpreter), CPU implementation, autograd, tile_masked_weight.
+
+Reference everywhere: ``x @ (W * expand(M))^T + b`` written out in float64, with float64 autograd
+for the gradients (of x, W, the tile mask and the bias).
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from sparse_compile.kernels.masked_linear import (
+    masked_linear,
+    masked_linear_input_grad,
+    masked_mm_triton,
+    tile_masked_weight,
+)
+
+# (dtype, atol, rtol) against float64: fp32 accumulates in fp32; the half types round inputs and output.
+DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 1e-2), (torch.bfloat16, 1e-1, 2e-2)]
+
+
+def expand(tile_mask, shape, t):
+    """Hand-written expansion: every tile entry repeated t x t, cut to the weight's shape."""
+    return tile_mask.repeat_interleave(t, 0).repeat_interleave(t, 1)[: shape[0], : shape[1]]
+
+
+def random_tile_mask(n, k, t, density, dtype=torch.float32):
+    """Exactly round(density * tiles) kept tiles at random places (at least one kept, one dropped)."""
+    shape = (-(-n // t), -(-k // t))
+    tiles = shape[0] * shape[1]
+    kept = round(density * tiles) if density in (0.0, 1.0) else min(max(1, round(density * tiles)), tiles - 1)
+    mask = torch.zeros(tiles, dtype=dtype)
+    mask[torch.randperm(tiles)[:kept]] = 1
+    return mask.view(shape)
+
+
+def reference(x, w, mask, bias, t):
+    w_eff = w.double() * expand(mask.double(), w.shape, t)
+    out = x.double() @ w_eff.t()
+    return out if bias is None else out + bias.double()
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel through the interpreter
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize(
+    "m,n,k,t,density",
+    [(37, 70, 50, 16, 0.5), (5, 64, 96, 32, 0.3), (16, 48, 32, 16, 0.0), (33, 32, 48, 16, 1.0)],
+)
+def test_triton_forward_and_input_grad(dtype, atol, rtol, m, n, k, t, density):
+    x, w, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    mask = random_tile_mask(n, k, t, density)
+    out = masked_mm_triton(x, w, mask, b, t)
+    torch.testing.assert_close(out.double(), reference(x, w, mask, b, t), atol=atol * k, rtol=rtol)
+    # Input gradient: the same kernel on W^T and M^T (views, nothing copied).
+    dy = torch.randn(m, n, dtype=dtype)
+    dx = masked_mm_triton(dy, w.t(), mask.t(), None, t)
+    ref_dx = dy.double() @ (w.double() * expand(mask.double(), w.shape, t))
+    torch.testing.assert_close(dx.double(), ref_dx, atol=atol * n, rtol=rtol)
+
+
+def test_triton_mask_values_scale_tiles():
+    # The op is W ⊙ expand(M) for any M, not only 0/1 (a tile with 0.5 counts half).
+    x, w = torch.randn(9, 40), torch.randn(24, 40)
+    mask = torch.rand(2, 3) * (torch.rand(2, 3) > 0.3)
+    out = masked_mm_triton(x, w, mask, None, 16)
+    torch.testing.assert_close(out.double(), reference(x, w, mask, None, 16), atol=1e-4, rtol=1e-4)
+
+
+def test_triton_rejects_tiles_it_cannot_take():
+    x, w = torch.randn(4, 48), torch.randn(24, 48)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        masked_mm_triton(x, w, torch.ones(2, 4), None, 12)
+
+
+# --------------------------------------------------------------------------------------------
+# The op on CPU: forward and autograd
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("t,density,path", [(16, 0.2, "tiles"), (32, 0.25, "tiles"), (16, 0.7, "dense")])
+def test_op_matches_float64_autograd(dtype, atol, rtol, t, density, path):
+    lead, n, k = (3, 7), 72, 100
+    x = torch.randn(*lead, k, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype, requires_grad=True)
+    b = torch.randn(n, dtype=dtype, requires_grad=True)
+    mask = random_tile_mask(n, k, t, density).requires_grad_()
+    counters.clear()
+    out = masked_linear(x, w, mask, b, t)
+    assert counters["sparse_compile"][f"masked_mm_cpu_{path}"] == 1  # the path the density asks for
+    dy = torch.randn_like(out)
+    out.backward(dy)
+
+    x64, w64, b64, m64 = (t_.detach().double().requires_grad_() for t_ in (x, w, b, mask))
+    ref = torch.nn.functional.linear(x64, w64 * expand(m64, w.shape, t), b64)
+    ref.backward(dy.double())
+    torch.testing.assert_close(out.double(), ref, atol=atol * k**0.5, rtol=rtol)
+    rows = x.numel() // k
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol * n**0.5, rtol=rtol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=atol * rows**0.5, rtol=rtol)
+    torch.testing.assert_close(b.grad.double(), b64.grad, atol=atol * rows**0.5, rtol=rtol)
+    # Dropped tiles get their gradient too (the STE needs it): sums over t*t*rows products.
+    torch.testing.assert_close(mask.grad.double(), m64.grad, atol=atol * t * rows**0.5, rtol=rtol)
+    assert mask.grad.dtype == mask.dtype and (mask.grad[mask == 0] != 0).any()
+
+
+def test_op_grads_only_for_inputs_that_need_them():
+    x, w = torch.randn(6, 40, requires_grad=True), torch.randn(20, 40)
+    mask = random_tile_mask(20, 40, 16, 0.3)
+    masked_linear(x, w, mask, None, 16).sum().backward()
+    expected = torch.ones(6, 20, dtype=torch.float64) @ (w.double() * expand(mask.double(), w.shape, 16))
+    torch.testing.assert_close(x.grad.double(), expected, atol=1e-4, rtol=1e-4)
+    assert w.grad is None and mask.grad is None
+
+
+def test_input_grad_op_matches_formula():
+    dy, w = torch.randn(2, 5, 40), torch.randn(40, 70)
+    mask = random_tile_mask(40, 70, 32, 0.3)
+    out = masked_linear_input_grad(dy, w, mask, 32)
+    ref = dy.double() @ (w.double() * expand(mask.double(), w.shape, 32))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck():
+    x, w, b = torch.randn(5, 40), torch.randn(24, 40), torch.randn(24)
+    mask = random_tile_mask(24, 40, 16, 0.3)
+    torch.library.opcheck(
+        torch.ops.sparse_compile.masked_linear.default,
+        (x.requires_grad_(), w.requires_grad_(), mask.requires_grad_(), b.requires_grad_(), 16),
+    )
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.randn(3, 40), torch.randn(24, 40), torch.ones(2, 2), None, 16), ValueError, r"tile mask of shape \(2, 3\)"),
+        ((torch.randn(3, 40), torch.randn(24, 40).half(), torch.ones(2, 3), None, 16), TypeError, "share one dtype"),
+        ((torch.randn(3, 40), torch.randn(24, 40), torch.ones(2, 3, dtype=torch.bool), None, 16), TypeError, "float"),
+        ((torch.randn(3, 41), torch.randn(24, 40), torch.ones(2, 3), None, 16), ValueError, r"x \[\.\.\., K\]"),
+        ((torch.randn(3, 40).double(), torch.randn(24, 40).double(), torch.ones(2, 3), None, 16), TypeError, "one of"),
+    ],
+)
+def test_bad_inputs_name_the_problem(args, error, match):
+    with pytest.raises(error, match=match):
+        masked_linear(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# tile_masked_weight: what Supermask builds its weight with
+
+
+@pytest.mark.parametrize("shape,t", [((40, 70), 16), ((8, 6, 3, 3), 2)])
+def test_tile_masked_weight_is_the_old_formula_with_the_same_gradients(shape, t):
+    w = torch.randn(shape, requires_grad=True)
+    mask = (torch.rand([-(-d // t) for d in shape]) > 0.5).float().requires_grad_()
+    out = tile_masked_weight(w, mask, t)
+    dy = torch.randn(shape)
+    out.backward(dy)
+    # What Supermask.forward computed before the op existed, to the bit.
+    w2, mask2 = w.detach().clone().requires_grad_(), mask.detach().clone().requires_grad_()
+    expanded = mask2
+    for dim, size in enumerate(shape):
+        expanded = expanded.repeat_interleave(t, dim=dim).narrow(dim, 0, size)
+    old = w2 * expanded
+    old.backward(dy)
+    assert torch.equal(out, old) and torch.equal(w.grad, w2.grad) and torch.equal(mask.grad, mask2.grad)
+
+
+def test_tile_masked_weight_checks_the_mask_shape():
+    with pytest.raises(ValueError, match=r"tile mask of shape \(3, 5\)"):
+        tile_masked_weight(torch.randn(40, 70), torch.ones(3, 4), 16)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the compiled (autotuned) kernel behind the op, forward and gradients
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("t", [32, 64])
+def test_op_on_cuda_matches_float64_autograd(dtype, atol, rtol, t):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m, n, k = 300, 200, 264  # ragged edges on every dim
+    x = torch.randn(m, k, dtype=dtype, device="cuda", requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype, device="cuda", requires_grad=True)
+    b = torch.randn(n, dtype=dtype, device="cuda", requires_grad=True)
+    mask = random_tile_mask(n, k, t, 0.2).cuda().requires_grad_()
+    counters.clear()
+    out = masked_linear(x, w, mask, b, t)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    assert counters["sparse_compile"]["masked_mm_triton"] == 2  # forward and dx
+    x64, w64, b64, m64 = (t_.detach().double().requires_grad_() for t_ in (x, w, b, mask))
+    ref = torch.nn.functional.linear(x64, w64 * expand(m64, w.shape, t), b64)
+    ref.backward(dy.double())
+    torch.testing.assert_close(out.double(), ref, atol=atol * k**0.5, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol * n**0.5, rtol=rtol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=atol * m**0.5, rtol=rtol)
+    torch.testing.assert_close(mask.grad.double(), m64.grad, atol=atol * t * m**0.5, rtol=rtol)
