@@ -123,13 +123,9 @@ MODELS = {
 
 
 def prune_every_linear(model: nn.Module, sparsity: float, blocksize: int) -> int:
-    """Block-prunes every linear weight, transformers' ``Conv1D`` ([in, out] weight) included."""
-    names = sparse_compile.prune_linear_blocks_(model, sparsity, blocksize)
-    for module in model.modules():
-        if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
-            sparse_compile.prune_blocks_(module.weight.data, sparsity, blocksize)
-            names.append(type(module).__name__)
-    return len(names)
+    """Block-prunes every linear weight, transformers' ``Conv1D`` ([in, out] weight) included
+    (``prune_linear_blocks_`` knows it); returns how many weights were pruned."""
+    return len(sparse_compile.prune_linear_blocks_(model, sparsity, blocksize))
 
 
 def _nonzero_heads(model: nn.Module) -> None:
