@@ -36,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._dynamo.utils import counters
 
+# The autotune bucket and the fp32 precision rule are the BSR launcher's: one rule for both kernels.
+from .bsr_linear import _input_precision, _next_pow2
+
 try:
     import triton
 
@@ -79,8 +82,8 @@ else:
 def expand_tiles(tile_mask: Tensor, shape, tile_size: int) -> Tensor:
     """Each entry of ``tile_mask`` repeated ``tile_size`` times along each dim, cut to ``shape``.
 
-    The same ops as ``sparse_compile.training.supermask.expand_tiles`` (kernels do not import
-    training): ``tile_masked_weight`` must run exactly what Supermask ran before it existed.
+    Supermask and the masked op share this function: ``tile_masked_weight`` must run exactly
+    what Supermask ran before it existed.
     """
     if tile_size == 1:
         return tile_mask
@@ -168,19 +171,6 @@ def _check_inputs(x: Tensor, weight: Tensor, tile_mask: Tensor, bias: Optional[T
 
 # --------------------------------------------------------------------------------------------
 # CUDA (and the interpreter): the Triton kernel
-
-
-def _next_pow2(n):
-    if not isinstance(n, int):
-        return n
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # Match what dense fp32 matmul does on this process; fp16/bf16 ignore the setting.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def _kept_tiles(tile_mask_nk: Tensor) -> tuple[Tensor, Tensor]:

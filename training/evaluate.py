@@ -89,8 +89,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         type=_density_threshold,
         metavar="D",
-        help="with --bsr: a layer becomes BSR when at most this fraction of its blocks hold a nonzero "
-        "(a number in [0, 1]; 1 converts every supported layer; default: the backend's)",
+        help="with --bsr: 'auto' (the backend's default: each layer timed, the faster way kept) or a "
+        "number in [0, 1]: a layer becomes BSR when at most this fraction of its blocks hold a nonzero "
+        "(1 converts every supported layer)",
     )
     cli_args.add_sparsity_args(parser)
     return parser

@@ -50,7 +50,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from sparse_compile.kernels.masked_linear import tile_masked_weight
+# expand_tiles lives beside tile_masked_weight (the kernels do not import training); the
+# parametrizations and the masked op must expand a tile mask the same way.
+from sparse_compile.kernels.masked_linear import expand_tiles, tile_masked_weight
 
 __all__ = ["Supermask", "StackedSupermask"]
 
@@ -117,14 +119,6 @@ class _STEThreshold(torch.autograd.Function):
         return grad, None
 
 
-def expand_tiles(tile_mask: torch.Tensor, shape: torch.Size | tuple[int, ...], tile_size: int) -> torch.Tensor:
-    """Repeat every entry of ``tile_mask`` ``tile_size`` times along each dim, cut to ``shape``."""
-    if tile_size == 1:
-        return tile_mask
-    out = tile_mask
-    for dim, size in enumerate(shape):
-        out = out.repeat_interleave(tile_size, dim=dim).narrow(dim, 0, size)
-    return out
 
 
 class Supermask(nn.Module):
