@@ -5,7 +5,8 @@
 
 One step = forward, cross-entropy backward, SGD (momentum) step, on a fixed random batch. Every
 encoder ``nn.Linear`` (MLP linears and the attention out-projection) gets a
-:class:`~sparse_compile.training.Supermask` (as ``apply_supermask`` does; the head is not masked).
+:class:`~sparse_compile.training.Supermask` (as ``apply_supermask`` does; the head is not masked;
+``--attention-in-proj`` masks the packed q/k/v projections too).
 Per (sparsity, tile) the same masked model runs three ways: eager, ``torch.compile`` (Inductor,
 dense matmuls on ``W * mask``), and ``backend="sparse"`` (masked linears skip dropped tiles in
 the forward and input-gradient matmuls). The unmasked model, eager and compiled, is the dense
@@ -71,6 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag in SMALL_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int,
                             help=f"--model small only (default {CPU_SMALL[flag]})")
+    parser.add_argument("--attention-in-proj", action="store_true",
+                        help="also mask each attention's packed q/k/v projection (apply_supermask(..., attention_in_proj=True))")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     common.finish_args(parser, args, DEFAULTS)
@@ -98,11 +101,11 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model.train()
 
 
-def masked_model(model: nn.Module, sparsity: float, tile: int) -> tuple[nn.Module, int]:
+def masked_model(model: nn.Module, sparsity: float, tile: int, in_proj: bool = False) -> tuple[nn.Module, int]:
     masked = copy.deepcopy(model)
     torch.manual_seed(1)  # the same scores for every variant of one (sparsity, tile)
     names = apply_supermask(masked, linear_sparsity=sparsity, linear_tile_size=tile,
-                            filter_fn=lambda name, _m: name.startswith("encoder"))
+                            filter_fn=lambda name, _m: name.startswith("encoder"), attention_in_proj=in_proj)
     return masked, len(names)
 
 
@@ -179,8 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = common.environment(device, args.tf32) + [
         ("model", f"{args.model}: image {args.image_size}, patch {model.patch_size}, layers "
                   f"{len(model.encoder.layers)}, hidden {model.hidden_dim}, mlp {model.mlp_dim}, batch {args.batch_size}"),
-        ("masks", "Supermask on every encoder nn.Linear (MLP and attention out-projection); "
-                  "sparsity = fraction of tiles dropped"),
+        ("masks", "Supermask on every encoder nn.Linear (MLP and attention out-projection)"
+                  + (" and every attention in_proj" if args.attention_in_proj else "")
+                  + "; sparsity = fraction of tiles dropped"),
         ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
                    f"after {args.warmup} warm-up steps each"),
@@ -216,7 +220,7 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
     ]]
     for sparsity in args.sparsity:
         for tile in args.blocksize:
-            masked, total = masked_model(model, sparsity, tile)
+            masked, total = masked_model(model, sparsity, tile, args.attention_in_proj)
             label = dict(sparsity=sparsity, tile=tile, masked_total=total)
             groups.append([
                 make_variant("Supermask, eager", masked, "eager", device, dtype, **label),

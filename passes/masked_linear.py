@@ -18,9 +18,17 @@ gradient, eager Supermask's gradients to ``W`` and the mask), and the scores' ST
 Layers left as they are (with the reason in the report): weights not built by
 ``tile_masked_weight`` (dense layers, other parametrizations), dtypes other than
 float32/float16/bfloat16 or mixed dtypes (autocast), tiles smaller than 16 (too many tiny
-matmuls to pay), on CUDA tiles that are not a power of two (the Triton kernel's tile), and
-linears Dynamo does not show: ``nn.MultiheadAttention`` stays one
-``F.multi_head_attention_forward`` call in Dynamo's graph, so its projections stay dense.
+matmuls to pay), on CUDA tiles that are not a power of two (the Triton kernel's tile).
+
+``nn.MultiheadAttention`` is one ``F.multi_head_attention_forward`` call in Dynamo's graph (the
+function is on Dynamo's list of functions kept whole), so its projections are not ``linear``
+nodes. For the common case — self-attention (one tensor as query, key and value), packed
+``in_proj``, no attention or padding mask, no ``bias_k``/``bias_v``/``add_zero_attn``,
+``need_weights=False``: what torchvision's ViT and ``nn.TransformerEncoderLayer`` run — the
+pass replaces that call by :func:`masked_self_attention`, the same steps as
+``F.multi_head_attention_forward`` (``in_proj``, heads, ``scaled_dot_product_attention``,
+``out_proj``) with each tile-masked projection through the masked op. Other attention calls
+stay whole and dense, with the reason.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ class MaskedLinearPass:
             if node.target in _LINEARS:
                 rewritten += self._linear(gm, node, names)
             elif node.target in _MHA:
-                self._attention(node, names)
+                rewritten += self._attention(gm, node, names)
         gm.graph.lint()
         gm.recompile()
         counters["sparse_compile"]["masked_linear_rewrites"] += rewritten
@@ -123,34 +131,137 @@ class MaskedLinearPass:
             return f"tile {tile_size} is not a power of two (the Triton kernel's tile)"
         return ""
 
-    def _attention(self, node: torch.fx.Node, names: _LayerNamer) -> None:
-        """``nn.MultiheadAttention`` is one call in Dynamo's graph: say that its projections stay dense."""
+    def _attention(self, gm: torch.fx.GraphModule, node: torch.fx.Node, names: _LayerNamer) -> int:
+        """An ``F.multi_head_attention_forward`` call: rewritten to :func:`masked_self_attention`
+        when a projection is tile-masked and the call is one that function reproduces; each
+        projection recorded. Returns how many projections now run masked."""
         args = _bind_mha(node)
-        masked = [
-            key for key in ("in_proj_weight", "out_proj_weight")
-            if isinstance(args.get(key), torch.fx.Node) and args[key].target in _TILE_MASKED_WEIGHT
-        ]  # fmt: skip
-        for key in ("in_proj_weight", "out_proj_weight"):
-            val = _value(args.get(key))
+        projections = {}
+        for key, suffix in (("in_proj_weight", "in_proj"), ("out_proj_weight", "out_proj")):
+            weight = args.get(key)
+            val = _value(weight)
             if val is None or val.dim() != 2:
                 continue
-            tile_size = int(args[key].args[2]) if key in masked else None
-            reason = "inside nn.MultiheadAttention (one F.multi_head_attention_forward call for Dynamo)"
-            if key not in masked:
-                reason = "weight is not a Supermask tile mask; " + reason
+            tile_masked = weight.target in _TILE_MASKED_WEIGHT
+            projections[suffix] = (weight, val, int(weight.args[2]) if tile_masked else None)
+        masked = {suffix for suffix, (_, _, tile) in projections.items() if tile is not None}
+        why_whole = _why_attention_stays_whole(args, node) if masked else ""
+        reasons = {}
+        for suffix, (weight, val, tile) in projections.items():
+            if tile is None:
+                reasons[suffix] = "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
+            elif why_whole:
+                reasons[suffix] = f"inside nn.MultiheadAttention, left whole: {why_whole}"
+            else:
+                # The projection's output has the input's dtype: the query stands in for it.
+                query, bias = args["query"], args.get(f"{suffix}_bias")
+                reasons[suffix] = self._why_dense(query, query, weight, bias, tile)
+        rewrite = {suffix for suffix in masked if not reasons[suffix]}
+        for suffix, (weight, val, tile) in projections.items():
             self.graph_report.layers.append(
                 LayerRecord(
-                    name=names(node, args[key], *val.shape),
+                    name=names(node, weight, *val.shape),
                     out_features=int(val.shape[0]),
                     in_features=int(val.shape[1]),
                     dtype=str(val.dtype).removeprefix("torch."),
-                    format="dense",
-                    blocksize=tile_size,
+                    format="masked" if suffix in rewrite else "dense",
+                    blocksize=tile,
                     density=None,
-                    reason=reason,
+                    reason=reasons[suffix],
                     device=val.device.type,
                 )
             )
+        if not rewrite:
+            return 0
+
+        def projection(suffix):
+            weight = args[f"{suffix}_weight"]
+            if suffix in rewrite:
+                return weight.args[0], weight.args[1], weight.args[2]
+            return weight, None, None
+
+        in_weight, in_mask, in_tile = projection("in_proj")
+        out_weight, out_mask, out_tile = projection("out_proj")
+        dropout_p = args.get("dropout_p", 0.0) if args.get("training", True) else 0.0
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                masked_self_attention,
+                (args["query"], int(args["num_heads"]), in_weight, in_mask, in_tile, args.get("in_proj_bias"),
+                 out_weight, out_mask, out_tile, args.get("out_proj_bias"), dropout_p),
+            )  # fmt: skip
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for weight in (args["in_proj_weight"], args["out_proj_weight"]):
+            if isinstance(weight, torch.fx.Node) and not weight.users:
+                gm.graph.erase_node(weight)
+        return len(rewrite)
+
+
+def _why_attention_stays_whole(args: dict, node: torch.fx.Node) -> str:
+    """Empty when :func:`masked_self_attention` computes exactly this attention call, else why not."""
+    if not args:
+        return "its arguments could not be read"
+    query = args.get("query")
+    if not (query is args.get("key") is args.get("value")):
+        return "not self-attention (query, key and value differ)"
+    val = _value(query)
+    if val is None or val.dim() != 3:
+        return "input is not a batched [L, N, E] tensor"
+    checks = (
+        ("use_separate_proj_weight", False, "separate q/k/v projection weights"),
+        ("need_weights", False, "need_weights=True (attention weights requested)"),
+        ("add_zero_attn", False, "add_zero_attn=True"),
+        ("is_causal", False, "is_causal=True"),
+    )
+    for key, expected, why in checks:
+        if bool(args.get(key, expected)) != expected:
+            return why
+    for key in ("attn_mask", "key_padding_mask", "bias_k", "bias_v", "static_k", "static_v"):
+        if args.get(key) is not None:
+            return f"{key} is given"
+    if not isinstance(args.get("dropout_p", 0.0), (int, float)) or not isinstance(args.get("training", True), bool):
+        return "dropout is not a constant of the graph"
+    return ""
+
+
+def masked_self_attention(
+    x: torch.Tensor,
+    num_heads: int,
+    in_weight: torch.Tensor,
+    in_mask: torch.Tensor | None,
+    in_tile: int | None,
+    in_bias: torch.Tensor | None,
+    out_weight: torch.Tensor,
+    out_mask: torch.Tensor | None,
+    out_tile: int | None,
+    out_bias: torch.Tensor | None,
+    dropout_p: float,
+) -> tuple[torch.Tensor, None]:
+    """``F.multi_head_attention_forward`` for self-attention without masks and ``need_weights=False``,
+    with each projection whose mask is given through ``masked_linear``.
+
+    The steps are F.multi_head_attention_forward's own (torch 2.11): packed ``in_proj`` on
+    ``x [L, N, E]``, split into q, k, v, heads as ``[N, H, L, E/H]``,
+    ``scaled_dot_product_attention``, back to ``[L * N, E]``, ``out_proj``, ``[L, N, E]``.
+    Returns ``(output, None)`` like it (no attention weights).
+    """
+    tgt_len, bsz, embed_dim = x.shape
+    head_dim = embed_dim // num_heads
+
+    def project(inputs, weight, mask, tile, bias):
+        if mask is None:
+            return torch.nn.functional.linear(inputs, weight, bias)
+        return torch.ops.sparse_compile.masked_linear(inputs, weight, mask, bias, tile)
+
+    proj = project(x, in_weight, in_mask, in_tile, in_bias)
+    proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    q, k, v = (part.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1) for part in (proj[0], proj[1], proj[2]))
+    q, k, v = (part.view(bsz, num_heads, tgt_len, head_dim) for part in (q, k, v))
+    attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, None, dropout_p, False)
+    attn = attn.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
+    out = project(attn, out_weight, out_mask, out_tile, out_bias)
+    return out.view(tgt_len, bsz, out.size(1)), None
 
 
 def _linear_args(node: torch.fx.Node):

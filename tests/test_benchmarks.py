@@ -270,3 +270,27 @@ def test_gpu_defaults_are_the_seed_setting():
     assert cuda["dtype"] == [torch.float32, torch.bfloat16]
     assert (cuda["sparsity"], cuda["blocksize"]) == ([0.8, 0.9], [32, 64])
     assert kernels.DEFAULTS["cuda"]["shapes"] == [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
+
+
+def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_path):
+    # One encoder block, every linear masked (MLP, out_proj and, with the flag, in_proj): the
+    # sparse row must say all four run masked, and every row's gradients must match eager.
+    from benchmarks import train_step
+
+    output = tmp_path / "train.md"
+    argv = CPU[:2] + [
+        "--warmup", "0", "--reps", "1", "--model", "small", "--image-size", "16", "--patch-size", "8",
+        "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2", "--batch-size", "2",
+        "--sparsity", "0.9", "--blocksize", "16", "--attention-in-proj", "--output", str(output),
+    ]
+    assert train_step.main(argv) == 0
+    text = output.read_text()
+    rows = table_lines(text, "|")
+    labels = ("dense model, eager", "dense model, torch.compile", "Supermask, eager", "Supermask, torch.compile",
+              'Supermask, backend="sparse"')
+    for label in labels:
+        matching = [row for row in rows if row.startswith(f"| {label} ")]
+        assert len(matching) == 1 and matching[0].rstrip(" |").endswith("ok"), (label, text)
+    sparse_row = next(row for row in rows if 'backend="sparse"' in row)
+    assert "| 4/4 " in sparse_row, sparse_row
+    assert "attention in_proj" in text

@@ -155,9 +155,94 @@ def test_layers_it_cannot_take_stay_dense_with_the_reason():
     torch.testing.assert_close(out, reference(image))
     reasons = {r.name: (r.format, r.reason) for r in sparse_compile.report(compiled).layers}
     assert reasons["small_tile"][0] == "dense" and "tile 8 < 16" in reasons["small_tile"][1]
-    assert reasons["attention.out_proj"][0] == "dense" and "MultiheadAttention" in reasons["attention.out_proj"][1]
+    # The attention call is rewritten only for a projection the masked op takes: tile 8 is not.
+    assert reasons["attention.out_proj"][0] == "dense" and "tile 8 < 16" in reasons["attention.out_proj"][1]
     assert "attention.in_proj" in reasons  # not masked, recorded too
     assert "conv" not in reasons  # convolutions are not linears: never rewritten
+
+
+class SelfAttentionNet(nn.Module):
+    """A linear, then nn.MultiheadAttention as torchvision's ViT calls it (self-attention, batch_first)."""
+
+    def __init__(self, embed=64, heads=4, **attention_kwargs):
+        super().__init__()
+        self.fc = nn.Linear(embed, embed)
+        self.attention = nn.MultiheadAttention(embed, heads, batch_first=True, **attention_kwargs)
+        self.head = nn.Linear(embed, 10)
+
+    def forward(self, x, attn_mask=None, need_weights=False):
+        x = torch.nn.functional.gelu(self.fc(x))
+        return self.head(self.attention(x, x, x, attn_mask=attn_mask, need_weights=need_weights)[0])
+
+
+@pytest.mark.parametrize("in_proj", [False, True])
+def test_attention_projections_run_masked_and_train_like_eager(in_proj):
+    # nn.MultiheadAttention is one F.multi_head_attention_forward call for Dynamo: the pass
+    # rewrites it so that its masked projections (out_proj; in_proj with attention_in_proj=True)
+    # run through the op, and training still equals eager.
+    model = SelfAttentionNet()
+    apply_supermask(model, linear_sparsity=0.9, linear_tile_size=16, attention_in_proj=in_proj, skip_last_layer=True)
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    batches = make_batches(3, torch.float32, shape=(2, 12, 64))
+    counters.clear()
+    compiled = torch.compile(model, backend="sparse", fullgraph=True)
+    losses = train(model, batches, compiled)
+    ref_losses = train(reference, batches)
+
+    assert_same_training(model, reference, losses, ref_losses, torch.float32)
+    moved = model.attention.out_proj.parametrizations.weight.original - initial.attention.out_proj.parametrizations.weight.original
+    assert moved.abs().max() > 0
+    formats = {r.name: r.format for r in sparse_compile.report(compiled).layers}
+    assert formats == {
+        "fc": "masked", "attention.in_proj": "masked" if in_proj else "dense", "attention.out_proj": "masked",
+        "head": "dense",
+    }
+    masked = 3 if in_proj else 2
+    assert counters["sparse_compile"]["masked_linear_rewrites"] == masked
+    # Per step: every masked layer's forward and input gradient (fc's input needs none) skip tiles.
+    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == (2 * masked - 1) * len(batches)
+
+
+def test_attention_against_a_float64_reference_with_dropout_off_in_eval():
+    # masked_self_attention reproduces F.multi_head_attention_forward: outputs and every gradient
+    # against the float64 eager model (module in eval mode: dropout 0.5 must then be off).
+    model = SelfAttentionNet(dropout=0.5).eval()
+    apply_supermask(model, linear_sparsity=0.8, linear_tile_size=16, attention_in_proj=True)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(3, 7, 64)
+    counters.clear()
+    out = torch.compile(model, backend="sparse")(x)
+    out.square().sum().backward()
+    expected = reference(x.double())
+    expected.square().sum().backward()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert counters["sparse_compile"]["masked_linear_rewrites"] == 4  # fc, in_proj, out_proj, head
+
+
+@pytest.mark.parametrize(
+    "call,why",
+    [
+        (dict(attn_mask=True), "attn_mask is given"),
+        (dict(need_weights=True), "need_weights=True"),
+    ],
+)
+def test_attention_calls_it_cannot_reproduce_stay_whole_with_the_reason(call, why):
+    model = SelfAttentionNet()
+    apply_supermask(model, linear_sparsity=0.9, linear_tile_size=16)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 12, 64)
+    if call.get("attn_mask"):
+        call = dict(attn_mask=torch.rand(12, 12) > 0.5)
+        call["attn_mask"].fill_diagonal_(False)  # every row attends somewhere
+    compiled = torch.compile(model, backend="sparse")
+    out = compiled(x, **call)
+    torch.testing.assert_close(out, reference(x, **call), atol=1e-5, rtol=1e-4)
+    records = {r.name: r for r in sparse_compile.report(compiled).layers}
+    out_proj = records["attention.out_proj"]
+    assert out_proj.format == "dense" and why in out_proj.reason, out_proj.reason
+    assert records["fc"].format == "masked"
 
 
 def test_inference_path_is_unchanged_by_the_op():
