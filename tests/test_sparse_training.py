@@ -245,6 +245,25 @@ def test_attention_calls_it_cannot_reproduce_stay_whole_with_the_reason(call, wh
     assert records["fc"].format == "masked"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_and_mlp_train_masked_on_cuda_like_eager(dtype):
+    # The Triton kernel under the attention rewrite: 3 steps compiled == eager, on the GPU.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = SelfAttentionNet(embed=128, heads=4).to("cuda", dtype)
+    apply_supermask(model, linear_sparsity=0.8, linear_tile_size=32, attention_in_proj=True, skip_last_layer=True)
+    reference = copy.deepcopy(model)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(3, dtype, shape=(4, 24, 128))]
+    counters.clear()
+    compiled = torch.compile(model, backend="sparse")
+    losses = train(model, batches, compiled)
+    ref_losses = train(reference, batches)
+    assert_same_training(model, reference, losses, ref_losses, dtype)
+    assert counters["sparse_compile"]["masked_linear_rewrites"] == 3
+    # Forward and input gradient of in_proj and out_proj, forward of fc (its input needs none), per step.
+    assert counters["sparse_compile"]["masked_mm_triton"] == 5 * len(batches)
+
+
 def test_inference_path_is_unchanged_by_the_op():
     # no_grad: Supermask's weight (built with tile_masked_weight) still folds into a BSR constant.
     model = supermask(mlp(), 0.9, 16).eval()
