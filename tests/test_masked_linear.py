@@ -76,6 +76,78 @@ def test_triton_rejects_tiles_it_cannot_take():
 
 
 # --------------------------------------------------------------------------------------------
+# The CPU tile loop's worker threads
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test and restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_tile_loop_on_any_thread_count(threads, num_threads, with_bias):
+    # Block rows go to worker threads (more workers than block rows too: 5 > 3 rows); every
+    # output column block is written by exactly one of them, bias and empty rows included.
+    threads(num_threads)
+    m, n, k, t = 40, 48, 96, 16
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    b = torch.randn(n) if with_bias else None
+    mask = random_tile_mask(n, k, t, 0.25)
+    mask[1] = 0  # a block row with no kept tile: zeros (or the bias) only
+    counters.clear()
+    out = masked_linear(x, w, mask, b, t)
+    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 1
+    torch.testing.assert_close(out.double(), reference(x, w, mask, b, t), atol=1e-4, rtol=1e-4)
+    assert torch.get_num_threads() == num_threads  # the caller's thread count is left as it was
+
+
+def test_cpu_tile_loop_under_inference_mode_and_with_inputs_that_require_grad(threads):
+    threads(2)
+    x, w = torch.randn(30, 64, requires_grad=True), torch.randn(64, 64, requires_grad=True)
+    mask = random_tile_mask(64, 64, 16, 0.25)
+    with torch.inference_mode():
+        out = masked_linear(x, w, mask, None, 16)
+    torch.testing.assert_close(out.double(), reference(x, w, mask, None, 16), atol=1e-4, rtol=1e-4)
+    out = masked_linear(x, w, mask, None, 16)
+    out.sum().backward()  # the op's own autograd: the workers recorded nothing
+    assert x.grad is not None and w.grad is not None
+
+
+def _tile_loop_in_child(queue, x, w, mask):
+    # Only the op runs here: its matmuls run on its own single-threaded workers. (A forked child
+    # must not start OpenMP regions the parent used: GNU OpenMP hangs, which is why DataLoader
+    # workers run torch with one thread; this test keeps 2 threads to exercise the pool.)
+    queue.put(masked_linear(x, w, mask, None, 16).tolist())
+
+
+def test_cpu_tile_loop_works_in_a_forked_child(threads):
+    # The worker pool exists in the parent; a forked child has none of its threads and must make
+    # its own rather than wait forever on the parent's.
+    import multiprocessing
+
+    threads(2)
+    x, w = torch.randn(20, 64), torch.randn(64, 64)
+    mask = torch.zeros(4, 4)
+    mask[0, 1] = mask[3, 2] = mask[2, 2] = 1
+    masked_linear(x, w, mask, None, 16)  # the parent's pool now exists
+    expected = reference(x, w, mask, None, 16)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_tile_loop_in_child, args=(queue, x, w, mask))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the tile loop")
+    assert child.exitcode == 0
+    torch.testing.assert_close(torch.tensor(queue.get(timeout=5), dtype=torch.float64), expected, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
 # The op on CPU: forward and autograd
 
 
