@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from sparse_compile.formats.base import ConvertedWeight, SparseFormat, ThresholdChoice
 from sparse_compile.formats.bsr import BSR
+from sparse_compile.formats.semi_structured import SEMI_STRUCTURED
 
 #: name -> format, in order of preference.
-FORMATS: dict[str, SparseFormat] = {f.name: f for f in (BSR,)}
+FORMATS: dict[str, SparseFormat] = {f.name: f for f in (BSR, SEMI_STRUCTURED)}
 
 
 def get(name: str) -> SparseFormat:
