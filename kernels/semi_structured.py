@@ -49,6 +49,7 @@ __all__ = [
     "compress",
     "compress_cutlass",
     "cuda_kernel",
+    "cuda_kernels",
     "decompress_cutlass",
     "semi_structured_linear",
     "shape_reason",
@@ -79,17 +80,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def cuda_kernels(device: torch.device | str | None = None) -> list[str]:
+    """torch's 2:4 kernels on this CUDA device, preferred first: cuSPARSELt on sm80/sm90 when
+    torch has it, CUTLASS on sm80 (as torch's test_sparse_semi_structured.py selects them)."""
+    if not torch.cuda.is_available():
+        return []
+    major, _ = torch.cuda.get_device_capability(device)
+    found = []
+    if major in (8, 9) and torch.backends.cusparselt.is_available():
+        found.append("cusparselt")
+    if major == 8:
+        found.append("cutlass")
+    return found
+
+
 def cuda_kernel(device: torch.device | str | None = None) -> str:
     """The kernel the op runs on this CUDA device: ``"cusparselt"``, ``"cutlass"``, or ``""``
     when torch has no 2:4 kernel for it (see :func:`unavailable_reason`)."""
-    if not torch.cuda.is_available():
-        return ""
-    major, _ = torch.cuda.get_device_capability(device)
-    if major in (8, 9) and torch.backends.cusparselt.is_available():
-        return "cusparselt"
-    if major == 8:
-        return "cutlass"
-    return ""
+    return next(iter(cuda_kernels(device)), "")
 
 
 def unavailable_reason(device_type: str) -> str:

@@ -198,15 +198,7 @@ def test_op_has_a_fake_implementation():
 
 
 def _cuda_kernels():
-    if not torch.cuda.is_available():
-        return []
-    major, _ = torch.cuda.get_device_capability()
-    found = []
-    if torch.backends.cusparselt.is_available() and major in (8, 9):
-        found.append("cusparselt")
-    if major == 8:
-        found.append("cutlass")
-    return found
+    return kernels.cuda_kernels()
 
 
 # Shapes the kernels constrain: ViT-B's MLP and attention, the smallest multiples, ragged rows.
