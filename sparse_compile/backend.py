@@ -1,4 +1,5 @@
-"""The ``sparse`` torch.compile backend: Inductor, plus a pass that runs sparse linears as BSR.
+"""The ``sparse`` torch.compile backend: Inductor, plus a pass that runs sparse linears in a sparse
+format (BSR for block-sparse weights, 2:4 for N:M ones; see ``sparse_compile.formats``).
 
 Registered under the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="sparse")`` works without importing this package. Dynamo calls
@@ -268,6 +269,8 @@ def _reason_key(layer: LayerRecord) -> str:
         return "no_block_to_skip"
     if "smaller than" in layer.reason:
         return "smaller_than_block"
+    if layer.reason.startswith("not 2:4"):  # only 2:4 was asked for (options formats=["2:4"])
+        return "not_2_4"
     return "other"
 
 

@@ -122,6 +122,17 @@ def test_half_precision(dtype):
     assert [layer.format for layer in report.layers] == ["2:4", "2:4"]
 
 
+def test_only_2_4_enabled_leaves_block_sparse_layers_dense():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        prune_blocks_(model[0].weight, 0.9, 16)
+        model[2].weight.mul_(nm_mask(model[2].weight, 1, 4))
+    report, _ = compile_and_check(model, torch.randn(3, 64), {"formats": ["2:4"]})
+    assert [layer.format for layer in report.layers] == ["dense", "2:4"], str(report)
+    assert report.layers[0].reason.startswith("not 2:4: inputs ") and "hold 4 nonzeros" in report.layers[0].reason
+    assert counters["sparse_compile"]["dense_not_2_4"] == 1
+
+
 def test_formats_option_leaves_nm_layers_dense():
     model = mlp()
     apply_nm(model, 2, 4, skip_last_layer=True)
