@@ -11,7 +11,20 @@ from typing import Any, Mapping
 
 import torch
 
-from sparse_compile.kernels.bsr_linear import BLOCKSIZES as CANDIDATE_BLOCKSIZES  # noqa: F401  (re-exported)
+
+def _candidate_blocksizes() -> tuple[int, ...]:
+    """Block sizes the BSR kernel is written for, read from its file (their one source). Read
+    lazily: importing the kernels imports triton, and ``import sparse_compile`` stays light."""
+    from sparse_compile.kernels.bsr_linear import BLOCKSIZES
+
+    return BLOCKSIZES
+
+
+def __getattr__(name: str):
+    # ``CANDIDATE_BLOCKSIZES``: the BSR kernel's block sizes (module attribute, computed on access).
+    if name == "CANDIDATE_BLOCKSIZES":
+        return _candidate_blocksizes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: ``density_threshold`` default: measure, per layer, dense against BSR at each candidate block
 #: size on the device the layer runs on, and keep the fastest (``sparse_compile/measure.py``).
@@ -54,17 +67,17 @@ class SparseOptions:
             if blocksize != "auto":
                 raise ValueError(
                     f"sparse backend: blocksize={blocksize!r} is not valid; use 'auto' or one of "
-                    f"{list(CANDIDATE_BLOCKSIZES)}"
+                    f"{list(_candidate_blocksizes())}"
                 )
         elif isinstance(blocksize, bool) or not isinstance(blocksize, int):
             raise TypeError(
                 f"sparse backend: blocksize must be an int or 'auto', got {type(blocksize).__name__}"
             )
-        elif blocksize not in CANDIDATE_BLOCKSIZES:
+        elif blocksize not in _candidate_blocksizes():
             hint = "a power of two " if blocksize & (blocksize - 1) else ""
             raise ValueError(
                 f"sparse backend: blocksize={blocksize} is not supported; use {hint}one of "
-                f"{list(CANDIDATE_BLOCKSIZES)} or 'auto'"
+                f"{list(_candidate_blocksizes())} or 'auto'"
             )
         threshold = self.density_threshold
         if isinstance(threshold, str):
@@ -141,7 +154,7 @@ class SparseOptions:
     def blocksizes(self) -> tuple[int, ...]:
         """The block sizes to measure each weight at."""
         if self.blocksize == "auto":
-            return CANDIDATE_BLOCKSIZES
+            return _candidate_blocksizes()
         return (int(self.blocksize),)
 
 
