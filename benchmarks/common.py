@@ -21,11 +21,11 @@ from typing import Any, Callable, Sequence
 import torch
 from tabulate import tabulate
 
+from sparse_compile.kernels.bsr_linear import BLOCKSIZES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
-#: Block sizes the sparse backend takes (sparse_compile.options.CANDIDATE_BLOCKSIZES).
-BLOCKSIZES = (16, 32, 64, 128)
 
 #: Largest accepted ``max |out - ref| / max |ref|`` per dtype, ref being dense eager in the same
 #: dtype. fp32 without TF32 differs only by summation order; the half types round every

@@ -94,6 +94,7 @@ def bsr_linear_spec() -> KernelSpec:
     from triton.runtime.jit import MockTensor
 
     from sparse_compile.kernels import autotune_configs as ac
+    from sparse_compile.kernels.bsr_linear import BLOCKSIZES
     from sparse_compile.kernels.bsr_linear_kernels import bsr_linear_kernel
 
     # ViT-B/16 MLP up-projection at batch 256: M = 256 * 197 tokens, K = 768, N = 3072; every
@@ -120,7 +121,7 @@ def bsr_linear_spec() -> KernelSpec:
             for c in ac.arch_configs(capability[0])
         ]
 
-    return KernelSpec("bsr_linear", bsr_linear_kernel, (16, 32, 64, 128), launch_args, configs)
+    return KernelSpec("bsr_linear", bsr_linear_kernel, BLOCKSIZES, launch_args, configs)
 
 
 #: Every kernel the inspection compiles. A new kernel adds its spec function here.

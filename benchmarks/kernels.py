@@ -1,4 +1,4 @@
-"""Single linear layers of ViT-B: dense F.linear, torch.sparse BSR, and sparse_compile's bsr_linear.
+"""Single linear layers of ViT-B: dense F.linear, torch.sparse BSR, sparse_compile's bsr_linear and 2:4.
 
     python -m benchmarks.kernels                   # GPU: M = 256 * 197 tokens, four shapes
     python -m benchmarks.kernels --help
@@ -7,6 +7,11 @@ Each shape is ``x [M, K] @ W^T [K, N] + bias`` with ``M = batch * tokens``; ``W`
 block-pruned by magnitude. Every row gets the same ``x``, ``W`` and bias, and is checked
 against dense ``F.linear`` on that ``W``. The dense row does not depend on sparsity or block
 size, so it runs once per shape and dtype.
+
+2:4 rows (once per shape and dtype): ``W`` with a 2:4 magnitude mask, run by
+``sparse_compile::semi_structured_linear`` on torch's cuSPARSELt and CUTLASS kernels. They need
+a GPU (sm80/sm90) and fp16/bf16; elsewhere the row says why instead of a number (the CPU
+reference path is exact but makes no speed claim).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch.nn.functional as F
 
 from benchmarks import common, floors, plot
 from sparse_compile.kernels import BsrWeight, bsr_linear
+from sparse_compile.kernels import semi_structured
 from sparse_compile.pruning import prune_blocks_
+from sparse_compile.training.nm_mask import nm_mask
 
 #: (K, N) = (in, out features) of ViT-B/16's linears: MLP up, MLP down, attention in, attention out.
 VIT_B_SHAPES = [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
@@ -29,7 +36,7 @@ VIT_TOKENS = 197  # 14 x 14 patches + the class token
 
 DEFAULTS = {
     "cuda": dict(
-        batch_size=256, shapes=VIT_B_SHAPES, dtype=[torch.float32, torch.bfloat16],
+        batch_size=256, shapes=VIT_B_SHAPES, dtype=[torch.float32, torch.bfloat16, torch.float16],
         sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=10, reps=50,
     ),
     # About a minute on 2 shared cores.
@@ -170,6 +177,44 @@ def shape_rows(problem: Problem, args: argparse.Namespace, device: torch.device,
                                 ref, args, device, dtype))
             rows.append(run_row(Row("sparse_compile bsr_linear", sparsity, b, ours=True, **cost),
                                 lambda bsr=bsr: lambda: bsr_linear(x, bsr, bias), ref, args, device, dtype))
+    return rows + semi_structured_rows(problem, x, dense_weight, bias, args, device, gpu)
+
+
+#: The 2:4 rows: (the op's kernel argument, row label).
+SEMI_STRUCTURED_VARIANTS = (("cusparselt", "sparse_compile 2:4 (cuSPARSELt)"), ("cutlass", "sparse_compile 2:4 (CUTLASS)"))
+
+
+def semi_structured_unavailable(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why torch's ``kernel`` cannot run this row here, or ``""``."""
+    if device.type != "cuda":
+        return "needs a GPU: torch's 2:4 kernels are CUDA-only (the CPU reference makes no speed claim)"
+    if dtype not in semi_structured.CUDA_DTYPES:
+        return f"no 2:4 kernel for {common.dtype_name(dtype)} (torch's: float16, bfloat16)"
+    if kernel not in semi_structured.cuda_kernels(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"torch has no {kernel} 2:4 kernel on sm{major}{minor}"
+    return ""
+
+
+def semi_structured_rows(problem: Problem, x, dense_weight, bias, args, device, gpu) -> list[Row]:
+    """A 2:4 magnitude mask on ``dense_weight``, run on each of torch's 2:4 kernels."""
+    n, k = dense_weight.shape
+    w = dense_weight * nm_mask(dense_weight.float(), 2, 4).to(dense_weight.dtype)
+    ref = F.linear(x, w, bias)
+    linear = floors.Linear(problem.m, k, n, problem.dtype, stored=n * k // 2, index_bytes=n * k // 8, sparse_24=True)
+    cost = dict(intensity=linear.flops / linear.bytes, floor=floors.floor_ms(linear, gpu, args.tf32))
+    rows = []
+    for kernel, label in SEMI_STRUCTURED_VARIANTS:
+        why = semi_structured_unavailable(kernel, device, problem.dtype)
+        if why:
+            rows.append(Row(label, 0.5, note=why, **cost))
+            continue
+
+        def make(kernel=kernel):
+            values, meta = semi_structured.compress(w, kernel)
+            return lambda: semi_structured.semi_structured_linear(x, values, meta, bias, n, kernel)
+
+        rows.append(run_row(Row(label, 0.5, ours=True, **cost), make, ref, args, device, problem.dtype))
     return rows
 
 
@@ -212,6 +257,7 @@ def plot_points(problem: Problem, rows: list[Row]) -> list[plot.Point]:
                    None if row.median_ms is None or dense.median_ms is None else dense.median_ms / row.median_ms,
                    None if row.floor is None or dense.floor is None else dense.floor / row.floor)
         for row in rows[1:]
+        if row.blocksize is not None  # panels are per block size; 2:4 rows are in the table only
     ]
 
 
@@ -263,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "row's median. FLOP/B: unavoidable FLOPs / unavoidable bytes (low: memory-bound). floor ms: "
         "max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) on the GPU named under 'floor', only the "
         "stored blocks multiplied and read. % of floor: floor / median (GPU runs only). rel err: "
-        "max |out - dense out| / max |dense out|."
+        "max |out - dense out| / max |dense out|. 2:4 rows: sparsity is of the weights (2 of every 4 "
+        "inputs kept), their floor at the 2:4 tensor-core peak."
     )
     if args.plot:
         plot.plot_speedups(args.plot, f"Linear layers, M = {m}, {common.device_name(device)}", "dense F.linear",

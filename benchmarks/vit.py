@@ -10,6 +10,12 @@ Every row runs the same input and is checked against dense eager of the same wei
 Dense rows do not depend on sparsity or block size (a dense matmul does the same work whatever
 the values), so they run once per dtype, on the model before pruning, and each sparse row is
 compared with them.
+
+"2:4 (N:M-trained)" (once per dtype): every encoder linear and attention in_proj masked 2:4 by
+magnitude (``apply_nm`` + ``finalize``, the masks an N:M training ends with), compiled with
+``backend="sparse"``: the backend runs those linears on torch's 2:4 kernels where its
+measurement finds them faster. Those kernels need a GPU (sm80/sm90) and fp16/bf16; elsewhere the
+row says why instead of a number.
 """
 
 from __future__ import annotations
@@ -302,7 +308,8 @@ def sparse_backend(model: nn.Module, setup: Setup, blocksize: int):
 
 def linears_floor(model: nn.Module, setup: Setup, blocksize: int | None, sparse_24: bool = False) -> float | None:
     """Floor of the model's linears alone (``benchmarks.floors``), ms: encoder linears as BSR of
-    their (pruned) weights when ``blocksize`` is given, dense otherwise; the head always dense.
+    their (pruned) weights when ``blocksize`` is given, as 2:4 (half stored, 2:4 tensor-core
+    peak) with ``sparse_24``, dense otherwise; the head always dense.
 
     Attention, norms and the rest are left out, so the whole model's time is always further
     above this than a single kernel's: read "% of floor" as an upper bound on what the linears
@@ -319,7 +326,7 @@ def linears_floor(model: nn.Module, setup: Setup, blocksize: int | None, sparse_
         for weight in weights:
             m = batch if name.startswith("heads") else batch * tokens  # the head sees the class token
             n, k = weight.shape
-            if blocksize is not None and is_encoder(name, module):
+            if (blocksize is not None or sparse_24) and is_encoder(name, module):
                 if sparse_24:
                     linears.append(floors.Linear(m, k, n, setup.dtype, stored=n * k // 2, sparse_24=True))
                 else:
@@ -414,6 +421,44 @@ def supermask_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: i
     return rows
 
 
+NM_LABEL = "2:4 (N:M-trained)"
+
+
+def nm_rows(setup: Setup, model: nn.Module) -> list[Row]:
+    """backend="sparse" on a model whose encoder linears carry 2:4 masks (issue 9)."""
+    from sparse_compile.kernels import semi_structured
+    from sparse_compile.training import apply_nm, finalize
+
+    masked = copy.deepcopy(model)
+    apply_nm(masked, 2, 4, mode="forward", filter_fn=is_encoder, attention_in_proj=True)
+    finalize(masked)
+    row = Row(NM_LABEL, 0.5, floor=linears_floor(masked, setup, None, sparse_24=True))
+    if setup.device.type != "cuda":
+        row.note = "needs a GPU: torch's 2:4 kernels are CUDA-only (the CPU reference makes no speed claim)"
+        return [row]
+    if setup.dtype not in semi_structured.CUDA_DTYPES:
+        row.note = f"no 2:4 kernel for {common.dtype_name(setup.dtype)} (torch's: float16, bfloat16)"
+        return [row]
+    if not semi_structured.cuda_kernels(setup.device):
+        row.note = f"torch has no 2:4 kernel on {common.device_name(setup.device)}"
+        return [row]
+    row.ours = True
+    with torch.no_grad():
+        ref = on_device(copy.deepcopy(masked), setup)(setup.x)
+    return [run_row(setup, row, lambda: sparse_backend_default(copy.deepcopy(masked), setup), ref, compiled=True)]
+
+
+def sparse_backend_default(model: nn.Module, setup: Setup):
+    """backend="sparse" with its default options (every layer measured, every format)."""
+    compiled = torch.compile(on_device(model, setup), backend="sparse")
+
+    def count_layers() -> str:
+        report = sparse_compile.report(compiled)
+        return f"{len(report.sparse_layers)}/{len(report.layers)}"
+
+    return lambda: compiled(setup.x), count_layers
+
+
 def table_rows(rows: list[Row], device: torch.device) -> list[list[str]]:
     eager_ms = rows[0].median_ms
     compile_ms = rows[1].median_ms
@@ -456,7 +501,7 @@ def plot_points(dtype: torch.dtype, rows: list[Row]) -> list[plot.Point]:
     return [
         plot.Point(common.dtype_name(dtype), row.blocksize, row.variant, row.sparsity,
                    None if row.median_ms is None or dense_ms is None else dense_ms / row.median_ms)
-        for row in rows if row.sparsity is not None
+        for row in rows if row.sparsity is not None and row.blocksize is not None  # 2:4: table only
     ]
 
 
@@ -488,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # too, "compile s" compares cold compiles, whatever ran before on this machine.
         with torch._inductor.config.patch(fx_graph_cache=False):
             rows = dense_rows(setup, model)
+            rows += nm_rows(setup, model)
             for sparsity in args.sparsity:
                 for blocksize in args.blocksize:
                     rows += sparse_rows(setup, model, sparsity, blocksize)

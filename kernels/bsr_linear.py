@@ -32,9 +32,16 @@ except ImportError as error:  # torch without triton: the CPU path needs none of
 else:
     _TRITON_IMPORT_ERROR = ""
 
-__all__ = ["bsr_linear", "bsr_linear_triton", "kernel_unavailable_reason", "HAS_TRITON", "SUPPORTED_DTYPES"]
+__all__ = ["bsr_linear", "bsr_linear_triton", "kernel_unavailable_reason", "HAS_TRITON", "SUPPORTED_DTYPES", "BLOCKSIZES"]
 
+#: Weight/input dtypes the kernel takes (fp32 accumulation for all of them); the one list the
+#: backend, the options and the benchmarks read.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Block sizes the kernel is written and autotuned for (``options.CANDIDATE_BLOCKSIZES``,
+#: ``benchmarks.common.BLOCKSIZES``). Smaller blocks waste the tensor cores, larger ones rarely
+#: find empty blocks in a learned mask.
+BLOCKSIZES = (16, 32, 64, 128)
 
 #: Whether the Triton kernel can be used at all in this process.
 HAS_TRITON = triton is not None

@@ -1,4 +1,4 @@
-"""Inductor post-grad pass: linear layers with sparse constant weights -> ``sparse_compile::bsr_linear``.
+"""Inductor post-grad pass: linear layers with sparse constant weights -> the op of their sparse format.
 
 Runs as ``post_grad_custom_pre_pass`` on the frozen inference graph. By then AOTAutograd has
 lowered every ``nn.Linear``/``F.linear`` (and the projections inside ``nn.MultiheadAttention``)
@@ -9,10 +9,14 @@ expression — parametrizations such as ``W * mask(scores)`` included — into o
 
 1. match: an ``mm``/``addmm``/``bmm`` whose second operand is a constant matrix (the transposed
    weight; for ``bmm``, one matrix expanded over the batch);
-2. check: :func:`sparse_compile.analysis.decide` on the weight;
-3. replace: convert the weight to BSR once, store the BSR tensors as new constants, and call
-   ``torch.ops.sparse_compile.bsr_linear`` instead. Linears that share one weight (tied
-   weights) share one BSR copy.
+2. check: :func:`sparse_compile.analysis.decide` on the weight, over the formats of the options
+   (``sparse_compile.formats``: BSR, ...);
+3. replace: the chosen format converts the weight once (``SparseFormat.convert``), its tensors
+   become new constants, and its op (``torch.ops.sparse_compile.bsr_linear``, ...) is called
+   instead as ``op(x, *constants, bias, *static_args)``. Linears that share one weight (tied
+   weights) share one converted copy.
+
+The pass knows no format: adding one touches ``sparse_compile/formats/`` and ``kernels/`` only.
 
 PyTorch's fused inference fast paths (``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
 in eval mode under no_grad) hide their projections inside one native op. The backend decomposes
@@ -36,8 +40,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
+from sparse_compile import formats as _formats
 from sparse_compile.analysis import LayerDecision, decide
-from sparse_compile.kernels import BsrWeight, kernel_unavailable_reason
 from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
 from sparse_compile.report import GraphReport, LayerRecord
@@ -48,8 +52,8 @@ aten = torch.ops.aten
 _SOURCE_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")
 
 
-class BsrLinearPass(CustomGraphPass):
-    """Rewrites sparse linear layers of a frozen graph to BSR; records every decision.
+class SparseLinearPass(CustomGraphPass):
+    """Rewrites sparse linear layers of a frozen graph to their sparse format; records every decision.
 
     Args:
         options: the user's options.
@@ -64,17 +68,23 @@ class BsrLinearPass(CustomGraphPass):
         self.options = options
         self.graph_report = graph_report
         self.weight_names = dict(weight_names or {})
-        self.bsr_weights_converted = 0  # BSR copies made by the last run (tied weights share one)
+        self.formats = options.sparse_formats()
+        # Converted copies made by the last run, per format name (tied weights share one).
+        self.weights_converted: dict[str, int] = {}
+
+    @property
+    def bsr_weights_converted(self) -> int:
+        return self.weights_converted.get("bsr", 0)
 
     def uuid(self) -> str:
         # Inductor keys its caches on this: same options -> same rewrite.
-        return hashlib.sha256(f"BsrLinearPass-v2-{self.options}".encode()).hexdigest()
+        return hashlib.sha256(f"SparseLinearPass-v3-{self.options}".encode()).hexdigest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         names = _LayerNamer(gm, self.weight_names)
         constants = _ConstantEvaluator(gm)
-        converted: dict[tuple, _BsrConstants] = {}  # one BSR copy per weight, for tied weights
+        converted: dict[tuple, _Constants] = {}  # one converted copy per weight, for tied weights
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in _FUSED_FAST_PATH_WEIGHTS:
                 self._record_fused_fast_path(node, constants, names)
@@ -89,15 +99,17 @@ class BsrLinearPass(CustomGraphPass):
                 continue
             weight = weight_t.t()
             name = names(node, weight_t_node, *weight.shape)
-            decision = _decide(weight, self.options, rows=rows_hint(math.prod(_fake(x).shape[:-1])))
+            decision = decide(weight, self.options, rows=rows_hint(math.prod(_fake(x).shape[:-1])), formats=self.formats)
             self.graph_report.layers.append(_record(name, weight, decision))
             if not decision.is_sparse:
                 continue
-            key = _weight_key(weight_t, decision.blocksize)
+            key = _weight_key(weight_t, decision.candidate)
             if key not in converted:
-                converted[key] = _BsrConstants.convert(gm, weight, decision.blocksize)
-            _replace_with_bsr(gm, node, x, converted[key], bias)
-        self.bsr_weights_converted = len(converted)
+                converted[key] = _Constants.convert(gm, weight, decision)
+            _replace(gm, node, x, converted[key], bias)
+        self.weights_converted = {}
+        for constants in converted.values():
+            self.weights_converted[constants.format] = self.weights_converted.get(constants.format, 0) + 1
         graph.eliminate_dead_code()
         gm.recompile()
 
@@ -128,19 +140,23 @@ class BsrLinearPass(CustomGraphPass):
             weight = constants(weight_node) if isinstance(weight_node, torch.fx.Node) else None
             if weight is None:
                 continue
-            decision = _decide(weight, self.options, rows=None)
+            decision = decide(weight, self.options, rows=None, formats=self.formats)
             inside = (
                 f"runs inside PyTorch's fused {op_name} "
                 "(the nn.MultiheadAttention/TransformerEncoderLayer inference fast path)"
             )
             if decision.is_sparse:
+                could = (
+                    f"its block density is {decision.density:.2f}" if decision.format == "bsr"
+                    else f"it could run as {decision.format}"
+                )
                 reason = (
-                    f"{inside}, dense although its block density is {decision.density:.2f}: call "
-                    "torch.backends.mha.set_fastpath_enabled(False) before compiling to run it as BSR"
+                    f"{inside}, dense although {could}: call torch.backends.mha.set_fastpath_enabled(False) "
+                    f"before compiling to run it as {_formats.get(decision.format).display_name}"
                 )
             else:
                 reason = f"{inside}; {decision.reason}"
-            dense = dataclasses.replace(decision, format="dense", reason=reason)
+            dense = dataclasses.replace(decision, format="dense", reason=reason, kernel="")
             record = _record(names.for_fused_weight(node, weight_node, suffix), weight, dense)
             self.graph_report.layers.append(dataclasses.replace(record, fused_op=op_name))
 
@@ -158,18 +174,6 @@ _FUSED_FAST_PATH_WEIGHTS = {
 }
 
 
-def _decide(weight: torch.Tensor, options: SparseOptions, rows: int | None):
-    """:func:`decide`, but no BSR on a device this process has no kernel for (say which).
-
-    Checked before deciding: with ``density_threshold="auto"`` deciding times the BSR kernel,
-    which cannot run there.
-    """
-    unavailable = kernel_unavailable_reason(weight.device.type)
-    if unavailable:
-        return LayerDecision("dense", None, None, unavailable)
-    return decide(weight, options, rows=rows)
-
-
 def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
     return LayerRecord(
         name=name,
@@ -184,17 +188,18 @@ def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
         time_ms=decision.time_ms,
         dense_ms=decision.dense_ms,
         from_cache=decision.from_cache,
+        sparse_kernel=decision.kernel,
     )
 
 
-def _weight_key(weight_t: torch.Tensor, blocksize: int) -> tuple:
+def _weight_key(weight_t: torch.Tensor, candidate) -> tuple:
     """Equal for two uses of one weight tensor (a tied weight), different otherwise.
 
     The constants stay alive during the pass, so a storage address is not reused under it.
     """
     storage = weight_t.untyped_storage()
     return (storage.data_ptr(), weight_t.storage_offset(), tuple(weight_t.shape), weight_t.stride(),
-            weight_t.dtype, weight_t.device, blocksize)
+            weight_t.dtype, weight_t.device, candidate)
 
 
 def _match_linear(node: torch.fx.Node):
@@ -279,38 +284,33 @@ def _is_random(target) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _BsrConstants:
-    """The names of the graph constants that hold one weight's BSR copy."""
+class _Constants:
+    """A converted weight as the graph holds it: the names of its constants (None for an absent
+    optional tensor) and how to call its format's op."""
 
-    values: str
-    crow_indices: str
-    col_indices: str
+    format: str
+    op: torch._ops.OpOverload
+    names: tuple[str | None, ...]
+    static_args: tuple
     out_features: int
-    in_features: int
 
     @classmethod
-    def convert(cls, gm: torch.fx.GraphModule, weight: torch.Tensor, blocksize: int) -> "_BsrConstants":
-        bsr = BsrWeight.from_dense(weight.detach(), blocksize)
-        return cls(
-            values=_add_constant(gm, "_sparse_bsr_values", bsr.values.contiguous()),
-            crow_indices=_add_constant(gm, "_sparse_bsr_crow", bsr.crow_indices),
-            col_indices=_add_constant(gm, "_sparse_bsr_col", bsr.col_indices),
-            out_features=bsr.out_features,
-            in_features=bsr.in_features,
+    def convert(cls, gm: torch.fx.GraphModule, weight: torch.Tensor, decision: LayerDecision) -> "_Constants":
+        converted = _formats.get(decision.format).convert(weight.detach(), decision.candidate)
+        names = tuple(
+            None if tensor is None else _add_constant(gm, prefix, tensor) for prefix, tensor in converted.constants
         )
+        return cls(decision.format, converted.op, names, converted.static_args, converted.out_features)
 
 
-def _replace_with_bsr(gm, node, x, bsr: _BsrConstants, bias) -> None:
+def _replace(gm, node, x, constants: _Constants, bias) -> None:
     graph = gm.graph
     with graph.inserting_before(node):
-        values, crow, col = (_get_constant(gm, name) for name in (bsr.values, bsr.crow_indices, bsr.col_indices))
+        tensors = [None if name is None else _get_constant(gm, name) for name in constants.names]
         if bias is not None and bias.meta["val"].dim() == 2:
-            bias = graph.call_function(aten.view.default, (bias, [bsr.out_features]))
-            bias.meta["val"] = _fake(node).new_empty(bsr.out_features)
-        new = graph.call_function(
-            torch.ops.sparse_compile.bsr_linear.default,
-            (x, values, crow, col, bias, bsr.out_features, bsr.in_features),
-        )
+            bias = graph.call_function(aten.view.default, (bias, [constants.out_features]))
+            bias.meta["val"] = _fake(node).new_empty(constants.out_features)
+        new = graph.call_function(constants.op, (x, *tensors, bias, *constants.static_args))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -450,3 +450,7 @@ def chain_passes(*passes: Callable[[torch.fx.Graph], None] | None):
             return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
     return _Chained()
+
+
+#: The name this pass had while BSR was its only format.
+BsrLinearPass = SparseLinearPass

@@ -1,36 +1,35 @@
-"""Weight analysis: does this linear weight run faster as BSR, and at which block size?
+"""Weight analysis: which sparse format (if any) runs this linear weight fastest, and how.
 
 This layer knows nothing about graphs: it takes a dense weight ``[out_features, in_features]``
 (whatever produced it: a pruned checkpoint, a parametrized mask folded by freezing,
 ``torch.ao.pruning``) and returns a :class:`LayerDecision` with the numbers behind it.
 
-With ``density_threshold="auto"`` the numbers are timings (``sparse_compile.measure``): dense
-and BSR at every candidate block size are run on the weight's device with its shape, dtype and
-the traced rows, and the fastest wins. With a number, no timing: the block size with the lowest
-estimated cost is taken and compared with the threshold.
+Each format (``sparse_compile.formats``: BSR, ...) contributes its own analysis rule: the
+candidates it could run the weight as (BSR: one per block size), or why it cannot. Then:
+
+- ``density_threshold="auto"``: the candidates of every format and dense ``F.linear`` are timed
+  (``sparse_compile.measure``) on the weight's device with its shape, dtype and the traced
+  rows; the fastest wins, a tie goes to dense.
+- a number: no timing. The formats are asked in order of preference (``formats.FORMATS``), and
+  the first that takes the weight under the threshold wins (BSR: block density at most the
+  threshold, at the block size with the lowest estimated cost).
+
+A dense decision says, for every format, why it was not taken.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 
+from sparse_compile import formats as _formats
 from sparse_compile import measure
-from sparse_compile.kernels import block_mask
+from sparse_compile.formats.bsr import BLOCK_OVERHEAD, block_density, candidate_blocksizes
 from sparse_compile.options import SparseOptions
 
-#: Dtypes the BSR kernel takes (fp32 accumulation for all of them).
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-#: Estimated cost of a stored block relative to the same work in a dense matmul, per block size.
-#: Small blocks keep the tensor cores less busy and read the activation more often. Used only
-#: with a numeric ``density_threshold``, to rank block sizes under ``blocksize="auto"``: the
-#: chosen size minimises
-#: ``density * overhead``. The numbers follow the shape of torch's BSR kernel tables
-#: (torch/sparse/_triton_ops_meta.py: larger blocks reach a larger fraction of dense throughput);
-#: GPU timings will replace them.
-BLOCK_OVERHEAD = {16: 2.0, 32: 1.4, 64: 1.15, 128: 1.1}
+__all__ = ["BLOCK_OVERHEAD", "LayerDecision", "block_density", "candidate_blocksizes", "decide"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +37,17 @@ class LayerDecision:
     """What the pass does with one linear weight, and why.
 
     Attributes:
-        format: ``"bsr"`` or ``"dense"``.
-        blocksize: the block size measured (and used, for BSR); ``None`` when none was measured.
+        format: a format's name (``"bsr"``, ...) or ``"dense"``.
+        blocksize: the BSR block size measured (and used, for BSR); ``None`` when none was.
         density: stored blocks / all blocks at ``blocksize`` (``None`` when not measured).
-        reason: for dense layers, why; empty for BSR layers.
+        reason: for dense layers, why (every format's reason); empty for sparse layers.
         time_ms: measured time of the chosen way (``None`` with a numeric threshold).
         dense_ms: measured time of dense ``F.linear`` for the same layer.
         from_cache: True when no timing ran for this layer (cache hit, or a layer of the same
             shape and density measured before); ``None`` when nothing was timed.
         timings: ``(candidate label, ms)`` of every candidate timed, e.g. ``("bsr32", 0.41)``.
+        candidate: the chosen :class:`~sparse_compile.measure.Candidate` (sparse layers).
+        kernel: what runs the layer when sparse (the format's kernel on the weight's device).
     """
 
     format: str
@@ -57,107 +58,126 @@ class LayerDecision:
     dense_ms: float | None = None
     from_cache: bool | None = None
     timings: tuple[tuple[str, float], ...] = ()
+    candidate: measure.Candidate | None = None
+    kernel: str = ""
 
     @property
     def is_sparse(self) -> bool:
-        return self.format == "bsr"
+        return self.format != "dense"
 
 
-def block_density(weight: torch.Tensor, blocksize: int) -> float:
-    """Fraction of the ``blocksize x blocksize`` blocks of ``weight`` that hold a nonzero.
-
-    Ragged edges count as whole (zero-padded) blocks, as the kernel stores them.
-    """
-    mask = block_mask(weight, blocksize)
-    return float(mask.float().mean()) if mask.numel() else 0.0
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def decide(
     weight: torch.Tensor,
     options: SparseOptions,
     rows: int | None = None,
+    formats: Sequence[_formats.SparseFormat] | None = None,
 ) -> LayerDecision:
-    """Chooses BSR or dense for a linear weight ``[out_features, in_features]``.
+    """Chooses a sparse format or dense for a linear weight ``[out_features, in_features]``.
 
     Args:
         weight: the constant weight, on the device the layer runs on (timed there).
         options: the backend's options.
         rows: rows of the layer's input as traced (batch x tokens); timings use it.
+        formats: the formats to consider, in order of preference; default: those of ``options``.
     """
+    formats = list(formats) if formats is not None else options.sparse_formats()
     if weight.dim() != 2:
         return LayerDecision("dense", None, None, f"weight is {weight.dim()}-D, not a 2-D linear weight")
-    if weight.dtype not in SUPPORTED_DTYPES:
-        supported = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+    dtypes = [d for f in formats for d in f.dtypes]
+    if weight.dtype not in dtypes:
+        supported = ", ".join(dict.fromkeys(_dtype_name(d) for d in dtypes))
         return LayerDecision(
-            "dense", None, None,
-            f"dtype {str(weight.dtype).removeprefix('torch.')} has no sparse kernel ({supported} only)",
+            "dense", None, None, f"dtype {_dtype_name(weight.dtype)} has no sparse kernel ({supported} only)"
         )
     if weight.numel() == 0:
         return LayerDecision("dense", None, None, f"weight {tuple(weight.shape)} is empty")
-    candidates = candidate_blocksizes(weight.shape, options)
-    densities = {b: block_density(weight, b) for b in candidates}
+
+    proposals: list[tuple[_formats.SparseFormat, list[measure.Candidate]]] = []
+    reasons: dict[str, str] = {fmt.name: "" for fmt in formats}  # why each format was not taken
+    for fmt in formats:
+        why = fmt.unavailable_reason(weight.device.type)
+        if not why and weight.dtype not in fmt.dtypes:
+            why = f"{fmt.name} takes {', '.join(map(_dtype_name, fmt.dtypes))}, not {_dtype_name(weight.dtype)}"
+        if not why:
+            found = fmt.candidates(weight, options)
+            if isinstance(found, str):
+                why = found
+            else:
+                proposals.append((fmt, found))
+                continue
+        reasons[fmt.name] = why
     if options.measured:
-        return _fastest(weight, densities, rows)
-    # As before measuring existed: sizes up to the smallest dim (a narrow weight: the smallest size).
-    ranked = [b for b in candidates if b <= min(weight.shape)] or candidates[:1]
-    blocksize = min(ranked, key=lambda b: (densities[b] * BLOCK_OVERHEAD[b], -b))
-    density = densities[blocksize]
-    if density > options.density_threshold:
-        return LayerDecision(
-            "dense", blocksize, density,
-            f"block density {density:.2f} > threshold {options.density_threshold:.2f}",
-        )
-    return LayerDecision("bsr", blocksize, density)
+        return _fastest(weight, proposals, reasons, rows)
+    return _by_threshold(weight, options, proposals, reasons)
 
 
-def candidate_blocksizes(shape: tuple[int, int], options: SparseOptions) -> list[int]:
-    """Block sizes worth trying for a weight of ``shape``.
-
-    A fixed ``blocksize`` is always tried: the BSR copy zero-pads a dim smaller than one block,
-    and the op computes such a layer exactly (timm Mixer's 16x384 token mixing at block 32:
-    12 padded blocks). Under ``"auto"``, sizes beyond the smallest dim rounded up to a power
-    of two are left out: they only add padding to the blocks the smaller size stores.
-    """
-    sizes = options.blocksizes
-    if len(sizes) == 1:
-        return list(sizes)
-    smallest = min(shape)
-    fits = [b for b in sizes if b <= max(sizes[0], measure.rows_bucket(smallest))]
-    return fits or [sizes[0]]
+def _numbers(candidate: measure.Candidate | None) -> dict:
+    """The report's block size and density columns for ``candidate``."""
+    if candidate is None:
+        return {"blocksize": None, "density": None}
+    return {"blocksize": candidate.blocksize, "density": candidate.density}
 
 
-def _fastest(weight: torch.Tensor, densities: dict[int, float], rows: int | None) -> LayerDecision:
-    """Times dense and BSR at each block size that has a block to skip; keeps the fastest."""
-    bsr = [measure.Candidate("bsr", b, d) for b, d in densities.items() if d < 1.0]
-    timed = measure.time_candidates(weight, [measure.DENSE, *bsr], rows)
+def _sparse(fmt, weight, candidate, **timing) -> LayerDecision:
+    return LayerDecision(
+        fmt.name, **_numbers(candidate), candidate=candidate,
+        kernel=fmt.kernel(weight.device.type, weight.dtype), **timing,
+    )
+
+
+def _by_threshold(weight, options, proposals, reasons) -> LayerDecision:
+    considered = None  # the first format's best candidate: its numbers go in the report
+    for fmt, candidates in proposals:
+        choice = fmt.pick_by_threshold(weight, candidates, options)
+        if choice.chosen is not None:
+            return _sparse(fmt, weight, choice.chosen)
+        considered = considered or choice.considered
+        reasons[fmt.name] = choice.reason
+    return LayerDecision("dense", **_numbers(considered), reason=_joined(reasons))
+
+
+def _joined(reasons: dict[str, str], first: str = "") -> str:
+    """One reason text: ``first``, then each format's reason in order of preference."""
+    return "; ".join(r for r in (first, *reasons.values()) if r)
+
+
+def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
+    """Times dense and every candidate worth timing; keeps the fastest (a tie goes to dense)."""
+    timed_candidates: list[measure.Candidate] = []
+    owner: dict[measure.Candidate, _formats.SparseFormat] = {}
+    order = {}
+    for index, (fmt, candidates) in enumerate(proposals):
+        worth = fmt.timed_candidates(candidates)
+        if not worth:
+            reasons[fmt.name] = fmt.nothing_to_time_reason(candidates)
+        for candidate in worth:
+            timed_candidates.append(candidate)
+            owner[candidate] = fmt
+            order[candidate] = index
+    # The report's numbers for a dense layer: the first format's largest block, as before.
+    first = proposals[0][1] if proposals else []
+    fallback = max(first, key=lambda c: c.blocksize or 0) if first else None
+    if not timed_candidates:
+        return LayerDecision("dense", **_numbers(fallback), reason=_joined(reasons))
+    timed = measure.time_candidates(weight, [measure.DENSE, *timed_candidates], rows)
     dense, others = timed[0], timed[1:]
     timings = tuple((t.candidate.label, t.ms) for t in timed)
     from_cache = all(t.from_cache for t in timed)
-    # Ties go to dense: same speed, no conversion, no extra op in the graph.
-    best = min(others, key=lambda t: (t.ms, -t.candidate.blocksize), default=None)
-    if best is None or best.ms >= dense.ms:
-        sizes = "/".join(str(b) for b in densities)
-        if best is None:
-            reason = f"every block holds a nonzero at block size {sizes}: no block to skip"
-            blocksize, density = max(densities), densities[max(densities)]
-        else:
-            blocksize, density = best.candidate.blocksize, best.candidate.density
-            reason = (
-                f"dense measured faster: {dense.ms:.3g} ms vs {best.ms:.3g} ms for BSR at block "
-                f"{blocksize} (density {density:.2f})"
-            )
-        return LayerDecision(
-            "dense", blocksize, density, reason, time_ms=dense.ms, dense_ms=dense.ms,
-            from_cache=from_cache, timings=timings,
-        )
-    blocksize = best.candidate.blocksize
-    if weight.device.type == "cpu":
-        # The op's CPU kernel must run what was timed (the gather path), whatever its fixed rule says.
-        from sparse_compile.kernels.bsr_linear import set_cpu_variant
-
-        nnz_blocks = int(block_mask(weight, blocksize).sum())
-        set_cpu_variant(weight.dtype, *weight.shape, blocksize, nnz_blocks, "gather")
-    return LayerDecision(
-        "bsr", blocksize, densities[blocksize], time_ms=best.ms, dense_ms=dense.ms,
-        from_cache=from_cache, timings=timings,
-    )
+    # Ties go to dense: same speed, no conversion, no extra op in the graph. Among sparse ties:
+    # the preferred format, then the larger block.
+    best = min(others, key=lambda t: (t.ms, order[t.candidate], -(t.candidate.blocksize or 0)))
+    timing = dict(dense_ms=dense.ms, from_cache=from_cache, timings=timings)
+    if best.ms >= dense.ms:
+        fmt = owner[best.candidate]
+        why = f"dense measured faster: {dense.ms:.3g} ms vs {best.ms:.3g} ms for {fmt.describe(best.candidate)}"
+        # The report's numbers: the first format's fastest candidate (BSR: its block size and density).
+        first_timed = [t for t in others if order[t.candidate] == 0]
+        shown = min(first_timed, key=lambda t: (t.ms, -(t.candidate.blocksize or 0))).candidate if first_timed else fallback
+        return LayerDecision("dense", **_numbers(shown), reason=_joined(reasons, why), time_ms=dense.ms, **timing)
+    fmt = owner[best.candidate]
+    fmt.after_measured_choice(weight, best.candidate)
+    return _sparse(fmt, weight, best.candidate, time_ms=best.ms, **timing)

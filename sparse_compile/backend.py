@@ -1,4 +1,5 @@
-"""The ``sparse`` torch.compile backend: Inductor, plus a pass that runs sparse linears as BSR.
+"""The ``sparse`` torch.compile backend: Inductor, plus a pass that runs sparse linears in a sparse
+format (BSR for block-sparse weights, 2:4 for N:M ones; see ``sparse_compile.formats``).
 
 Registered under the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="sparse")`` works without importing this package. Dynamo calls
@@ -37,9 +38,10 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from sparse_compile.kernels import SUPPORTED_DTYPES
+from sparse_compile.formats import get as get_format
+from sparse_compile.formats import supported_dtypes
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
-from sparse_compile.passes.bsr_linear import BsrLinearPass, chain_passes
+from sparse_compile.passes.bsr_linear import SparseLinearPass, chain_passes
 from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
 from sparse_compile.passes.masked_linear import MaskedLinearPass
 from sparse_compile.report import GraphReport, LayerRecord, new_graph_report
@@ -81,7 +83,7 @@ def sparse_backend(
 
     frozen_gm, runtime_indices, weight_names = _weights_as_attributes(gm, example_inputs)
     runtime_inputs = [example_inputs[i] for i in runtime_indices]
-    bsr_pass = BsrLinearPass(sparse_options, graph_report, weight_names)
+    bsr_pass = SparseLinearPass(sparse_options, graph_report, weight_names)
     config_patches.update(
         {
             # Parameters and buffers become constants, folded with everything computed from
@@ -100,7 +102,7 @@ def sparse_backend(
     return _drop_constant_arguments(compiled, runtime_indices)
 
 
-def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: BsrLinearPass, config_patches: dict[str, Any]):
+def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass, config_patches: dict[str, Any]):
     """Inductor, or when Inductor cannot compile the graph, the next best thing that runs.
 
     1. Inductor as configured.
@@ -169,7 +171,7 @@ def _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches, **comp
     )
 
 
-def _run_without_codegen(bsr_pass: BsrLinearPass):
+def _run_without_codegen(bsr_pass: SparseLinearPass):
     """An ``inner_compile`` for ``compile_fx`` that runs our pass and returns the graph itself.
 
     Inductor calls it with the frozen, post-AOTAutograd graph (constants folded, weights as
@@ -219,16 +221,18 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-def _log_and_count(graph_report: GraphReport, bsr_pass: BsrLinearPass) -> None:
+def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> None:
     """Each layer's decision at DEBUG, the graph's summary at INFO, and the counters.
 
     ``TORCH_LOGS="sparse_compile"`` shows the INFO lines, ``TORCH_LOGS="+sparse_compile"`` the
     DEBUG ones too. Counters go to ``torch._dynamo.utils.counters["sparse_compile"]``:
-    ``bsr_layers``, ``bsr_weights`` (BSR copies made; tied weights share one), ``dense_layers``
-    and ``dense_<reason>`` per reason, ``inductor_failures`` and ``fallback_*``.
+    ``<format>_layers`` and ``<format>_weights`` per sparse format (``bsr_layers``,
+    ``bsr_weights``: BSR copies made, tied weights share one), ``dense_layers`` and
+    ``dense_<reason>`` per reason, ``inductor_failures`` and ``fallback_*``.
     """
     stats = counters["sparse_compile"]
-    stats["bsr_weights"] += bsr_pass.bsr_weights_converted
+    for fmt in bsr_pass.formats:
+        stats[f"{fmt.counter}_weights"] += bsr_pass.weights_converted.get(fmt.name, 0)
     for layer in graph_report.layers:
         size = f"{layer.out_features}x{layer.in_features} {layer.dtype}"
         if layer.format == "bsr":
@@ -237,6 +241,9 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: BsrLinearPass) -> None:
                 "%s (%s): bsr, block %s, block density %.3f, %s",
                 layer.name, size, layer.blocksize, layer.density, layer.kernel,
             )
+        elif layer.format != "dense":
+            stats[f"{get_format(layer.format).counter}_layers"] += 1
+            log.debug("%s (%s): %s, %s", layer.name, size, layer.format, layer.kernel)
         else:
             stats["dense_layers"] += 1
             stats[f"dense_{_reason_key(layer)}"] += 1
@@ -262,10 +269,12 @@ def _reason_key(layer: LayerRecord) -> str:
         return "no_block_to_skip"
     if "smaller than" in layer.reason:
         return "smaller_than_block"
+    if layer.reason.startswith("not 2:4"):  # only 2:4 was asked for (options formats=["2:4"])
+        return "not_2_4"
     return "other"
 
 
-_SUPPORTED_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES}
+_SUPPORTED_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in supported_dtypes()}
 
 
 def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):

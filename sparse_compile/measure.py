@@ -77,7 +77,8 @@ CUDA_REP_MS = 100
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One way to run a layer. ``kind`` is ``"dense"`` or ``"bsr"`` (a 2:4 kind can join them)."""
+    """One way to run a layer. ``kind`` is ``"dense"`` or a format's name (``sparse_compile.formats``);
+    ``blocksize`` and ``density`` are the BSR block size and block density (None for other kinds)."""
 
     kind: str
     blocksize: int | None = None
@@ -243,8 +244,9 @@ def time_candidates(
 
 
 def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candidate]) -> list[TimingRequest]:
-    from sparse_compile.kernels import BsrWeight, bsr_linear
-    from sparse_compile.kernels.bsr_linear import set_cpu_variant
+    """One run per candidate on one random input: dense ``F.linear``, or what the candidate's
+    format runs for a converted layer (``SparseFormat.timing_run``)."""
+    from sparse_compile import formats
 
     generator = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(layer.rows, layer.in_features, generator=generator, device=weight.device).to(weight.dtype)
@@ -254,12 +256,8 @@ def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candi
     for candidate in candidates:
         if candidate.kind == "dense":
             run = functools.partial(_no_grad, torch.nn.functional.linear, x, dense_weight, bias)
-        elif candidate.kind == "bsr":
-            bsr = BsrWeight.from_dense(dense_weight, candidate.blocksize)
-            if weight.device.type == "cpu":
-                # Time what the op runs for a converted layer: the gathered block matmuls.
-                set_cpu_variant(bsr.values.dtype, bsr.out_features, bsr.in_features, bsr.blocksize, bsr.nnz_blocks, "gather")
-            run = functools.partial(_no_grad, bsr_linear, x, bsr, bias)
+        elif candidate.kind in formats.FORMATS:
+            run = formats.FORMATS[candidate.kind].timing_run(dense_weight, candidate, x, bias)
         else:
             raise ValueError(f"sparse_compile.measure: no way to time a {candidate.kind!r} candidate")
         requests.append(TimingRequest(candidate, layer, run))

@@ -11,9 +11,20 @@ from typing import Any, Mapping
 
 import torch
 
-#: Block sizes the BSR kernel is written for. Smaller blocks waste the tensor cores, larger ones
-#: rarely find empty blocks in a learned mask.
-CANDIDATE_BLOCKSIZES = (16, 32, 64, 128)
+
+def _candidate_blocksizes() -> tuple[int, ...]:
+    """Block sizes the BSR kernel is written for, read from its file (their one source). Read
+    lazily: importing the kernels imports triton, and ``import sparse_compile`` stays light."""
+    from sparse_compile.kernels.bsr_linear import BLOCKSIZES
+
+    return BLOCKSIZES
+
+
+def __getattr__(name: str):
+    # ``CANDIDATE_BLOCKSIZES``: the BSR kernel's block sizes (module attribute, computed on access).
+    if name == "CANDIDATE_BLOCKSIZES":
+        return _candidate_blocksizes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: ``density_threshold`` default: measure, per layer, dense against BSR at each candidate block
 #: size on the device the layer runs on, and keep the fastest (``sparse_compile/measure.py``).
@@ -40,28 +51,33 @@ class SparseOptions:
             cached on disk, see ``sparse_compile.measure``). A number in [0, 1]: no timing; a layer
             is converted when its block density (stored blocks / all blocks) is at most this.
             ``0`` converts only all-zero weights, ``1`` every supported layer.
+        formats: the sparse formats the backend may use (default: all, see
+            ``sparse_compile.formats.FORMATS``); e.g. ``("bsr",)`` switches the others off. Under a
+            numeric threshold they are tried in the order of ``FORMATS``, whatever the order here.
     """
 
     blocksize: int | str = AUTO
     density_threshold: float | str = DEFAULT_DENSITY_THRESHOLD
+    formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._check_formats()
         blocksize = self.blocksize
         if isinstance(blocksize, str):
             if blocksize != "auto":
                 raise ValueError(
                     f"sparse backend: blocksize={blocksize!r} is not valid; use 'auto' or one of "
-                    f"{list(CANDIDATE_BLOCKSIZES)}"
+                    f"{list(_candidate_blocksizes())}"
                 )
         elif isinstance(blocksize, bool) or not isinstance(blocksize, int):
             raise TypeError(
                 f"sparse backend: blocksize must be an int or 'auto', got {type(blocksize).__name__}"
             )
-        elif blocksize not in CANDIDATE_BLOCKSIZES:
+        elif blocksize not in _candidate_blocksizes():
             hint = "a power of two " if blocksize & (blocksize - 1) else ""
             raise ValueError(
                 f"sparse backend: blocksize={blocksize} is not supported; use {hint}one of "
-                f"{list(CANDIDATE_BLOCKSIZES)} or 'auto'"
+                f"{list(_candidate_blocksizes())} or 'auto'"
             )
         threshold = self.density_threshold
         if isinstance(threshold, str):
@@ -81,6 +97,34 @@ class SparseOptions:
                 f"sparse backend: density_threshold={threshold} is outside [0, 1]; it is the "
                 "largest fraction of nonzero blocks a layer may have and still be converted"
             )
+
+    def _check_formats(self) -> None:
+        from sparse_compile.formats import FORMATS  # here: the formats import this module
+
+        if self.formats is None:
+            object.__setattr__(self, "formats", tuple(FORMATS))
+            return
+        given = (self.formats,) if isinstance(self.formats, str) else self.formats
+        if not isinstance(given, (tuple, list)) or not all(isinstance(name, str) for name in given):
+            raise TypeError(
+                f"sparse backend: formats must be a list of format names from {list(FORMATS)}, "
+                f"got {self.formats!r}"
+            )
+        unknown = [name for name in given if name not in FORMATS]
+        if unknown:
+            raise ValueError(f"sparse backend: unknown format(s) {unknown}; valid formats are {list(FORMATS)}")
+        if not given:
+            raise ValueError(
+                f"sparse backend: formats is empty, so nothing could run sparse; give some of {list(FORMATS)} "
+                "(or compile with backend='inductor')"
+            )
+        object.__setattr__(self, "formats", tuple(name for name in FORMATS if name in given))
+
+    def sparse_formats(self) -> list:
+        """The :class:`~sparse_compile.formats.SparseFormat` objects enabled, in order of preference."""
+        from sparse_compile.formats import FORMATS
+
+        return [FORMATS[name] for name in self.formats]
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None) -> "SparseOptions":
@@ -110,7 +154,7 @@ class SparseOptions:
     def blocksizes(self) -> tuple[int, ...]:
         """The block sizes to measure each weight at."""
         if self.blocksize == "auto":
-            return CANDIDATE_BLOCKSIZES
+            return _candidate_blocksizes()
         return (int(self.blocksize),)
 
 

@@ -27,7 +27,7 @@ class LayerRecord:
     out_features: int
     in_features: int
     dtype: str
-    format: str  # "bsr", "masked" (training graphs) or "dense"
+    format: str  # a sparse format ("bsr", "2:4"), "masked" (training graphs) or "dense"
     blocksize: int | None
     density: float | None
     reason: str = ""
@@ -39,13 +39,18 @@ class LayerRecord:
     time_ms: float | None = None
     dense_ms: float | None = None
     from_cache: bool | None = None
+    # What runs a sparse layer, as its format says (``SparseFormat.kernel``), e.g. "triton bsr".
+    sparse_kernel: str = ""
 
     @property
     def kernel(self) -> str:
         """What runs the layer: our Triton kernel (autotuned per shape at its first call on the
-        GPU), our CPU implementation, Inductor's dense matmul, or a fused PyTorch op."""
+        GPU), torch's 2:4 kernels, our CPU implementation, Inductor's dense matmul, or a fused
+        PyTorch op."""
         if self.fused_op:
             return self.fused_op
+        if self.sparse_kernel and self.format != "dense":
+            return self.sparse_kernel
         if self.format == "masked":
             return "triton masked" if self.device == "cuda" else "per-tile addmm (cpu)"
         if self.format != "bsr":
@@ -78,7 +83,7 @@ class GraphReport:
             return f"sparse backend, graph {self.graph_id}: {self.note}"
         sparse = [layer for layer in self.layers if layer.format != "dense"]
         fused = [layer for layer in self.layers if layer.fused_op]
-        how = "run masked (training graph)" if self.training else "run as BSR"
+        how = "run masked (training graph)" if self.training else _how_sparse(sparse)
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
             f"layers {how}" + _expected_speedup(self.layers)
@@ -86,6 +91,17 @@ class GraphReport:
             + (" (call sparse_compile.report(model) for details)" if self.layers else "")
             + (f"; {self.fallback}" if self.fallback else "")
         )
+
+
+def _how_sparse(sparse: list[LayerRecord]) -> str:
+    """``"run as BSR"``, or with several formats ``"run sparse (2 bsr, 1 2:4)"``."""
+    counts: dict[str, int] = {}
+    for layer in sparse:
+        counts[layer.format] = counts.get(layer.format, 0) + 1
+    if len(counts) > 1:
+        return "run sparse (" + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")"
+    name = next(iter(counts), "bsr")
+    return "run as BSR" if name == "bsr" else f"run as {name}"
 
 
 def _expected_speedup(layers: list[LayerRecord]) -> str:

@@ -59,7 +59,10 @@ def test_weight_narrower_than_a_block_is_padded_and_converted(threshold):
 
 def test_dense_narrow_weight_says_the_true_reason():
     decision = decide(torch.randn(10, 512), SparseOptions(blocksize=16, density_threshold=0.4))
-    assert decision.format == "dense" and decision.reason == "block density 1.00 > threshold 0.40"
+    # Each format says why it did not take the weight, BSR first.
+    assert decision.format == "dense" and decision.reason == (
+        "block density 1.00 > threshold 0.40; not 2:4: inputs 0-3 of row 0 hold 4 nonzeros (at most 2 in every 4)"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

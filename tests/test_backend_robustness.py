@@ -321,9 +321,9 @@ def test_layer_named_after_its_weight_parameter():
 
 def test_device_without_kernel_stays_dense_with_reason(monkeypatch):
     # What a CUDA weight meets in a process without triton (simulated: this machine has no GPU).
-    import sparse_compile.passes.bsr_linear as bsr_pass
+    from sparse_compile.formats.bsr import BSR
 
-    monkeypatch.setattr(bsr_pass, "kernel_unavailable_reason", lambda device: "no Triton kernel: install triton")
+    monkeypatch.setattr(BSR, "unavailable_reason", lambda device: "no Triton kernel: install triton")
     model = TwoLinears().eval()
     x = torch.randn(3, 64)
     compiled = torch.compile(model, backend="sparse", options=OPTIONS)

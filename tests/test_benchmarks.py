@@ -42,6 +42,7 @@ def test_vit_prints_every_row_and_column(capsys, tmp_path):
     for variant in ("dense eager", "dense torch.compile", "torch.sparse BSR (eager)", 'torch.compile backend="sparse"'):
         assert variant in rows, text
         assert rows[variant].rstrip().endswith("ok"), rows[variant]
+    assert vit.NM_LABEL in rows and "needs a GPU" in rows[vit.NM_LABEL], text
     # One encoder block: attention in/out projections and two MLP linears, of 5 with the head.
     assert "4/5" in rows['torch.compile backend="sparse"']
     assert "4/5" in rows["torch.sparse BSR (eager)"]
@@ -78,9 +79,12 @@ def test_kernels_prints_every_row_and_column(capsys):
     for header in kernels.HEADERS:
         assert header in text
     lines = table_lines(text, "64x128")
-    assert len(lines) == 3
+    assert len(lines) == 5
     for line, variant in zip(lines, ["dense F.linear", "torch.sparse BSR", "sparse_compile bsr_linear"]):
         assert variant in line and line.rstrip().endswith("ok"), line
+    # The 2:4 rows say why they have no number on a CPU instead of failing the run.
+    for line, variant in zip(lines[3:], ["2:4 (cuSPARSELt)", "2:4 (CUTLASS)"]):
+        assert variant in line and "needs a GPU" in line and "ok" not in line.split(), line
 
 
 def test_a_reference_path_that_cannot_run_gets_a_row_saying_why(capsys):

@@ -31,7 +31,7 @@ def test_fixed_blocksize(blocksize):
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\].*\['blocksize', 'density_threshold'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\].*\['blocksize', 'density_threshold', 'formats'\]"):
         SparseOptions.from_user({"block_size": 32})
 
 

@@ -1,0 +1,132 @@
+"""What a sparse format is to the backend: one analysis rule, one op, one kernel file.
+
+A format (BSR, 2:4, ...) is a :class:`SparseFormat` object. The rest of the backend only talks
+to formats through it:
+
+- ``analysis.decide`` asks every format for its :meth:`~SparseFormat.candidates` (the analysis
+  rule: ways the format could run this weight, or why it cannot), then picks among them by
+  timing (``density_threshold="auto"``) or by :meth:`~SparseFormat.pick_by_threshold`;
+- ``measure`` asks the format for the call to time (:meth:`~SparseFormat.timing_run`);
+- the pass asks it to :meth:`~SparseFormat.convert` the chosen weight once (the compressed
+  tensors become graph constants) and calls its op as
+  ``op(x, *constants, bias, *static_args)``.
+
+The dtypes and shapes a format takes are declared once, in its kernel file, and read from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from sparse_compile.measure import Candidate
+    from sparse_compile.options import SparseOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedWeight:
+    """A weight in a format's storage, ready to become graph constants.
+
+    The op is called as ``op(x, *constants, bias, *static_args)``; a ``None`` constant is passed
+    as ``None`` (an optional tensor of the op's schema).
+
+    Attributes:
+        op: the ``torch.ops.sparse_compile.*`` overload that computes the layer.
+        constants: ``(name prefix, tensor or None)`` per tensor argument after ``x``.
+        static_args: the int/str arguments after ``bias``.
+        out_features: rows of the weight (the op's output features).
+    """
+
+    op: torch._ops.OpOverload
+    constants: tuple[tuple[str, Optional[torch.Tensor]], ...]
+    static_args: tuple
+    out_features: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdChoice:
+    """What a format makes of a weight without timing (a numeric ``density_threshold``).
+
+    ``chosen`` is the candidate to run, or None with ``reason`` saying why not; ``considered`` is
+    the candidate the numbers in the report describe (the best one, chosen or not).
+    """
+
+    chosen: "Candidate | None"
+    considered: "Candidate | None"
+    reason: str = ""
+
+
+class SparseFormat:
+    """Base class of a sparse format. Subclasses set the class attributes and the methods.
+
+    Attributes:
+        name: the format's name in the report's format column and in ``options={"formats": ...}``.
+        display_name: its name in sentences ("run as BSR").
+        counter: its name in ``counters["sparse_compile"]`` (``<counter>_layers``, ``<counter>_weights``).
+        dtypes: the weight dtypes some device of this format takes (from its kernel file).
+    """
+
+    name: str = ""
+    display_name: str = ""
+    counter: str = ""
+    dtypes: tuple[torch.dtype, ...] = ()
+
+    def unavailable_reason(self, device_type: str) -> str:
+        """Why this format cannot run on ``device_type`` in this process, or ``""``."""
+        raise NotImplementedError
+
+    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list["Candidate"], str]:
+        """The analysis rule: the ways this format could run ``weight`` ``[out, in]``, or why none.
+
+        Called with a 2-D, non-empty weight of a dtype in :attr:`dtypes`, on a device the format
+        is available on. An empty list means "nothing to gain" and needs a reason: return a string.
+        """
+        raise NotImplementedError
+
+    def pick_by_threshold(
+        self, weight: torch.Tensor, candidates: Sequence["Candidate"], options: "SparseOptions"
+    ) -> ThresholdChoice:
+        """The choice under a numeric ``density_threshold`` (no timing)."""
+        raise NotImplementedError
+
+    def timed_candidates(self, candidates: Sequence["Candidate"]) -> list["Candidate"]:
+        """The candidates worth timing under ``density_threshold="auto"`` (default: all)."""
+        return list(candidates)
+
+    def nothing_to_time_reason(self, candidates: Sequence["Candidate"]) -> str:
+        """Why none of ``candidates`` was worth timing (when :meth:`timed_candidates` kept none)."""
+        return f"no {self.name} candidate worth timing"
+
+    def describe(self, candidate: "Candidate") -> str:
+        """``"BSR at block 32 (density 0.40)"``: the candidate in a reason's words."""
+        return candidate.label
+
+    def kernel(self, device_type: str, dtype: torch.dtype) -> str:
+        """What runs a converted layer on ``device_type`` (the report's kernel column)."""
+        raise NotImplementedError
+
+    def convert(self, weight: torch.Tensor, candidate: "Candidate") -> ConvertedWeight:
+        """Compresses ``weight`` once, for the graph's constants."""
+        raise NotImplementedError
+
+    def timing_run(
+        self, weight: torch.Tensor, candidate: "Candidate", x: torch.Tensor, bias: torch.Tensor
+    ) -> Callable[[], object]:
+        """A call computing the layer on ``x`` as the converted layer would (timed by ``measure``)."""
+        converted = self.convert(weight, candidate)
+        tensors = [t for _, t in converted.constants]
+
+        def run():
+            with torch.no_grad():
+                return converted.op(x, *tensors, bias, *converted.static_args)
+
+        return run
+
+    def after_measured_choice(self, weight: torch.Tensor, candidate: "Candidate") -> None:
+        """Called when timing chose ``candidate`` for ``weight`` (a format may remember what it timed)."""
+
+    def __repr__(self) -> str:
+        return f"<sparse format {self.name}>"
