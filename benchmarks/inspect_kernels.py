@@ -127,33 +127,49 @@ def bsr_linear_spec() -> KernelSpec:
 
 
 def masked_linear_spec() -> KernelSpec:
+    """The masked kernel's forward launch: ``y = x @ (W ⊙ M)^T + b``."""
+    return _masked_spec(input_grad=False)
+
+
+def masked_linear_input_grad_spec() -> KernelSpec:
+    """The same kernel's input-gradient launch, ``dx = dy @ (W ⊙ M)``: the weight and the tile
+    mask are read through their transposes (unit stride on N instead of K), which ptxas
+    allocates differently. The autotuner prunes both launches with the same hook."""
+    return _masked_spec(input_grad=True)
+
+
+def _masked_spec(input_grad: bool) -> KernelSpec:
     from triton.runtime.jit import MockTensor
 
     from sparse_compile.kernels import autotune_configs as ac
     from sparse_compile.kernels.masked_linear_kernels import masked_linear_kernel
 
-    # The forward of ViT-B/16's MLP up-projection in a training step at batch 64: M = 64 * 197
-    # tokens, K = 768, N = 3072, a contiguous weight [N, K] and an fp32 tile mask (Supermask's
-    # scores are fp32), 90% of its tiles zero.
-    m, k, n = 64 * 197, 768, 3072
+    # ViT-B/16's MLP up-projection in a training step at batch 64: 64 * 197 tokens, a contiguous
+    # weight W [3072, 768] and an fp32 tile mask (Supermask's scores are fp32), 90% of its tiles
+    # zero. The forward is [M, 768] @ W^T; the input gradient [M, 3072] @ W, i.e. the kernel's
+    # N = 768, K = 3072 with W^T as w_nk (strides (1, 768)) and no bias.
+    m = 64 * 197
+    n, k = (768, 3072) if input_grad else (3072, 768)
 
     def launch_args(case: DtypeCase, b: int) -> tuple[list, dict]:
         t = lambda dtype: MockTensor(dtype)  # noqa: E731 - data_ptr() 0: 16-byte aligned
-        kb = k // b  # tile mask, kept: [N / b, K / b], contiguous
+        w_strides = (1, n) if input_grad else (k, 1)  # w_nk = W.t() or W
+        tile_strides = (1, n // b) if input_grad else (k // b, 1)  # tile_mask_nk likewise
         # As kernels/masked_linear.py::_launch passes them: a, w_nk, tile_mask_nk, kept, count,
-        # bias, out, then sizes, strides and the autotune bucket.
+        # bias (out when there is none: never read), out, then sizes, strides and the autotune
+        # bucket. kept is [N / b, K / b], contiguous.
         args = [
             t(case.dtype), t(case.dtype), t(torch.float32), t(torch.int32), t(torch.int32), t(case.dtype),
             t(case.dtype),
             m, n, k,
             k, 1,  # a strides (row-major)
-            k, 1,  # w_nk strides
-            kb, 1,  # tile mask strides
-            kb,  # kept row stride
+            *w_strides,
+            *tile_strides,
+            k // b,  # kept row stride
             n, 1,  # out strides
             1 << (m - 1).bit_length(),  # autotune bucket
         ]
-        meta = dict(HAS_BIAS=True, BLOCKSIZE=b, INPUT_PRECISION=case.input_precision, INTERPRET=False)
+        meta = dict(HAS_BIAS=not input_grad, BLOCKSIZE=b, INPUT_PRECISION=case.input_precision, INTERPRET=False)
         return args, meta
 
     def configs(capability, smem, case, b):
@@ -162,11 +178,12 @@ def masked_linear_spec() -> KernelSpec:
             for c in ac.arch_configs(capability[0])
         ]
 
-    return KernelSpec("masked_linear", masked_linear_kernel, CANDIDATE_BLOCKSIZES, launch_args, configs)
+    name = "masked_linear_dx" if input_grad else "masked_linear"
+    return KernelSpec(name, masked_linear_kernel, CANDIDATE_BLOCKSIZES, launch_args, configs)
 
 
 #: Every kernel the inspection compiles. A new kernel adds its spec function here.
-KERNEL_SPECS: list[Callable[[], KernelSpec]] = [bsr_linear_spec, masked_linear_spec]
+KERNEL_SPECS: list[Callable[[], KernelSpec]] = [bsr_linear_spec, masked_linear_spec, masked_linear_input_grad_spec]
 
 
 # --------------------------------------------------------------------------------------------

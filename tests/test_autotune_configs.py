@@ -85,7 +85,7 @@ def test_bsr_kernel_set_is_what_the_inspection_measured():
 
 def test_masked_kernel_set_is_what_the_inspection_measured():
     assert allowed_count("masked_linear", (8, 0)) == 74
-    assert allowed_count("masked_linear", (9, 0)) == 78
+    assert allowed_count("masked_linear", (9, 0)) == 77
 
 
 # Configs the BSR kernel's rules allow that spill in the masked kernel (inspect_kernels
@@ -101,6 +101,7 @@ MASKED_SPILLED = [
     ((8, 0), 4, "ieee", 64, (64, 4, 3), 17720),
     ((9, 0), 4, "ieee", 32, (64, 4, 4), 44),
     ((9, 0), 4, "ieee", 64, (128, 8, 3), 18020),
+    ((9, 0), 4, "ieee", 16, (256, 8, 3), 8),  # the input-gradient launch only
 ]
 
 
