@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tabulate import tabulate
 
+
 #: The archs inspected: name -> compute capability. sm80 is the A100, sm90 the H100.
 ARCHS = {"sm80": (8, 0), "sm90": (9, 0)}
 
@@ -76,7 +77,8 @@ class KernelSpec:
             for tensors), without the config's meta-parameters.
         configs: ``(capability, smem_bytes, dtype_case, blocksize) -> [(triton.Config, reason)]``:
             every config of the arch's set, ``reason`` being why the autotuner must not try it
-            (``None`` if it may).
+            (``None`` if it may). Where every one is pruned, the inspection adds the hook's
+            fallback (``autotune_configs.fallback_config``), as the autotuner would run it.
     """
 
     name: str
@@ -117,15 +119,73 @@ def bsr_linear_spec() -> KernelSpec:
 
     def configs(capability, smem, case, b):
         return [
-            (c, ac.pruned_reason(c, capability, smem, case.dtype.itemsize, b, case.input_precision))
+            (c, ac.pruned_reason(c, capability, smem, case.dtype.itemsize, b, case.input_precision, "bsr_linear"))
             for c in ac.arch_configs(capability[0])
         ]
 
     return KernelSpec("bsr_linear", bsr_linear_kernel, BLOCKSIZES, launch_args, configs)
 
 
+def masked_linear_spec() -> KernelSpec:
+    """The masked kernel's forward launch: ``y = x @ (W ⊙ M)^T + b``."""
+    return _masked_spec(input_grad=False)
+
+
+def masked_linear_input_grad_spec() -> KernelSpec:
+    """The same kernel's input-gradient launch, ``dx = dy @ (W ⊙ M)``: the weight and the tile
+    mask are read through their transposes (unit stride on N instead of K), which ptxas
+    allocates differently. The autotuner prunes both launches with the same hook."""
+    return _masked_spec(input_grad=True)
+
+
+def _masked_spec(input_grad: bool) -> KernelSpec:
+    from triton.runtime.jit import MockTensor
+
+    from sparse_compile.kernels import autotune_configs as ac
+    # The masked kernel's tiles are the BSR kernel's block sizes (tl.dot: powers of two >= 16).
+    from sparse_compile.kernels.bsr_linear import BLOCKSIZES
+    from sparse_compile.kernels.masked_linear_kernels import masked_linear_kernel
+
+    # ViT-B/16's MLP up-projection in a training step at batch 64: 64 * 197 tokens, a contiguous
+    # weight W [3072, 768] and an fp32 tile mask (Supermask's scores are fp32), 90% of its tiles
+    # zero. The forward is [M, 768] @ W^T; the input gradient [M, 3072] @ W, i.e. the kernel's
+    # N = 768, K = 3072 with W^T as w_nk (strides (1, 768)) and no bias.
+    m = 64 * 197
+    n, k = (768, 3072) if input_grad else (3072, 768)
+
+    def launch_args(case: DtypeCase, b: int) -> tuple[list, dict]:
+        t = lambda dtype: MockTensor(dtype)  # noqa: E731 - data_ptr() 0: 16-byte aligned
+        w_strides = (1, n) if input_grad else (k, 1)  # w_nk = W.t() or W
+        tile_strides = (1, n // b) if input_grad else (k // b, 1)  # tile_mask_nk likewise
+        # As kernels/masked_linear.py::_launch passes them: a, w_nk, tile_mask_nk, kept, count,
+        # bias (out when there is none: never read), out, then sizes, strides and the autotune
+        # bucket. kept is [N / b, K / b], contiguous.
+        args = [
+            t(case.dtype), t(case.dtype), t(torch.float32), t(torch.int32), t(torch.int32), t(case.dtype),
+            t(case.dtype),
+            m, n, k,
+            k, 1,  # a strides (row-major)
+            *w_strides,
+            *tile_strides,
+            k // b,  # kept row stride
+            n, 1,  # out strides
+            1 << (m - 1).bit_length(),  # autotune bucket
+        ]
+        meta = dict(HAS_BIAS=not input_grad, BLOCKSIZE=b, INPUT_PRECISION=case.input_precision, INTERPRET=False)
+        return args, meta
+
+    def configs(capability, smem, case, b):
+        return [
+            (c, ac.pruned_reason(c, capability, smem, case.dtype.itemsize, b, case.input_precision, "masked_linear"))
+            for c in ac.arch_configs(capability[0])
+        ]
+
+    name = "masked_linear_dx" if input_grad else "masked_linear"
+    return KernelSpec(name, masked_linear_kernel, BLOCKSIZES, launch_args, configs)
+
+
 #: Every kernel the inspection compiles. A new kernel adds its spec function here.
-KERNEL_SPECS: list[Callable[[], KernelSpec]] = [bsr_linear_spec]
+KERNEL_SPECS: list[Callable[[], KernelSpec]] = [bsr_linear_spec, masked_linear_spec, masked_linear_input_grad_spec]
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +200,7 @@ class Case:
     block: int
     config: str  # label, see config_label
     pruned: str | None  # why the autotuner skips it; such cases compile only with --include-pruned
+    fallback: bool = False  # the hook's fallback, run because every config of the set is pruned
 
 
 @dataclasses.dataclass
@@ -180,6 +241,10 @@ def _specs() -> dict[str, KernelSpec]:
 
 
 def _find_config(spec: KernelSpec, case: Case):
+    if case.fallback:
+        from sparse_compile.kernels.autotune_configs import fallback_config
+
+        return fallback_config()
     capability = ARCHS[case.arch]
     for cfg, _ in spec.configs(capability, smem_limit(case.arch), DTYPES_BY_NAME[case.dtype], case.block):
         if config_label(cfg) == case.config:
@@ -276,7 +341,10 @@ def all_cases(
     archs: Sequence[str], kernels: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
     blocks: Sequence[int] | None = None,
 ) -> list[Case]:
-    """Every (arch, kernel, dtype, block, config), pruned configs included (marked)."""
+    """Every (arch, kernel, dtype, block, config), pruned configs included (marked), and the
+    hook's fallback config where all of them are pruned."""
+    from sparse_compile.kernels.autotune_configs import fallback_config
+
     cases = []
     for arch in archs:
         for spec in _specs().values():
@@ -288,8 +356,11 @@ def all_cases(
                 for b in spec.blocksizes:
                     if blocks and b not in blocks:
                         continue
-                    for cfg, reason in spec.configs(ARCHS[arch], smem_limit(arch), case, b):
+                    configs = spec.configs(ARCHS[arch], smem_limit(arch), case, b)
+                    for cfg, reason in configs:
                         cases.append(Case(arch, spec.name, case.name, b, config_label(cfg), reason))
+                    if all(reason for _, reason in configs):
+                        cases.append(Case(arch, spec.name, case.name, b, config_label(fallback_config()), None, True))
     return cases
 
 
@@ -323,7 +394,7 @@ def failures(result: Result) -> list[str]:
         problems.append(f"shared memory {result.shared_bytes} B > {smem_limit(result.case.arch)} B")
     if DTYPES_BY_NAME[result.case.dtype].half and result.tensor_cores == "none":
         problems.append("no tensor-core instruction for a half dtype")
-    if result.async_loads == "none":
+    if result.async_loads == "none" and not result.case.fallback:  # the fallback has one stage
         problems.append("main loop loads synchronously")
     return problems
 
@@ -344,6 +415,8 @@ def table_rows(results: Sequence[Result]) -> list[list[str]]:
             note = f"pruned: {c.pruned}"
         else:
             note = "; ".join(failures(r)) or "ok"
+            if c.fallback:
+                note = f"fallback (every config pruned; 1 stage: loads not pipelined): {note}"
         rows.append(cells + [
             str(r.registers), str(r.spill_bytes), f"{r.shared_bytes / 1024:.1f}", r.tensor_cores,
             r.async_loads, f"{r.seconds:.1f}", note,
@@ -353,13 +426,17 @@ def table_rows(results: Sequence[Result]) -> list[list[str]]:
 
 def summary(results: Sequence[Result], pruned: Sequence[Case]) -> list[str]:
     lines = []
-    for arch in dict.fromkeys([r.case.arch for r in results] + [c.arch for c in pruned]):
-        mine = [r for r in results if r.case.arch == arch and not r.case.pruned]
+    everything = [r.case for r in results] + list(pruned)
+    for arch, kernel in dict.fromkeys((c.arch, c.kernel) for c in everything):
+        mine = [r for r in results if (r.case.arch, r.case.kernel) == (arch, kernel) and not r.case.pruned]
+        tried = [r for r in mine if not r.case.fallback]
+        fallbacks = [r for r in mine if r.case.fallback]
         bad = [r for r in mine if failures(r)]
-        reasons = Counter(c.pruned.split(":")[0] for c in pruned if c.arch == arch)
+        reasons = Counter(c.pruned.split(":")[0] for c in pruned if (c.arch, c.kernel) == (arch, kernel))
         why = ", ".join(f"{n} for {reason}" for reason, n in reasons.items()) or "none"
+        fallback = f" + {len(fallbacks)} fallback (every config pruned)" if fallbacks else ""
         lines.append(
-            f"{arch}: {len(mine)} configs the autotuner may try, {len(bad)} with a problem; "
+            f"{arch} {kernel}: {len(tried)} configs the autotuner may try{fallback}, {len(bad)} with a problem; "
             f"pruned: {why} (shared memory limit {smem_limit(arch) // 1024} KiB per block)"
         )
     return lines

@@ -1,8 +1,14 @@
-"""Autotune configs for the BSR linear kernel, per GPU arch.
+"""Autotune configs for the BSR linear and masked linear kernels, per GPU arch.
 
-One ``triton.autotune`` holds the union of the per-arch sets; ``prune_configs`` keeps the
-set of the GPU the kernel is launched on (so nothing queries CUDA at import) and drops tiles
-that cannot fit in shared memory or are far taller than M.
+Both kernels compute a ``[BLOCK_M, blocksize]`` output tile from one x tile and one weight
+block per step, so they share the config sets and the shared-memory bound. Registers are per
+kernel: ptxas spills the masked kernel's configs where it does not spill the BSR kernel's, so
+each kernel has its own measured limits (``_MAX_ACC_PER_THREAD``, ``_MEASURED_SPILLS``) and
+its own ``early_config_prune`` hook (``prune_configs`` for BSR, ``prune_masked_configs``).
+
+One ``triton.autotune`` holds the union of the per-arch sets; the hook keeps the set of the
+GPU the kernel is launched on (so nothing queries CUDA at import) and drops tiles that cannot
+fit in shared memory, that spill, or that are far taller than M.
 
 Where the numbers come from:
 * Triton tutorial 03 (matmul): BLOCK_M 64-128 with 4-8 warps and 3-5 stages on A100/H100,
@@ -19,9 +25,13 @@ from __future__ import annotations
 import triton
 
 __all__ = [
-    "INTERPRET_CONFIG", "SMEM_PER_BLOCK_FALLBACK", "all_configs", "arch_configs", "autotune_set",
-    "prune_configs", "pruned_reason", "shared_memory_per_block",
+    "INTERPRET_CONFIG", "KERNELS", "SMEM_PER_BLOCK_FALLBACK", "all_configs", "arch_configs", "autotune_set",
+    "fallback_config", "make_prune_configs", "prune_configs", "prune_masked_configs", "pruned_reason",
+    "shared_memory_per_block",
 ]
+
+#: The kernels these configs serve, each with its own register rules below.
+KERNELS = ("bsr_linear", "masked_linear")
 
 # (BLOCK_M, num_warps, num_stages). GROUP_M is 8 everywhere (tutorial 03).
 _SM80 = [
@@ -96,58 +106,128 @@ def shared_memory_per_block(device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-# Most fp32 values of the [BLOCK_M, b] accumulator one thread may hold. Measured with
-# `python -m benchmarks.inspect_kernels --include-pruned` (ptxas of triton 3.6, sm80 and sm90):
-# with tensor cores (fp16, bf16, TF32) 64 per thread compiles without spills and 128 spills
-# (fp16 b=128 BLOCK_M=128 4 warps: 255 registers + 108 B of spill stores on sm80); without
-# them (fp32 "ieee": tl.dot becomes FMAs whose operands also live in registers) 32 per thread
-# fits in 168-254 registers and 64 spills (b=64 BLOCK_M=128 4 warps: 8 B on sm80, 20 B on
-# sm90; b=128 BLOCK_M=128 4 warps: ~64 KB).
-_MAX_ACC_PER_THREAD = {True: 64, False: 32}
-# fp32 "ieee" configs under that bound that ptxas still spills (12 B on sm80, 8 B on sm90, at
-# 96 registers), found by the same inspection: (major, blocksize, (BLOCK_M, warps, stages)).
-_FMA_SPILLS = {
-    (8, 32, (64, 4, 3)),
-    (8, 32, (64, 4, 4)),
-    (9, 64, (32, 4, 3)),
+def _path(elem_bytes: int, input_precision: str) -> str:
+    """How ``tl.dot`` runs: "half" (fp16/bf16 tensor cores), "tf32" (TF32 tensor cores) or "fma"
+    (fp32 "ieee": FMAs whose operands also live in registers)."""
+    if elem_bytes < 4:
+        return "half"
+    return "tf32" if input_precision == "tf32" else "fma"
+
+
+# Most fp32 values of the [BLOCK_M, b] accumulator one thread may hold, per kernel and path,
+# and most values of the [b, b] weight block (b * b / threads). Measured with
+# `python -m benchmarks.inspect_kernels --include-pruned` (ptxas of triton 3.6, sm80 and sm90).
+# bsr_linear: with tensor cores (fp16, bf16, TF32) 64 accumulator values per thread compile
+# without spills and 128 spill (fp16 b=128 BLOCK_M=128 4 warps: 255 registers + 108 B of spill
+# stores on sm80); with FMAs 32 per thread fit in 168-254 registers and 64 spill (b=64
+# BLOCK_M=128 4 warps: 8 B on sm80, 20 B on sm90; b=128 BLOCK_M=128 4 warps: ~64 KB). No limit
+# on the weight block was needed.
+# masked_linear (ViT-B MLP, M = 64 * 197: all 224 configs of the forward, and the allowed ones
+# of the input-gradient launch): it scales the weight block in registers before tl.dot, so the
+# weight block counts too, and FMAs fit far less.
+# - fp16/bf16: 64 accumulator values as above; 128 weight values per thread compile (b=128
+#   BLOCK_M=32 4 warps: 244 registers on sm80), 256 spill (b=128 with 2 warps: 280-336 B).
+# - TF32: 64 accumulator values; 64 weight values compile (b=128 BLOCK_M=16 8 warps: 220
+#   registers), 128 spill (b=128 4 warps: 1.5-9 KB) and 256 spill (~11 KB).
+# - FMAs: at most 16 of each: 32 accumulator values spill (1.2 KB at b=32 BLOCK_M=128 4 warps,
+#   18 KB at b=64), 32 weight values spill (b=64 with 4 warps: ~600 B). No config of the sets
+#   fits at b=64 or b=128 there: the hook's fallback (below) runs.
+_MAX_ACC_PER_THREAD = {
+    "bsr_linear": {"half": 64, "tf32": 64, "fma": 32},
+    "masked_linear": {"half": 64, "tf32": 64, "fma": 16},
 }
+_MAX_WEIGHT_PER_THREAD = {
+    "bsr_linear": {"half": None, "tf32": None, "fma": None},
+    "masked_linear": {"half": 128, "tf32": 64, "fma": 16},
+}
+# Configs under those bounds and within shared memory that ptxas still spills, found by the
+# same inspection: (major, path, blocksize, (BLOCK_M, warps, stages)).
+_MEASURED_SPILLS = {
+    # fp32 "ieee": 12 B on sm80, 8 B on sm90, at 96 registers.
+    "bsr_linear": {
+        (8, "fma", 32, (64, 4, 3)),
+        (8, "fma", 32, (64, 4, 4)),
+        (9, "fma", 64, (32, 4, 3)),
+    },
+    # 64 accumulator + 128 weight values per thread: 776 B (fp16/bf16) on sm80, none on sm90
+    # (wgmma); 64 + 32 in TF32: 440 B on sm80, none on sm90; 16 + 8 with FMAs: 40-44 B (the
+    # same b=32 BLOCK_M=64 4-warp tile the BSR kernel spills on sm80). The last one spills only
+    # in the input-gradient launch (W read through its transpose; 8 B at 128 registers), not in
+    # the forward (185 registers): one hook prunes both launches.
+    "masked_linear": {
+        (8, "half", 128, (64, 4, 3)),
+        (8, "tf32", 64, (128, 4, 3)),
+        (8, "fma", 32, (64, 4, 3)),
+        (8, "fma", 32, (64, 4, 4)),
+        (9, "fma", 32, (64, 4, 4)),
+        (9, "fma", 16, (256, 8, 3)),
+    },
+}
+# What the hook returns when nothing in the set survives (e.g. b = 256 in fp32; the masked
+# kernel's fp32 "ieee" b=64 and b=128 and TF32 b=128): the smallest tile, one stage. One stage
+# does not pipeline the loads, but it spills in none of those masked cases (both archs: 72-186
+# registers, 0 B; inspect_kernels shows it as "fallback").
+_FALLBACK = (16, 4, 1)
+
+
+def fallback_config() -> triton.Config:
+    """The config the hooks fall back to when no config of the set may run."""
+    return _cfg(*_FALLBACK)
 
 
 def pruned_reason(
     cfg: triton.Config, capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int,
-    input_precision: str,
+    input_precision: str, kernel: str = "bsr_linear",
 ) -> str | None:
-    """Why the autotuner must not try ``cfg`` for this launch, or ``None`` if it may."""
+    """Why the autotuner must not try ``cfg`` for this launch of ``kernel``, or ``None`` if it may."""
     if _key(cfg) not in {_key(c) for c in arch_configs(capability[0])}:
         return f"not in the sm{capability[0]}x set"
     bm = cfg.kwargs["BLOCK_M"]
     # Each pipeline stage holds one x tile [BLOCK_M, b] and one weight block [b, b]. An upper
-    # bound: triton 3.6 allocated at most this in all 224 configs inspected, mostly
-    # (stages - 1) / stages of it.
+    # bound: triton 3.6 allocated at most this in all 224 configs inspected, for each kernel
+    # (the masked kernel: at most 94% of it), mostly (stages - 1) / stages of it.
     need = cfg.num_stages * (bm * blocksize + blocksize * blocksize) * elem_bytes
     if need > smem_bytes:
         return f"shared memory: needs ~{need // 1024} KiB, block limit {smem_bytes // 1024} KiB"
-    tensor_cores = elem_bytes < 4 or input_precision == "tf32"
+    path = _path(elem_bytes, input_precision)
     per_thread = bm * blocksize // (32 * cfg.num_warps)
-    if per_thread > _MAX_ACC_PER_THREAD[tensor_cores]:
+    if per_thread > _MAX_ACC_PER_THREAD[kernel][path]:
         return f"registers: {per_thread} accumulator values per thread spill"
-    if not tensor_cores and (capability[0], blocksize, _key(cfg)) in _FMA_SPILLS:
+    weight_per_thread = blocksize * blocksize // (32 * cfg.num_warps)
+    limit = _MAX_WEIGHT_PER_THREAD[kernel][path]
+    if limit is not None and weight_per_thread > limit:
+        return f"registers: {weight_per_thread} weight values per thread spill"
+    if (capability[0], path, blocksize, _key(cfg)) in _MEASURED_SPILLS[kernel]:
         return "registers: ptxas spills it (measured)"
     return None
 
 
 def autotune_set(
-    capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int, input_precision: str
+    capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int, input_precision: str,
+    kernel: str = "bsr_linear",
 ) -> list[triton.Config]:
     """The configs the autotuner may try on a GPU of ``capability`` for one dtype and block size."""
     return [
         c for c in all_configs()
-        if pruned_reason(c, capability, smem_bytes, elem_bytes, blocksize, input_precision) is None
+        if pruned_reason(c, capability, smem_bytes, elem_bytes, blocksize, input_precision, kernel) is None
     ]
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """``early_config_prune`` hook: keep this GPU's set, within shared memory, sized to M."""
+def make_prune_configs(kernel: str):
+    """The ``early_config_prune`` hook of ``kernel`` (one of :data:`KERNELS`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"no autotune rules for kernel {kernel!r}; known: {', '.join(KERNELS)}")
+
+    def hook(configs, named_args, **kwargs):
+        return _prune_configs(kernel, configs, named_args, kwargs)
+
+    hook.__name__ = hook.__qualname__ = f"prune_{kernel}_configs"
+    hook.__doc__ = f"``early_config_prune`` hook of {kernel}: see :func:`_prune_configs`."
+    return hook
+
+
+def _prune_configs(kernel: str, configs, named_args, kwargs):
+    """Keep this GPU's set, within shared memory and without spills for ``kernel``, sized to M."""
     import torch
 
     args = {**named_args, **kwargs}  # Triton passes positional args in named_args, the rest in kwargs
@@ -159,18 +239,23 @@ def prune_configs(configs, named_args, **kwargs):
         capability, smem = (8, 0), SMEM_PER_BLOCK_FALLBACK[(8, 0)]
     allowed = {
         _key(c)
-        for c in autotune_set(capability, smem, x.element_size(), args["BLOCKSIZE"], args["INPUT_PRECISION"])
+        for c in autotune_set(
+            capability, smem, x.element_size(), args["BLOCKSIZE"], args["INPUT_PRECISION"], kernel
+        )
     }
     kept = [c for c in configs if _key(c) in allowed]
     m_bucket = args["m_bucket"]
     # Tiles more than twice as tall as M only add masked rows. (A symbolic M from dynamic
     # shapes is not compared: that would specialize the graph on it.)
     if not isinstance(m_bucket, int):
-        return kept or [_cfg(16, 4, 1)]
+        return kept or [fallback_config()]
     sized = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, 2 * m_bucket)]
     if sized:
         return sized
     if kept:
         return [min(kept, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
-    # Nothing fits (e.g. b = 256 in fp32): the smallest tile with one stage.
-    return [_cfg(16, 4, 1)]
+    return [fallback_config()]
+
+
+prune_configs = make_prune_configs("bsr_linear")
+prune_masked_configs = make_prune_configs("masked_linear")

@@ -46,7 +46,7 @@ from .bsr_linear import _input_precision, _next_pow2
 try:
     import triton
 
-    from .autotune_configs import INTERPRET_CONFIG, all_configs, prune_configs
+    from .autotune_configs import INTERPRET_CONFIG, all_configs, prune_masked_configs
     from .masked_linear_kernels import masked_linear_kernel
 except ImportError:  # torch without triton: the CPU path, and CUDA's dense fallback, need none of it
     triton = None
@@ -75,7 +75,7 @@ else:
     _masked_linear_autotuned = triton.autotune(
         configs=all_configs(),
         key=["m_bucket", "N", "K", "BLOCKSIZE", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": prune_configs},
+        prune_configs_by={"early_config_prune": prune_masked_configs},
     )(masked_linear_kernel)
 
 

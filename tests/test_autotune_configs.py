@@ -1,5 +1,8 @@
-"""Which configs the BSR kernel's autotuner may try: per arch, per dtype and block, per device."""
+"""Which configs the autotuners may try: per kernel, per arch, per dtype and block, per device."""
 
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -19,11 +22,19 @@ class FakeCudaTensor:
         return self._elem
 
 
-def prune(monkeypatch, capability, smem, elem_bytes, blocksize, m_bucket=4096, precision="ieee"):
+def prune(monkeypatch, capability, smem, elem_bytes, blocksize, m_bucket=4096, precision="ieee", hook=None):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(ac, "shared_memory_per_block", lambda device: smem)
     named = dict(x_ptr=FakeCudaTensor(elem_bytes), m_bucket=m_bucket)
-    return ac.prune_configs(ac.all_configs(), named, BLOCKSIZE=blocksize, INPUT_PRECISION=precision)
+    return (hook or ac.prune_configs)(ac.all_configs(), named, BLOCKSIZE=blocksize, INPUT_PRECISION=precision)
+
+
+def key(cfg):
+    return (cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages)
+
+
+# (elem bytes, input precision) of fp16, bf16, fp32 with TF32, fp32 without.
+DTYPE_CASES = [(2, "ieee"), (2, "ieee"), (4, "tf32"), (4, "ieee")]
 
 
 def smem_estimate(cfg, blocksize, elem_bytes):
@@ -55,3 +66,83 @@ def test_only_the_arch_set_is_kept(monkeypatch):
     kept = prune(monkeypatch, (9, 0), 227 * 1024, 2, 32)
     sm90 = {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in ac.arch_configs(9)}
     assert kept and {(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept} <= sm90
+
+
+def allowed_count(kernel, capability):
+    smem = ac.SMEM_PER_BLOCK_FALLBACK[capability]
+    return sum(
+        len(ac.autotune_set(capability, smem, elem, b, precision, kernel))
+        for elem, precision in DTYPE_CASES for b in (16, 32, 64, 128)
+    )
+
+
+def test_bsr_kernel_set_is_what_the_inspection_measured():
+    # benchmarks/results/inspect-kernels.md: 87 configs on sm80, 88 on sm90, none spilling.
+    assert allowed_count("bsr_linear", (8, 0)) == 87
+    assert allowed_count("bsr_linear", (9, 0)) == 88
+    assert ac.prune_configs.__name__ == "prune_bsr_linear_configs"
+
+
+def test_masked_kernel_set_is_what_the_inspection_measured():
+    assert allowed_count("masked_linear", (8, 0)) == 74
+    assert allowed_count("masked_linear", (9, 0)) == 77
+
+
+# Configs the BSR kernel's rules allow that spill in the masked kernel (inspect_kernels
+# --kernel masked_linear --include-pruned): (capability, elem bytes, precision, block, config, bytes).
+MASKED_SPILLED = [
+    ((8, 0), 2, "ieee", 128, (16, 2, 2), 280),
+    ((8, 0), 2, "ieee", 128, (64, 4, 3), 776),
+    ((9, 0), 2, "ieee", 128, (16, 2, 3), 336),
+    ((8, 0), 4, "tf32", 64, (128, 4, 3), 440),
+    ((8, 0), 4, "tf32", 128, (16, 2, 2), 11420),
+    ((9, 0), 4, "tf32", 128, (16, 2, 3), 11292),
+    ((8, 0), 4, "ieee", 32, (128, 4, 3), 1188),
+    ((8, 0), 4, "ieee", 64, (64, 4, 3), 17720),
+    ((9, 0), 4, "ieee", 32, (64, 4, 4), 44),
+    ((9, 0), 4, "ieee", 64, (128, 8, 3), 18020),
+    ((9, 0), 4, "ieee", 16, (256, 8, 3), 8),  # the input-gradient launch only
+]
+
+
+@pytest.mark.parametrize("capability, elem, precision, blocksize, config, spilled", MASKED_SPILLED)
+def test_masked_hook_prunes_what_spilled(monkeypatch, capability, elem, precision, blocksize, config, spilled):
+    smem = ac.SMEM_PER_BLOCK_FALLBACK[capability]
+    bsr = prune(monkeypatch, capability, smem, elem, blocksize, precision=precision)
+    masked = prune(monkeypatch, capability, smem, elem, blocksize, precision=precision, hook=ac.prune_masked_configs)
+    assert config in {key(c) for c in bsr}  # what the masked kernel ran before it had its own hook
+    assert config not in {key(c) for c in masked}
+
+
+@pytest.mark.parametrize("blocksize, precision", [(64, "ieee"), (128, "ieee"), (128, "tf32")])
+def test_masked_hook_falls_back_where_every_config_spills(monkeypatch, blocksize, precision):
+    kept = prune(monkeypatch, (8, 0), 163 * 1024, 4, blocksize, precision=precision, hook=ac.prune_masked_configs)
+    assert [key(c) for c in kept] == [key(ac.fallback_config())] == [(16, 4, 1)]
+
+
+def test_masked_hook_keeps_the_tiles_that_did_not_spill(monkeypatch):
+    # fp16 b=64 on sm80: nothing spilled, the masked kernel keeps the BSR kernel's whole set.
+    bsr = prune(monkeypatch, (8, 0), 163 * 1024, 2, 64)
+    masked = prune(monkeypatch, (8, 0), 163 * 1024, 2, 64, hook=ac.prune_masked_configs)
+    assert [key(c) for c in masked] == [key(c) for c in bsr] and masked
+
+
+def test_a_kernel_without_rules_gets_no_hook():
+    with pytest.raises(ValueError, match="no autotune rules for kernel 'nope'"):
+        ac.make_prune_configs("nope")
+
+
+def test_each_launcher_autotunes_with_its_own_hook():
+    # In a subprocess: the suite runs under TRITON_INTERPRET=1, where the launchers autotune one
+    # fixed config without a hook.
+    code = (
+        "import importlib\n"
+        "from sparse_compile.kernels import autotune_configs as ac\n"
+        "for mod, name, hook in [('bsr_linear', '_bsr_linear_autotuned', ac.prune_configs),\n"
+        "                        ('masked_linear', '_masked_linear_autotuned', ac.prune_masked_configs)]:\n"
+        "    tuner = getattr(importlib.import_module('sparse_compile.kernels.' + mod), name)\n"
+        "    assert tuner.early_config_prune is hook, (mod, tuner.early_config_prune)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
