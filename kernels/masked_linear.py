@@ -24,8 +24,8 @@ Ops (importing this module registers them):
 
 Devices: on CUDA the Triton kernel of ``masked_linear_kernels.py`` (autotuned per arch, the BSR
 kernel's configs); on CPU one ``addmm_`` per kept tile into the output (see ``_masked_mm_cpu``
-for the measurements), block rows spread over worker threads (``_run_block_rows``), dense when
-too many tiles are kept to pay.
+for the measurements), dense when too many tiles are kept to pay; with several threads, whichever
+of two ways to thread that loop is measured faster as it runs (``_TileLoopChooser``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -288,31 +289,92 @@ def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional
             w_tile = w_nk[i * t : (i + 1) * t, j * t : (j + 1) * t].to(compute)
             out_i.addmm_(a_c[:, j * t : (j + 1) * t], w_tile.t(), alpha=value)
 
-    _run_block_rows(one_block_row, [len(row) for row in kept_by_row])
+    kept_per_row = [len(row) for row in kept_by_row]
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        for i in range(len(kept_per_row)):
+            one_block_row(i)
+        return out.to(a.dtype)
+    key = (m, n, k, t, sum(kept_per_row), threads)
+    loop = _tile_loops.pick(key)
+    counters["sparse_compile"][f"masked_mm_cpu_tiles_{loop}"] += 1
+    start = _clock()
+    if loop == "workers":
+        _run_block_rows(one_block_row, kept_per_row, threads)
+    else:
+        for i in range(len(kept_per_row)):
+            one_block_row(i)
+    _tile_loops.record(key, loop, _clock() - start)
     return out.to(a.dtype)
 
 
-# The tile loop runs its block rows on torch.get_num_threads() Python threads, each running
-# single-threaded matmuls, rather than one block row after another with every matmul split over
-# all threads. Each per-tile matmul is small (M x 32 x 32); split over OpenMP threads, every one
-# ends in a barrier, and when the machine has more runnable threads than cores (another process,
-# DDP ranks on one host) each barrier waits for a descheduled thread. Measured on the 2-core
-# development machine under a load of ~2.5 (ViT MLP 1536x384, M = 2080, 90% tile sparsity, tile
-# 32, fastest of 8): forward 50.7 ms with 2 OpenMP threads per matmul vs 8.5 ms on 2 worker
-# threads (dense 42.7 ms); on a quiet machine see benchmarks/results/cpu-train-step.md. The
-# matmuls release the GIL, so the worker threads compute in parallel.
+class _TileLoopChooser:
+    """Per problem (shape, tile, kept tiles, threads): the faster of the two tile loops, by measurement.
+
+    ``"openmp"``: block rows one after another, each matmul split over torch's threads (OpenMP).
+    ``"workers"``: block rows spread over single-threaded worker threads (:func:`_run_block_rows`).
+    On a quiet machine the first is faster (2-core machine, 2 threads, ViT MLP 1536x384 at 90%,
+    2080 rows: 4.5 vs 5.8 ms; its 384x384 out-projection: 0.87 vs 1.45 ms); on an oversubscribed
+    one it collapses (a load of ~2.5: 50.7 ms vs 8.5 ms, dense 42.7 ms), because every small
+    OpenMP matmul ends in a barrier that waits for a descheduled thread. Load changes while
+    training runs, so the choice is not fixed at compile time: each call is timed (a clock read
+    around it), a moving average kept per loop, the faster one runs, and every
+    ``PROBE_EVERY``-th call of a problem runs the other one to notice when that changed (a
+    probe's time replaces that loop's old average, which is stale by then).
+    Both loops add the same tiles in the same order; only the matmuls' threading differs.
+    """
+
+    PROBE_EVERY = 32
+    SMOOTHING = 0.5  # weight of the newest time in a loop's moving average
+
+    def __init__(self) -> None:
+        self._ms: dict[tuple, dict[str, float]] = {}
+        self._calls: dict[tuple, int] = {}
+        self._probing: set[tuple] = set()
+
+    def pick(self, key: tuple) -> str:
+        times = self._ms.setdefault(key, {})
+        calls = self._calls[key] = self._calls.get(key, 0) + 1
+        for loop in _TILE_LOOPS:  # each loop runs once before any choice
+            if loop not in times:
+                return loop
+        fast, slow = sorted(_TILE_LOOPS, key=lambda loop: times[loop])
+        if calls % self.PROBE_EVERY == 0:
+            self._probing.add(key)
+            return slow
+        return fast
+
+    def record(self, key: tuple, loop: str, seconds: float) -> None:
+        times = self._ms.setdefault(key, {})
+        ms = 1e3 * seconds
+        if loop not in times or key in self._probing:
+            times[loop] = ms
+        else:
+            times[loop] = self.SMOOTHING * ms + (1 - self.SMOOTHING) * times[loop]
+        self._probing.discard(key)
+
+    def clear(self) -> None:
+        self._ms.clear()
+        self._calls.clear()
+        self._probing.clear()
+
+
+_TILE_LOOPS = ("openmp", "workers")
+_tile_loops = _TileLoopChooser()
+#: The clock around each tile loop (tests replace it: no test depends on a real timing).
+_clock = time.perf_counter
+
+
+# The "workers" tile loop: block rows on torch.get_num_threads() Python threads, each running
+# single-threaded matmuls (the matmuls release the GIL, so the workers compute in parallel).
+# Robust where the "openmp" loop collapses, on an oversubscribed machine; see _TileLoopChooser.
 _pool: "concurrent.futures.ThreadPoolExecutor | None" = None
 _pool_threads = 0
 
 
-def _run_block_rows(run_row, kept_per_row: list[int]) -> None:
-    """Calls ``run_row(i)`` for every block row, spread over the worker threads by kept tiles."""
-    threads = torch.get_num_threads()
+def _run_block_rows(run_row, kept_per_row: list[int], threads: int) -> None:
+    """Calls ``run_row(i)`` for every block row, spread over ``threads`` worker threads by kept tiles."""
     rows = sorted(range(len(kept_per_row)), key=lambda i: -kept_per_row[i])
-    if threads <= 1 or len(rows) <= 1:
-        for i in rows:
-            run_row(i)
-        return
     groups: list[list[int]] = [[] for _ in range(threads)]
     work = [0] * threads
     for i in rows:  # largest first, each to the least loaded thread

@@ -4,6 +4,8 @@ Reference everywhere: ``x @ (W * expand(M))^T + b`` written out in float64, with
 for the gradients (of x, W, the tile mask and the bias).
 """
 
+import importlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -87,12 +89,21 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def tile_loop(monkeypatch):
+    """Forces the CPU op's tile loop ("openmp" or "workers") instead of the measured choice."""
+    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
+    return lambda loop: monkeypatch.setattr(ml._tile_loops, "pick", lambda key: loop)
+
+
+@pytest.mark.parametrize("loop", ["openmp", "workers"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_cpu_tile_loop_on_any_thread_count(threads, num_threads, with_bias):
-    # Block rows go to worker threads (more workers than block rows too: 5 > 3 rows); every
-    # output column block is written by exactly one of them, bias and empty rows included.
+def test_cpu_tile_loop_on_any_thread_count(threads, tile_loop, loop, num_threads, with_bias):
+    # "workers" spreads block rows over worker threads (more workers than block rows too: 5 > 3
+    # rows); every output column block is written by exactly one of them, bias and empty rows too.
     threads(num_threads)
+    tile_loop(loop)
     m, n, k, t = 40, 48, 96, 16
     x, w = torch.randn(m, k), torch.randn(n, k)
     b = torch.randn(n) if with_bias else None
@@ -101,8 +112,38 @@ def test_cpu_tile_loop_on_any_thread_count(threads, num_threads, with_bias):
     counters.clear()
     out = masked_linear(x, w, mask, b, t)
     assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 1
+    if num_threads > 1:
+        assert counters["sparse_compile"][f"masked_mm_cpu_tiles_{loop}"] == 1
     torch.testing.assert_close(out.double(), reference(x, w, mask, b, t), atol=1e-4, rtol=1e-4)
     assert torch.get_num_threads() == num_threads  # the caller's thread count is left as it was
+
+
+def test_tile_loop_chooser_runs_the_faster_loop_and_probes_the_other():
+    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
+    chooser = ml._TileLoopChooser()
+    times = {"openmp": 10.0, "workers": 2.0}  # ms: an oversubscribed machine
+
+    def run(calls):
+        ran = []
+        for _ in range(calls):
+            loop = chooser.pick("layer")
+            chooser.record("layer", loop, times[loop] / 1e3)
+            ran.append(loop)
+        return ran
+
+    first = run(chooser.PROBE_EVERY)
+    assert first[:2] == ["openmp", "workers"]  # each loop once before any choice
+    assert first[2:-1] == ["workers"] * (chooser.PROBE_EVERY - 3)  # then the faster one
+    assert first[-1] == "openmp"  # every PROBE_EVERY-th call: the other one, in case that changed
+    times["openmp"] = 1.0  # the load went away: the next probe of openmp sees it
+    later = run(3 * chooser.PROBE_EVERY)
+    every = chooser.PROBE_EVERY
+    assert later[: every - 1] == ["workers"] * (every - 1) and later[every - 1] == "openmp"  # the probe
+    after = later[every:]
+    # From then on openmp, and workers only at its own probes.
+    assert [i for i, loop in enumerate(after, start=1) if loop == "workers"] == [every, 2 * every]
+    # Problems are measured apart: another shape starts from scratch.
+    assert chooser.pick("other layer") == "openmp"
 
 
 def test_cpu_tile_loop_under_inference_mode_and_with_inputs_that_require_grad(threads):
