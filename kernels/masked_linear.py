@@ -278,16 +278,31 @@ def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional
     t = tile_size
     bias_c = bias.to(compute).detach() if bias is not None else None
 
+    # Views made once per call (split is one call for all pieces): the loop below is Python,
+    # run once per kept tile, and each indexing op costs microseconds (~25 us per tile with
+    # per-tile slicing: ~1.5 ms of a 60-tile call).
+    a_cols = a_c.split(t, dim=1)
+    out_cols = out.split(t, dim=1)
+    w_rows = w_nk.split(t, dim=0)
+    bias_parts = bias_c.split(t) if bias_c is not None else None
+    convert = w_nk.dtype != compute
+
     def one_block_row(i: int) -> None:
         # Block row i owns output columns [i*t, (i+1)*t): no two block rows write the same memory.
-        out_i = out[:, i * t : (i + 1) * t]
-        if bias_c is None:
+        out_i = out_cols[i]
+        if bias_parts is None:
             out_i.zero_()
         else:
-            out_i.copy_(bias_c[i * t : (i + 1) * t].expand_as(out_i))
+            out_i.copy_(bias_parts[i].expand_as(out_i))
+        if not kept_by_row[i]:
+            return
+        w_tiles_t = w_rows[i].t().split(t, dim=0)  # [t_k, t_n] views of W^T, one per block column
         for j, value in kept_by_row[i]:
-            w_tile = w_nk[i * t : (i + 1) * t, j * t : (j + 1) * t].to(compute)
-            out_i.addmm_(a_c[:, j * t : (j + 1) * t], w_tile.t(), alpha=value)
+            w_tile_t = w_tiles_t[j].to(compute) if convert else w_tiles_t[j]
+            if value == 1.0:  # Supermask's masks are 0/1: no scaling to pass
+                out_i.addmm_(a_cols[j], w_tile_t)
+            else:
+                out_i.addmm_(a_cols[j], w_tile_t, alpha=value)
 
     kept_per_row = [len(row) for row in kept_by_row]
     threads = torch.get_num_threads()
@@ -326,6 +341,11 @@ class _TileLoopChooser:
 
     PROBE_EVERY = 32
     SMOOTHING = 0.5  # weight of the newest time in a loop's moving average
+    # "workers" runs only when its average beats "openmp"'s by this factor: on a quiet machine
+    # the two are within ~10% on some shapes, where noise would flip a plain comparison back and
+    # forth at a cost (a quiet training step: 782 ms always openmp, 821 ms choosing without it);
+    # under load the gap is 5x and more.
+    WORKERS_MARGIN = 0.85
 
     def __init__(self) -> None:
         self._ms: dict[tuple, dict[str, float]] = {}
@@ -338,7 +358,8 @@ class _TileLoopChooser:
         for loop in _TILE_LOOPS:  # each loop runs once before any choice
             if loop not in times:
                 return loop
-        fast, slow = sorted(_TILE_LOOPS, key=lambda loop: times[loop])
+        workers_faster = times["workers"] < self.WORKERS_MARGIN * times["openmp"]
+        fast, slow = ("workers", "openmp") if workers_faster else ("openmp", "workers")
         if calls % self.PROBE_EVERY == 0:
             self._probing.add(key)
             return slow
@@ -359,7 +380,7 @@ class _TileLoopChooser:
         self._probing.clear()
 
 
-_TILE_LOOPS = ("openmp", "workers")
+_TILE_LOOPS = ("openmp", "workers")  # the order they first run in
 _tile_loops = _TileLoopChooser()
 #: The clock around each tile loop (tests replace it: no test depends on a real timing).
 _clock = time.perf_counter

@@ -312,3 +312,18 @@ def test_op_on_cuda_matches_float64_autograd(dtype, atol, rtol, t):
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol * n**0.5, rtol=rtol)
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=atol * m**0.5, rtol=rtol)
     torch.testing.assert_close(mask.grad.double(), m64.grad, atol=atol * t * m**0.5, rtol=rtol)
+
+
+def test_tile_loop_chooser_keeps_openmp_unless_workers_win_clearly():
+    # Within the margin (a quiet machine's noise) openmp stays: flipping costs more than it saves.
+    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
+    chooser = ml._TileLoopChooser()
+    for times in ({"openmp": 5.0, "workers": 0.95 * 5.0}, {"openmp": 5.0, "workers": 0.8 * 5.0}):
+        chooser.clear()
+        ran = []
+        for _ in range(chooser.PROBE_EVERY - 1):
+            loop = chooser.pick("layer")
+            chooser.record("layer", loop, times[loop] / 1e3)
+            ran.append(loop)
+        expected = "openmp" if times["workers"] > chooser.WORKERS_MARGIN * times["openmp"] else "workers"
+        assert ran[2:] == [expected] * (len(ran) - 2), times
