@@ -273,6 +273,7 @@ def run_row(setup: Setup, row: Row, make: Callable[[], tuple[Callable[[], Any], 
             if count_layers is not None:
                 row.sparse_layers = count_layers()
             row.rel_err, row.tol = common.relative_error(out, ref), setup.tol
+            common.wait_for_compile_workers()
             row.timing = common.measure(fn, setup.device, setup.args.warmup, setup.args.reps)
     except Exception as error:  # noqa: BLE001 - reported in the table instead
         row.note = f"not run: {common.describe_error(error)}"

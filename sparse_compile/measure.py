@@ -140,11 +140,11 @@ def time_requests(requests: Sequence[TimingRequest]) -> list[float]:
     device = requests[0].layer.device
     if device.type == "cuda":
         return _time_cuda([request.run for request in requests], device)
-    _wait_for_compile_workers()
+    wait_for_compile_workers()
     return _time_cpu([request.run for request in requests])
 
 
-def _wait_for_compile_workers() -> None:
+def wait_for_compile_workers() -> None:
     """Inductor starts its compile worker processes as compiling begins, just before our pass
     runs; while they start they take the cores a CPU timing needs (tiny ViT's 768x256 layer,
     1 thread: fastest dense call 14.3 ms while they started, 0.64 ms on its own). Wait for them."""
