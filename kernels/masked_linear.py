@@ -106,6 +106,18 @@ def tile_sums(values: Tensor, tile_size: int) -> Tensor:
     return padded.view(nb, tile_size, kb, tile_size).sum(dim=(1, 3))
 
 
+def _masked_weight(w_nk: Tensor, tile_mask_nk: Tensor, tile_size: int) -> Tensor:
+    """``w_nk ⊙ expand(tile_mask_nk)`` for the op's dense paths, in one pass when the tiles divide
+    the weight (a broadcast over a ``[N/t, t, K/t, t]`` view, transposed views too) rather than
+    ``expand_tiles``' two ``repeat_interleave`` copies and a multiply."""
+    n, k = w_nk.shape
+    mask = tile_mask_nk.to(w_nk.dtype)
+    if n % tile_size or k % tile_size:
+        return w_nk * expand_tiles(mask, w_nk.shape, tile_size)
+    tiles = w_nk.unflatten(0, (n // tile_size, tile_size)).unflatten(2, (k // tile_size, tile_size))
+    return (tiles * mask[:, None, :, None]).flatten(2).flatten(0, 1)
+
+
 def triton_tile_size_ok(tile_size: int) -> bool:
     """The Triton kernel's tile is its N tile and its K step: ``tl.dot`` wants a power of two >= 16."""
     return tile_size >= 16 and tile_size & (tile_size - 1) == 0
@@ -268,7 +280,7 @@ def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional
     kept_by_row = [[(j, v) for j, v in enumerate(row) if v != 0] for row in mask_values]
     if sum(map(len, kept_by_row)) > _CPU_MAX_DENSITY * tile_mask_nk.numel():
         counters["sparse_compile"]["masked_mm_cpu_dense"] += 1
-        w_masked = w_nk.to(compute) * expand_tiles(tile_mask_nk, w_nk.shape, tile_size).to(compute)
+        w_masked = _masked_weight(w_nk.to(compute), tile_mask_nk, tile_size)
         out = a_c @ w_masked.t() if bias is None else torch.addmm(bias.to(compute), a_c, w_masked.t())
         return out.to(a.dtype)
     counters["sparse_compile"]["masked_mm_cpu_tiles"] += 1
@@ -454,7 +466,7 @@ def _masked_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Ten
         # Documented fallback (the pass does not choose such layers; a direct call, or a process
         # without triton, may).
         counters["sparse_compile"]["masked_mm_dense_fallback"] += 1
-        w_masked = w_nk * expand_tiles(tile_mask_nk, w_nk.shape, tile_size).to(w_nk.dtype)
+        w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size)
         return F.linear(a, w_masked, bias)
     return _masked_mm_cpu(a, w_nk, tile_mask_nk, bias, tile_size)
 

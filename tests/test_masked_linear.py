@@ -327,3 +327,16 @@ def test_tile_loop_chooser_keeps_openmp_unless_workers_win_clearly():
             ran.append(loop)
         expected = "openmp" if times["workers"] > chooser.WORKERS_MARGIN * times["openmp"] else "workers"
         assert ran[2:] == [expected] * (len(ran) - 2), times
+
+
+@pytest.mark.parametrize("n,k,t", [(64, 96, 16), (72, 100, 16), (96, 64, 32)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dense_paths_mask_the_weight_exactly(n, k, t, transposed):
+    # The op's dense paths build W ⊙ expand(M) by broadcasting over tiles (ragged shapes: by
+    # expanding); bit-identical to the hand-written expansion, on a transposed view too (dx).
+    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
+    w = torch.randn(n, k)
+    mask = random_tile_mask(n, k, t, 0.5)
+    if transposed:
+        w, mask = w.t(), mask.t()
+    assert torch.equal(ml._masked_weight(w, mask, t), w * expand(mask, w.shape, t))
