@@ -2,12 +2,14 @@
 # Everything a GPU session measures, in one call on the device machine (its Python has torch,
 # triton, torchvision, tabulate, setuptools; nothing can be downloaded there):
 #
-#   device run:  OUT=$OUT bash benchmarks/gpu_session.sh [quick]
+#   device run:  OUT=$OUT bash benchmarks/gpu_session.sh [quick | STEP...]
 #
 # 1. installs this checkout without dependencies or network (editable, so the `sparse` backend
 #    entry point exists), 2. runs the gpu-marked tests, 3. writes the kernel table and the ViT
 #    tables (one file per dtype) and the training-step table as benchmarks/results-style markdown under $OUT.
-# `quick` runs the tests and the kernel table only. Results are copied back by the device tool;
+# `quick` runs the tests and the kernel table only. STEPs (any of tests, kernels, vit-bf16,
+# vit-fp32, train-step) run those alone: one device call is limited to 10 minutes, so a session
+# splits the work, e.g. `quick`, then `vit-bf16`, `vit-fp32 train-step`. Results are copied back by the device tool;
 # commit them under benchmarks/results/. Every step runs even when one before it failed (a
 # failed test should not cost the session its tables); the exit status is that of the first
 # step that failed (pytest's, or a benchmark's: 1 for a wrong or a failed row of ours).
@@ -45,13 +47,22 @@ plot() {  # --plot FILE where matplotlib exists (an optional extra: the device m
     python3 -c "import matplotlib" 2> /dev/null && echo "--plot $OUT/$1"
 }
 
-STEP_NAME="pytest -m gpu" step run_pytest
-STEP_NAME="benchmarks.kernels" step run_bench kernels 40 --output "$OUT/$gpu-kernels.md" $(plot "$gpu-kernels.png")
-if [ "${1:-}" != quick ]; then
-    STEP_NAME="benchmarks.vit bf16" step run_bench vit 30 --dtype bfloat16 --output "$OUT/$gpu-vit-bf16.md" $(plot "$gpu-vit-bf16.png")
-    STEP_NAME="benchmarks.vit fp32" step run_bench vit 30 --dtype float32 --output "$OUT/$gpu-vit-fp32.md" $(plot "$gpu-vit-fp32.png")
-    # Issue 10 GPU target: ViT-B/16, bf16, batch 64 (the GPU defaults), 90%, tile 64 only: the full
-    # sweep (13 compiles of ViT-B) would not fit one device call.
-    STEP_NAME="benchmarks.train_step" step run_bench train_step 40 --sparsity 0.9 --blocksize 64 --output "$OUT/$gpu-train-step.md"
-fi
+ALL_STEPS="tests kernels vit-bf16 vit-fp32 train-step"
+case "${1:-}" in
+    "") steps=$ALL_STEPS ;;
+    quick) steps="tests kernels" ;;
+    *) steps="$*" ;;
+esac
+for wanted in $steps; do
+    case " $ALL_STEPS " in *" $wanted "*) ;; *) echo "unknown step '$wanted': use quick or any of: $ALL_STEPS" >&2; exit 2 ;; esac
+done
+wants() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+wants tests && STEP_NAME="pytest -m gpu" step run_pytest
+wants kernels && STEP_NAME="benchmarks.kernels" step run_bench kernels 40 --output "$OUT/$gpu-kernels.md" $(plot "$gpu-kernels.png")
+wants vit-bf16 && STEP_NAME="benchmarks.vit bf16" step run_bench vit 30 --dtype bfloat16 --output "$OUT/$gpu-vit-bf16.md" $(plot "$gpu-vit-bf16.png")
+wants vit-fp32 && STEP_NAME="benchmarks.vit fp32" step run_bench vit 30 --dtype float32 --output "$OUT/$gpu-vit-fp32.md" $(plot "$gpu-vit-fp32.png")
+# Issue 10 GPU target: ViT-B/16, bf16, batch 64 (the GPU defaults), 90%, tile 64 only: the full
+# sweep (13 compiles of ViT-B) would not fit one device call.
+wants train-step && STEP_NAME="benchmarks.train_step" step run_bench train_step 40 --sparsity 0.9 --blocksize 64 --output "$OUT/$gpu-train-step.md"
 exit $status

@@ -267,6 +267,31 @@ def test_gpu_session_fails_when_pytest_fails(tmp_path):
     assert (tmp_path / "out" / "h100-pytest-gpu.txt").read_text().strip() == "1 failed"
 
 
+def test_gpu_session_runs_the_steps_it_is_given(tmp_path):
+    """A device call is limited to 10 minutes: a session runs gpu_session.sh one step group at a time."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "python3").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in -m\\ benchmarks.*|-m\\ pytest*) echo "$*" >> {calls};; esac\n'
+        'case "$*" in -c*get_device_name*) echo h100;; esac\n'
+        "exit 0\n"
+    )
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H100\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    script = str(ROOT / "benchmarks" / "gpu_session.sh")
+    done = subprocess.run(["bash", script, "kernels", "train-step"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = [line.split()[1] for line in calls.read_text().splitlines()]
+    assert ran == ["benchmarks.kernels", "benchmarks.train_step"]
+    assert "--sparsity 0.9 --blocksize 64" in calls.read_text()  # issue 10's GPU target row
+    wrong = subprocess.run(["bash", script, "kernel"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unknown step 'kernel'" in wrong.stderr
+
+
 def test_gpu_defaults_are_the_seed_setting():
     # The GPU run itself is not tested here (no CUDA in CI); its defaults are.
     cuda = vit.DEFAULTS["cuda"]
