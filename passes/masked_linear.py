@@ -48,6 +48,8 @@ _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 _TILE_MASKED_WEIGHT = (torch.ops.sparse_compile.tile_masked_weight, torch.ops.sparse_compile.tile_masked_weight.default)
 _MHA = (torch.nn.functional.multi_head_attention_forward,)
 
+_NOT_TILE_MASKED = "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
+
 #: Smallest tile the rewrite takes: below it the per-tile work is too small to beat a dense matmul.
 MIN_TILE_SIZE = 16
 
@@ -80,26 +82,11 @@ class MaskedLinearPass:
         weight_val = _value(weight)
         if weight_val is None or weight_val.dim() != 2:
             return 0  # not a layer we can describe (no example value)
-        out_features, in_features = weight_val.shape
-        name = names(node, weight, out_features, in_features)
+        name = names(node, weight, *weight_val.shape)
         tile_masked = isinstance(weight, torch.fx.Node) and weight.target in _TILE_MASKED_WEIGHT
         tile_size = int(weight.args[2]) if tile_masked else None
-        reason = self._why_dense(node, x, weight, bias, tile_size) if tile_masked else (
-            "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
-        )
-        self.graph_report.layers.append(
-            LayerRecord(
-                name=name,
-                out_features=int(out_features),
-                in_features=int(in_features),
-                dtype=str(weight_val.dtype).removeprefix("torch."),
-                format="dense" if reason else "masked",
-                blocksize=tile_size,
-                density=None,  # the mask changes every step
-                reason=reason,
-                device=weight_val.device.type,
-            )
-        )
+        reason = self._why_dense(node, x, weight, bias, tile_size) if tile_masked else _NOT_TILE_MASKED
+        self._record(name, weight_val, tile_size, reason)
         if reason:
             return 0
         masked_weight, tile_mask, _ = weight.args
@@ -113,6 +100,22 @@ class MaskedLinearPass:
         if not weight.users:
             gm.graph.erase_node(weight)
         return 1
+
+    def _record(self, name: str, weight: torch.Tensor, tile_size: int | None, reason: str) -> None:
+        """One linear in the report: masked when ``reason`` is empty, else dense with it."""
+        self.graph_report.layers.append(
+            LayerRecord(
+                name=name,
+                out_features=int(weight.shape[0]),
+                in_features=int(weight.shape[1]),
+                dtype=str(weight.dtype).removeprefix("torch."),
+                format="dense" if reason else "masked",
+                blocksize=tile_size,
+                density=None,  # the mask changes every step
+                reason=reason,
+                device=weight.device.type,
+            )
+        )
 
     def _why_dense(self, node, x, weight, bias, tile_size: int) -> str:
         """Empty when the masked op can take the layer, else the reason it stays dense."""
@@ -149,7 +152,7 @@ class MaskedLinearPass:
         reasons = {}
         for suffix, (weight, val, tile) in projections.items():
             if tile is None:
-                reasons[suffix] = "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
+                reasons[suffix] = _NOT_TILE_MASKED
             elif why_whole:
                 reasons[suffix] = f"inside nn.MultiheadAttention, left whole: {why_whole}"
             else:
@@ -158,19 +161,7 @@ class MaskedLinearPass:
                 reasons[suffix] = self._why_dense(query, query, weight, bias, tile)
         rewrite = {suffix for suffix in masked if not reasons[suffix]}
         for suffix, (weight, val, tile) in projections.items():
-            self.graph_report.layers.append(
-                LayerRecord(
-                    name=names(node, weight, *val.shape),
-                    out_features=int(val.shape[0]),
-                    in_features=int(val.shape[1]),
-                    dtype=str(val.dtype).removeprefix("torch."),
-                    format="masked" if suffix in rewrite else "dense",
-                    blocksize=tile,
-                    density=None,
-                    reason=reasons[suffix],
-                    device=val.device.type,
-                )
-            )
+            self._record(names(node, weight, *val.shape), val, tile, reasons[suffix])
         if not rewrite:
             return 0
 
