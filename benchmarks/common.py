@@ -22,6 +22,7 @@ import torch
 from tabulate import tabulate
 
 from sparse_compile.kernels.bsr_linear import BLOCKSIZES
+from sparse_compile.measure import wait_for_compile_workers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -256,17 +257,10 @@ def warm_up_compiler(device: torch.device) -> None:
     torch._dynamo.reset()
     torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
     torch._dynamo.reset()
+    # Inductor's compile workers start with the first compile and import torch for seconds,
+    # taking the cores a CPU timing needs: on the 2-core machine the first (dense) rows of
+    # benchmarks.vit timed 76-79 ms while they started, 52-56 ms for the same computation later.
     wait_for_compile_workers()
-
-
-def wait_for_compile_workers() -> None:
-    """Waits until Inductor's compile worker processes have started. They start with the first
-    compile and import torch for seconds, taking the cores a CPU timing needs: on the 2-core
-    machine the first (dense) rows of benchmarks.vit timed 76-79 ms while they started, against
-    52-56 ms for the same computation later in the run."""
-    from sparse_compile import measure
-
-    measure.wait_for_compile_workers()
 
 
 def first_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

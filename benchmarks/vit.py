@@ -32,6 +32,7 @@ import torchvision
 from torch import nn
 
 import sparse_compile
+from sparse_compile.measure import wait_for_compile_workers
 from benchmarks import common, floors, plot
 
 # The CPU default: two blocks of ViT-B's widths (768, MLP 3072, 12 heads) at ViT-B/32's 50 tokens,
@@ -273,7 +274,7 @@ def run_row(setup: Setup, row: Row, make: Callable[[], tuple[Callable[[], Any], 
             if count_layers is not None:
                 row.sparse_layers = count_layers()
             row.rel_err, row.tol = common.relative_error(out, ref), setup.tol
-            common.wait_for_compile_workers()
+            wait_for_compile_workers()  # a compile just started them: see common.warm_up_compiler
             row.timing = common.measure(fn, setup.device, setup.args.warmup, setup.args.reps)
     except Exception as error:  # noqa: BLE001 - reported in the table instead
         row.note = f"not run: {common.describe_error(error)}"
