@@ -246,22 +246,25 @@ def test_cpu_op_benchmark_checks_and_times_every_candidate(capsys):
     assert "b=32, 50% sparse" in text
 
 
-def test_gpu_session_fails_when_pytest_fails(tmp_path):
-    """gpu_session.sh with stand-ins for python3 and nvidia-smi: pytest exits 1, all else 0."""
+def run_gpu_session(tmp_path, *args, python3_cases=""):
+    """gpu_session.sh with stand-ins for python3 and nvidia-smi (every call exits 0 unless
+    ``python3_cases``, shell ``case`` lines run first, say otherwise); output under tmp_path/out."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").write_text(
-        "#!/bin/sh\n"
-        'case "$*" in *pytest*) echo "1 failed"; exit 1;; esac\n'
-        'case "$*" in -c*get_device_name*) echo h100;; esac\n'
-        "exit 0\n"
+        "#!/bin/sh\n" + python3_cases + 'case "$*" in -c*get_device_name*) echo h100;; esac\nexit 0\n'
     )
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H100\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "quick"], env=env, cwd=ROOT,
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True)
+
+
+def test_gpu_session_fails_when_pytest_fails(tmp_path):
+    """pytest exits 1, all else 0."""
+    done = run_gpu_session(tmp_path, "quick", python3_cases='case "$*" in *pytest*) echo "1 failed"; exit 1;; esac\n')
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED (exit 1): pytest -m gpu" in done.stderr
     assert (tmp_path / "out" / "h100-pytest-gpu.txt").read_text().strip() == "1 failed"
@@ -269,26 +272,14 @@ def test_gpu_session_fails_when_pytest_fails(tmp_path):
 
 def test_gpu_session_runs_the_steps_it_is_given(tmp_path):
     """A device call is limited to 10 minutes: a session runs gpu_session.sh one step group at a time."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
-    (bin_dir / "python3").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in -m\\ benchmarks.*|-m\\ pytest*) echo "$*" >> {calls};; esac\n'
-        'case "$*" in -c*get_device_name*) echo h100;; esac\n'
-        "exit 0\n"
-    )
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H100\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
-    script = str(ROOT / "benchmarks" / "gpu_session.sh")
-    done = subprocess.run(["bash", script, "kernels", "train-step"], env=env, cwd=ROOT, capture_output=True, text=True)
+    log_calls = f'case "$*" in -m\\ benchmarks.*|-m\\ pytest*) echo "$*" >> {calls};; esac\n'
+    done = run_gpu_session(tmp_path, "kernels", "train-step", python3_cases=log_calls)
     assert done.returncode == 0, done.stdout + done.stderr
     ran = [line.split()[1] for line in calls.read_text().splitlines()]
     assert ran == ["benchmarks.kernels", "benchmarks.train_step"]
     assert "--sparsity 0.9 --blocksize 64" in calls.read_text()  # issue 10's GPU target row
-    wrong = subprocess.run(["bash", script, "kernel"], env=env, cwd=ROOT, capture_output=True, text=True)
+    wrong = run_gpu_session(tmp_path, "kernel")
     assert wrong.returncode == 2 and "unknown step 'kernel'" in wrong.stderr
 
 
