@@ -23,23 +23,22 @@ Ops (importing this module registers them):
     eager's ``.to()`` backward gives it).
 
 Devices: on CUDA the Triton kernel of ``masked_linear_kernels.py`` (autotuned per arch, the BSR
-kernel's configs); on CPU one ``addmm_`` per kept tile into the output (see ``_masked_mm_cpu``
-for the measurements), dense when too many tiles are kept to pay; with several threads, whichever
-of two ways to thread that loop is measured faster as it runs (``_TileLoopChooser``).
+kernel's configs); on CPU the compiled tile kernel of ``cpu_tile_mm.cpp`` (see ``_masked_mm_cpu``
+for the measurements), dense when too many tiles are kept to pay or when no C++ compiler could
+build the kernel (with a warning).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import threading
-import time
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._dynamo.utils import counters
+
+from . import cpu_tile_mm
 
 # The autotune bucket and the fp32 precision rule are the BSR launcher's: one rule for both kernels.
 from .bsr_linear import _input_precision, _next_pow2
@@ -253,210 +252,49 @@ def masked_mm_triton(
 # CPU
 
 
-# Per kept tile, one addmm_ of x[:, k-tile] (a strided view, no gather) into out[:, n-tile].
-# Measured (fp32, M = 2080 tokens, 1 thread, median of 11 round-robin runs, shared 2-core box;
-# script in the f-masked report), ms for one forward matmul at 90% tile sparsity:
-#   N x K      tile | dense (mask, mm) | per-tile addmm_ | gather+bmm+index_add | padded-row bmm
-#   1536x384    32  |      40.4        |      11.2       |        20.1          |     35.2
-#   384x1536    32  |      54.8        |      14.3       |        18.1          |     26.5
-#   1536x384    64  |      43.8        |       8.1       |        11.9          |     28.9
-# A kept tile costs ~0.18 ms (tile 32) against ~0.07 ms per tile for the dense matmul, so the
-# tile loop pays up to ~40% kept tiles (tile 64: ~50%). Above _CPU_MAX_DENSITY the op computes
-# densely instead (same result), so a layer never runs much slower than dense.
-_CPU_MAX_DENSITY = 0.3
+# The CPU path is the compiled tile kernel of cpu_tile_mm.cpp (threads over rows, see
+# cpu_tile_mm.py). Measured (fp32, M = 2080 tokens, 2 threads, quiet 2-core box, median of 15,
+# pack of the kept tiles included; /tmp script in the session-4 note), ms for one forward matmul:
+#   N x K      tile | density | dense (mask, mm) | C tile kernel | before: addmm_ per kept tile
+#   1536x384    32  |   0.1   |      13.9        |      2.5      |     5.6
+#   384x1536    32  |   0.1   |      13.9        |      2.2      |     6.4
+#   384x384     32  |   0.1   |       3.5        |      0.9      |     1.8
+#   1536x384    64  |   0.1   |      13.8        |      2.9      |     4.1
+#   1536x384    32  |   0.5   |      14.1        |      9.0      |    13.7
+#   1536x384    32  |   0.7   |      13.5        |     12.7      |
+#   1536x384    32  |   0.8   |      14.0        |     14.3      |
+# The kernel runs at ~60% of the dense matmul's rate per kept tile, so it pays up to ~70% kept
+# tiles; above _CPU_MAX_DENSITY the op computes densely instead (same result, within rounding).
+_CPU_MAX_DENSITY = 0.6
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # CPU half matmuls do not all promise fp32 accumulation; the GPU kernel does, so do we.
+    # The kernel is fp32 (as the GPU kernel accumulates): half inputs are converted and back.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+_warned_no_kernel = False
+
+
 def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int) -> Tensor:
-    """``a [M, K] @ (w_nk ⊙ expand(M))^T + bias`` on CPU: per kept tile, or dense when too dense."""
-    m = a.shape[0]
-    n, k = w_nk.shape
+    """``a [M, K] @ (w_nk ⊙ expand(M))^T + bias`` on CPU: the tile kernel, or dense when too dense."""
+    global _warned_no_kernel
     compute = _compute_dtype(a.dtype)
-    a_c = a.to(compute)
-    # Counted before any Python list is built: the dense path needs none (~0.3 ms per call saved).
-    if int(tile_mask_nk.count_nonzero()) > _CPU_MAX_DENSITY * tile_mask_nk.numel():
+    kept = int(tile_mask_nk.count_nonzero())
+    no_kernel = cpu_tile_mm.unavailable_reason()
+    if no_kernel is not None and not _warned_no_kernel:
+        _warned_no_kernel = True
+        warnings.warn(f"sparse_compile: masked linear layers compute densely on CPU: {no_kernel}", stacklevel=2)
+    if kept > _CPU_MAX_DENSITY * tile_mask_nk.numel() or no_kernel is not None:
         counters["sparse_compile"]["masked_mm_cpu_dense"] += 1
+        a_c = a.to(compute)
         w_masked = _masked_weight(w_nk.to(compute), tile_mask_nk, tile_size)
         out = a_c @ w_masked.t() if bias is None else torch.addmm(bias.to(compute), a_c, w_masked.t())
         return out.to(a.dtype)
     counters["sparse_compile"]["masked_mm_cpu_tiles"] += 1
-    kept_by_row = [[(j, v) for j, v in enumerate(row) if v != 0] for row in tile_mask_nk.tolist()]
-    # Detached: the tile loop may run on worker threads, where autograd must not see these.
-    a_c, w_nk = a_c.detach(), w_nk.detach()
-    out = a_c.new_empty((m, n))
-    t = tile_size
-    bias_c = bias.to(compute).detach() if bias is not None else None
-
-    # Views made once per call (split is one call for all pieces): the loop below is Python,
-    # run once per kept tile, and each indexing op costs microseconds (~25 us per tile with
-    # per-tile slicing: ~1.5 ms of a 60-tile call).
-    a_cols = a_c.split(t, dim=1)
-    out_cols = out.split(t, dim=1)
-    w_rows = w_nk.split(t, dim=0)
-    bias_parts = bias_c.split(t) if bias_c is not None else None
-    convert = w_nk.dtype != compute
-
-    def one_block_row(i: int) -> None:
-        # Block row i owns output columns [i*t, (i+1)*t): no two block rows write the same memory.
-        out_i = out_cols[i]
-        if bias_parts is None:
-            out_i.zero_()
-        else:
-            out_i.copy_(bias_parts[i].expand_as(out_i))
-        if not kept_by_row[i]:
-            return
-        w_tiles_t = w_rows[i].t().split(t, dim=0)  # [t_k, t_n] views of W^T, one per block column
-        for j, value in kept_by_row[i]:
-            w_tile_t = w_tiles_t[j].to(compute) if convert else w_tiles_t[j]
-            if value == 1.0:  # Supermask's masks are 0/1: no scaling to pass
-                out_i.addmm_(a_cols[j], w_tile_t)
-            else:
-                out_i.addmm_(a_cols[j], w_tile_t, alpha=value)
-
-    kept_per_row = [len(row) for row in kept_by_row]
-    threads = torch.get_num_threads()
-    if threads <= 1:
-        for i in range(len(kept_per_row)):
-            one_block_row(i)
-        return out.to(a.dtype)
-    key = (m, n, k, t, sum(kept_per_row), threads)
-    loop = _tile_loops.pick(key)
-    counters["sparse_compile"][f"masked_mm_cpu_tiles_{loop}"] += 1
-    start = _clock()
-    if loop == "workers":
-        _run_block_rows(one_block_row, kept_per_row, threads)
-    else:
-        for i in range(len(kept_per_row)):
-            one_block_row(i)
-    _tile_loops.record(key, loop, _clock() - start)
+    bias_c = bias.detach().to(compute) if bias is not None else None
+    out = cpu_tile_mm.tile_mm(a.detach().to(compute), w_nk.detach().to(compute), tile_mask_nk, bias_c, tile_size, kept)
     return out.to(a.dtype)
-
-
-class _TileLoopChooser:
-    """Per problem (shape, tile, kept tiles, threads): the faster of the two tile loops, by measurement.
-
-    ``"openmp"``: block rows one after another, each matmul split over torch's threads (OpenMP).
-    ``"workers"``: block rows spread over single-threaded worker threads (:func:`_run_block_rows`).
-    On a quiet machine the first is faster (2-core machine, 2 threads, ViT MLP 1536x384 at 90%,
-    2080 rows: 4.5 vs 5.8 ms; its 384x384 out-projection: 0.87 vs 1.45 ms); on an oversubscribed
-    one it collapses (a load of ~2.5: 50.7 ms vs 8.5 ms, dense 42.7 ms), because every small
-    OpenMP matmul ends in a barrier that waits for a descheduled thread. Load changes while
-    training runs, so the choice is not fixed at compile time: each call is timed (a clock read
-    around it), a moving average kept per loop, the faster one runs, and every
-    ``PROBE_EVERY``-th call of a problem runs the other one to notice when that changed (a
-    probe's time replaces that loop's old average, which is stale by then).
-    Both loops add the same tiles in the same order; only the matmuls' threading differs.
-    """
-
-    PROBE_EVERY = 32
-    SMOOTHING = 0.5  # weight of the newest time in a loop's moving average
-    # "workers" runs only when its average beats "openmp"'s by this factor: on a quiet machine
-    # the two are within ~10% on some shapes, where noise would flip a plain comparison back and
-    # forth at a cost (a quiet training step: 782 ms always openmp, 821 ms choosing without it);
-    # under load the gap is 5x and more.
-    WORKERS_MARGIN = 0.85
-
-    def __init__(self) -> None:
-        self._ms: dict[tuple, dict[str, float]] = {}
-        self._calls: dict[tuple, int] = {}
-        self._probing: set[tuple] = set()
-
-    def pick(self, key: tuple) -> str:
-        times = self._ms.setdefault(key, {})
-        calls = self._calls[key] = self._calls.get(key, 0) + 1
-        for loop in _TILE_LOOPS:  # each loop runs once before any choice
-            if loop not in times:
-                return loop
-        workers_faster = times["workers"] < self.WORKERS_MARGIN * times["openmp"]
-        fast, slow = ("workers", "openmp") if workers_faster else ("openmp", "workers")
-        if calls % self.PROBE_EVERY == 0:
-            self._probing.add(key)
-            return slow
-        return fast
-
-    def record(self, key: tuple, loop: str, seconds: float) -> None:
-        times = self._ms.setdefault(key, {})
-        ms = 1e3 * seconds
-        if loop not in times or key in self._probing:
-            times[loop] = ms
-        else:
-            times[loop] = self.SMOOTHING * ms + (1 - self.SMOOTHING) * times[loop]
-        self._probing.discard(key)
-
-    def clear(self) -> None:
-        self._ms.clear()
-        self._calls.clear()
-        self._probing.clear()
-
-
-_TILE_LOOPS = ("openmp", "workers")  # the order they first run in
-_tile_loops = _TileLoopChooser()
-#: The clock around each tile loop (tests replace it: no test depends on a real timing).
-_clock = time.perf_counter
-
-
-# The "workers" tile loop: block rows on torch.get_num_threads() Python threads, each running
-# single-threaded matmuls (the matmuls release the GIL, so the workers compute in parallel).
-# Robust where the "openmp" loop collapses, on an oversubscribed machine; see _TileLoopChooser.
-_pool: "concurrent.futures.ThreadPoolExecutor | None" = None
-_pool_threads = 0
-
-
-def _run_block_rows(run_row, kept_per_row: list[int], threads: int) -> None:
-    """Calls ``run_row(i)`` for every block row, spread over ``threads`` worker threads by kept tiles."""
-    rows = sorted(range(len(kept_per_row)), key=lambda i: -kept_per_row[i])
-    groups: list[list[int]] = [[] for _ in range(threads)]
-    work = [0] * threads
-    for i in rows:  # largest first, each to the least loaded thread
-        least = work.index(min(work))
-        groups[least].append(i)
-        work[least] += kept_per_row[i] + 1  # + 1: an empty row still writes its zeros
-    pool = _worker_pool(threads)
-    # Grad mode and inference mode are per thread: the workers run as the caller does.
-    inference = torch.is_inference_mode_enabled()
-    for future in [pool.submit(_run_rows, run_row, group, inference) for group in groups if group]:
-        future.result()
-
-
-def _run_rows(run_row, group: list[int], inference: bool) -> None:
-    with torch.inference_mode(inference), torch.no_grad():
-        for i in group:
-            run_row(i)
-
-
-def _worker_pool(threads: int) -> "concurrent.futures.ThreadPoolExecutor":
-    """``threads`` worker threads whose torch ops run single-threaded; made once per thread count."""
-    global _pool, _pool_threads
-    if _pool is not None and _pool_threads == threads:
-        return _pool
-    if _pool is not None:
-        _pool.shutdown(wait=True)
-    ready = threading.Barrier(threads)
-
-    def single_threaded() -> None:
-        # Per thread: torch.set_num_threads sets this thread's OpenMP and MKL thread count. It
-        # also stores the count new threads start with; the caller restores that below.
-        torch.set_num_threads(1)
-
-    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sparse_compile_tiles", initializer=single_threaded)
-    for future in [pool.submit(ready.wait) for _ in range(threads)]:  # start every worker now
-        future.result()
-    torch.set_num_threads(threads)  # this thread's count, and again the default for new threads
-    _pool, _pool_threads = pool, threads
-    return pool
-
-
-def _forget_pool_after_fork() -> None:
-    # A forked child (a DataLoader worker) has the executor object but none of its threads.
-    global _pool, _pool_threads
-    _pool, _pool_threads = None, 0
-
-
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _masked_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int) -> Tensor:

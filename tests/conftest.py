@@ -6,7 +6,6 @@ On a GPU machine it is left alone: there the kernels are compiled for real.
 """
 
 import importlib
-import itertools
 import os
 
 import pytest
@@ -69,12 +68,6 @@ def _no_real_timings(monkeypatch, tmp_path_factory):
 
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path_factory.mktemp("timings")))
     monkeypatch.setattr(measure, "timer", modelled_timer)
-    # The masked op's CPU tile loop picks its threading by timing each call: every test gets a
-    # fresh choice and a clock under which both ways take the same time (each runs once, then
-    # "openmp", with "workers" at every probe: both paths run in the suite).
-    masked_module = importlib.import_module("sparse_compile.kernels.masked_linear")
-    masked_module._tile_loops.clear()
-    monkeypatch.setattr(masked_module, "_clock", itertools.count(step=0.001).__next__)
     # The CPU op remembers, per process, which variant a measurement chose for a shape: one
     # test's choice must not decide another's.
     bsr_linear_module._CPU_VARIANTS.clear()

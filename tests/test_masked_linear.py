@@ -78,7 +78,7 @@ def test_triton_rejects_tiles_it_cannot_take():
 
 
 # --------------------------------------------------------------------------------------------
-# The CPU tile loop's worker threads
+# The CPU tile kernel (cpu_tile_mm.cpp) and its threads
 
 
 @pytest.fixture
@@ -89,64 +89,61 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tile_loop(monkeypatch):
-    """Forces the CPU op's tile loop ("openmp" or "workers") instead of the measured choice."""
-    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
-    return lambda loop: monkeypatch.setattr(ml._tile_loops, "pick", lambda key: loop)
-
-
-@pytest.mark.parametrize("loop", ["openmp", "workers"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_cpu_tile_loop_on_any_thread_count(threads, tile_loop, loop, num_threads, with_bias):
-    # "workers" spreads block rows over worker threads (more workers than block rows too: 5 > 3
-    # rows); every output column block is written by exactly one of them, bias and empty rows too.
+@pytest.mark.parametrize(
+    "m,n,k,t",
+    [
+        (40, 48, 96, 16),  # more threads than register blocks of rows (5 threads, 7 blocks of 6)
+        (2, 64, 64, 32),  # fewer rows than one register block
+        (61, 72, 100, 16),  # ragged: edge tiles cut at N and K
+        (25, 50, 70, 24),  # a tile that is not a multiple of the kernel's 16-column block
+        (30, 128, 192, 64),
+        (7, 100, 96, 48),
+    ],
+)
+def test_cpu_tile_kernel_matches_float64(threads, num_threads, with_bias, m, n, k, t):
     threads(num_threads)
-    tile_loop(loop)
-    m, n, k, t = 40, 48, 96, 16
     x, w = torch.randn(m, k), torch.randn(n, k)
     b = torch.randn(n) if with_bias else None
-    mask = random_tile_mask(n, k, t, 0.25)
-    mask[1] = 0  # a block row with no kept tile: zeros (or the bias) only
+    mask = random_tile_mask(n, k, t, 0.4)
+    mask[0] = 0  # a block row with no kept tile: zeros (or the bias) only
+    mask[-1, 0] = 1
     counters.clear()
     out = masked_linear(x, w, mask, b, t)
-    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 1
-    if num_threads > 1:
-        assert counters["sparse_compile"][f"masked_mm_cpu_tiles_{loop}"] == 1
+    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 1  # the kernel ran, not the dense path
     torch.testing.assert_close(out.double(), reference(x, w, mask, b, t), atol=1e-4, rtol=1e-4)
+    # The input gradient runs it on views of W^T and M^T (strides, no copies).
+    dy = torch.randn(m, n)
+    dx = masked_linear_input_grad(dy, w, mask, t)
+    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 2
+    torch.testing.assert_close(dx.double(), dy.double() @ (w.double() * expand(mask.double(), w.shape, t)), atol=1e-4, rtol=1e-4)
     assert torch.get_num_threads() == num_threads  # the caller's thread count is left as it was
 
 
-def test_tile_loop_chooser_runs_the_faster_loop_and_probes_the_other():
-    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
-    chooser = ml._TileLoopChooser()
-    times = {"openmp": 10.0, "workers": 2.0}  # ms: an oversubscribed machine
-
-    def run(calls):
-        ran = []
-        for _ in range(calls):
-            loop = chooser.pick("layer")
-            chooser.record("layer", loop, times[loop] / 1e3)
-            ran.append(loop)
-        return ran
-
-    first = run(chooser.PROBE_EVERY)
-    assert first[:2] == ["openmp", "workers"]  # each loop once before any choice
-    assert first[2:-1] == ["workers"] * (chooser.PROBE_EVERY - 3)  # then the faster one
-    assert first[-1] == "openmp"  # every PROBE_EVERY-th call: the other one, in case that changed
-    times["openmp"] = 1.0  # the load went away: the next probe of openmp sees it
-    later = run(3 * chooser.PROBE_EVERY)
-    every = chooser.PROBE_EVERY
-    assert later[: every - 1] == ["workers"] * (every - 1) and later[every - 1] == "openmp"  # the probe
-    after = later[every:]
-    # From then on openmp, and workers only at its own probes.
-    assert [i for i, loop in enumerate(after, start=1) if loop == "workers"] == [every, 2 * every]
-    # Problems are measured apart: another shape starts from scratch.
-    assert chooser.pick("other layer") == "openmp"
+def test_cpu_tile_kernel_scales_tiles_by_mask_values_and_reads_strided_inputs(threads):
+    # Any M, not only 0/1 (a tile with 0.5 counts half); x with a row stride wider than K.
+    threads(2)
+    wide = torch.randn(33, 90)
+    x, w = wide[:, 5:85], torch.randn(40, 80)
+    mask = torch.rand(3, 5) * (torch.rand(3, 5) > 0.5)
+    mask[0, 0] = 0.25
+    out = masked_linear(x, w, mask, None, 16)
+    torch.testing.assert_close(out.double(), reference(x, w, mask, None, 16), atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_tile_loop_under_inference_mode_and_with_inputs_that_require_grad(threads):
+def test_cpu_tile_kernel_with_no_rows_or_no_kept_tiles():
+    w, b = torch.randn(32, 48), torch.randn(32)
+    mask = random_tile_mask(32, 48, 16, 0.3)
+    assert masked_linear(torch.randn(0, 48), w, mask, b, 16).shape == (0, 32)
+    x = torch.randn(9, 48)
+    counters.clear()
+    out = masked_linear(x, w, torch.zeros(2, 3), b, 16)
+    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 1
+    torch.testing.assert_close(out, b.expand(9, 32))
+
+
+def test_cpu_tile_kernel_under_inference_mode_and_with_inputs_that_require_grad(threads):
     threads(2)
     x, w = torch.randn(30, 64, requires_grad=True), torch.randn(64, 64, requires_grad=True)
     mask = random_tile_mask(64, 64, 16, 0.25)
@@ -154,18 +151,15 @@ def test_cpu_tile_loop_under_inference_mode_and_with_inputs_that_require_grad(th
         out = masked_linear(x, w, mask, None, 16)
     torch.testing.assert_close(out.double(), reference(x, w, mask, None, 16), atol=1e-4, rtol=1e-4)
     out = masked_linear(x, w, mask, None, 16)
-    out.sum().backward()  # the op's own autograd: the workers recorded nothing
+    out.sum().backward()
     assert x.grad is not None and w.grad is not None
 
 
-def _tile_loop_in_child(queue, x, w, mask):
-    # Only the op runs here: its matmuls run on its own single-threaded workers. (A forked child
-    # must not start OpenMP regions the parent used: GNU OpenMP hangs, which is why DataLoader
-    # workers run torch with one thread; this test keeps 2 threads to exercise the pool.)
+def _tile_kernel_in_child(queue, x, w, mask):
     queue.put(masked_linear(x, w, mask, None, 16).tolist())
 
 
-def test_cpu_tile_loop_works_in_a_forked_child(threads):
+def test_cpu_tile_kernel_works_in_a_forked_child(threads):
     # The worker pool exists in the parent; a forked child has none of its threads and must make
     # its own rather than wait forever on the parent's.
     import multiprocessing
@@ -178,14 +172,59 @@ def test_cpu_tile_loop_works_in_a_forked_child(threads):
     expected = reference(x, w, mask, None, 16)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    child = context.Process(target=_tile_loop_in_child, args=(queue, x, w, mask))
+    child = context.Process(target=_tile_kernel_in_child, args=(queue, x, w, mask))
     child.start()
     child.join(timeout=60)
     if child.is_alive():
         child.kill()
-        pytest.fail("the forked child hung in the tile loop")
+        pytest.fail("the forked child hung in the tile kernel")
     assert child.exitcode == 0
     torch.testing.assert_close(torch.tensor(queue.get(timeout=5), dtype=torch.float64), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def fresh_kernel_library(monkeypatch, tmp_path):
+    """The kernel built again from nothing: an empty Inductor cache dir, the library forgotten."""
+    tile_mm = importlib.import_module("sparse_compile.kernels.cpu_tile_mm")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    tile_mm._library.reset()
+    yield tile_mm
+    tile_mm._library.reset()  # the next test loads the one in its own cache dir
+
+
+def test_cpu_tile_kernel_is_built_once_into_the_inductor_cache(fresh_kernel_library, monkeypatch, tmp_path):
+    tile_mm = fresh_kernel_library
+    assert tile_mm.unavailable_reason() is None
+    built = list((tmp_path / "inductor" / "sparse_compile").glob("cpu_tile_mm_*.so"))
+    assert len(built) == 1 and not list(built[0].parent.glob("*.tmp"))
+    # Another process (here: the library forgotten) loads that file and compiles nothing.
+    tile_mm._library.reset()
+    def no_compiling(*args, **kwargs):
+        raise AssertionError(f"compiled again: {args}")
+
+    monkeypatch.setattr(tile_mm.subprocess, "run", no_compiling)
+    assert tile_mm.unavailable_reason() is None
+
+
+def test_without_a_compiler_the_op_warns_once_and_computes_densely(fresh_kernel_library, monkeypatch):
+    tile_mm = fresh_kernel_library
+    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
+    monkeypatch.setattr(tile_mm, "_compiler", lambda: "/nonexistent/c++")
+    monkeypatch.setattr(ml, "_warned_no_kernel", False)
+    x, w, b = torch.randn(12, 64), torch.randn(32, 64), torch.randn(32)
+    mask = random_tile_mask(32, 64, 16, 0.25)
+    counters.clear()
+    with pytest.warns(UserWarning, match="install a C\\+\\+ compiler"):
+        out = masked_linear(x, w, mask, b, 16)
+    assert counters["sparse_compile"]["masked_mm_cpu_dense"] == 1
+    assert counters["sparse_compile"]["masked_mm_cpu_tiles"] == 0
+    torch.testing.assert_close(out.double(), reference(x, w, mask, b, 16), atol=1e-4, rtol=1e-4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not per call
+        masked_linear(x, w, mask, b, 16)
+    assert "/nonexistent/c++" in tile_mm.unavailable_reason()
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,21 +351,6 @@ def test_op_on_cuda_matches_float64_autograd(dtype, atol, rtol, t):
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol * n**0.5, rtol=rtol)
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=atol * m**0.5, rtol=rtol)
     torch.testing.assert_close(mask.grad.double(), m64.grad, atol=atol * t * m**0.5, rtol=rtol)
-
-
-def test_tile_loop_chooser_keeps_openmp_unless_workers_win_clearly():
-    # Within the margin (a quiet machine's noise) openmp stays: flipping costs more than it saves.
-    ml = importlib.import_module("sparse_compile.kernels.masked_linear")
-    chooser = ml._TileLoopChooser()
-    for times in ({"openmp": 5.0, "workers": 0.95 * 5.0}, {"openmp": 5.0, "workers": 0.8 * 5.0}):
-        chooser.clear()
-        ran = []
-        for _ in range(chooser.PROBE_EVERY - 1):
-            loop = chooser.pick("layer")
-            chooser.record("layer", loop, times[loop] / 1e3)
-            ran.append(loop)
-        expected = "openmp" if times["workers"] > chooser.WORKERS_MARGIN * times["openmp"] else "workers"
-        assert ran[2:] == [expected] * (len(ran) - 2), times
 
 
 @pytest.mark.parametrize("n,k,t", [(64, 96, 16), (72, 100, 16), (96, 64, 32)])

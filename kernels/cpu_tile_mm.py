@@ -1,0 +1,186 @@
+"""The masked op's CPU kernel: ``cpu_tile_mm.cpp``, compiled at first use and called through ctypes.
+
+:func:`tile_mm` computes ``a @ (W ⊙ expand(mask))^T + bias`` in fp32 from the kept tiles only:
+one C call packs the kept tiles (transposed, scaled by their mask value), a second computes
+the product with its rows split over ``torch.get_num_threads()`` OpenMP threads: torch's own
+pool, since the library links the ``libgomp.so.1`` torch loaded (see the source's header).
+In a forked child (a DataLoader worker) it runs on one thread: GNU OpenMP cannot start a
+parallel region in a child of a process that used one.
+
+Building: the source is compiled once per machine with the C++ compiler Inductor uses (the
+``sparse`` backend needs one for Inductor anyway: ``CXX`` picks it) into Inductor's cache
+directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, compiler and flags, so
+that processes share it and a changed source rebuilds. If it cannot be built,
+:func:`unavailable_reason` says why and the op computes densely (``masked_linear`` warns once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["tile_mm", "unavailable_reason"]
+
+SOURCE = Path(__file__).with_name("cpu_tile_mm.cpp")
+# The kernel's register block is 16 columns wide: packed tile rows are padded to a multiple.
+_PACKED_COLUMNS = 16
+# Tried in order: the host's vector instructions, then the compiler's default target; without
+# OpenMP last (a compiler without it, such as Apple's clang: one thread).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+    ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"],
+    ["-O3", "-shared", "-fPIC", "-std=c++17"],
+)
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class _KernelLibrary:
+    """The compiled kernel, built or found in the cache on first use; or why it is not there."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lib: Optional[ctypes.CDLL] = None
+        self._reason: Optional[str] = None
+        self._tried = False
+
+    def get(self) -> Optional[ctypes.CDLL]:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                try:
+                    self._lib = _declare(ctypes.CDLL(str(_build())))
+                except (OSError, RuntimeError) as error:
+                    self._reason = str(error)
+            return self._lib
+
+    def reason(self) -> Optional[str]:
+        self.get()
+        return self._reason
+
+    def reset(self) -> None:
+        """Forget the loaded library (tests: build again under another cache dir or compiler)."""
+        with self._lock:
+            self._lib, self._reason, self._tried = None, None, False
+
+
+def _compiler() -> str:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # an Inductor without it, or no compiler found: let the build say so
+        return os.environ.get("CXX", "c++")
+
+
+def _cache_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "sparse_compile"
+
+
+def _build() -> Path:
+    """The shared library's path, compiling it unless this source was built with these flags before."""
+    source = SOURCE.read_bytes()
+    compiler = _compiler()
+    failures = []
+    for flags in _FLAG_SETS:
+        digest = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode()]))
+        library = _cache_dir() / f"cpu_tile_mm_{digest.hexdigest()[:16]}.so"
+        if library.exists():
+            return library
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a name of this process's own, then renamed: processes starting together
+        # (DDP, DataLoader workers) never load a half-written file.
+        partial = library.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            done = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=300
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            failures.append(f"{compiler} {' '.join(flags)}: {error}")
+            continue
+        if done.returncode == 0:
+            os.replace(partial, library)
+            return library
+        partial.unlink(missing_ok=True)
+        failures.append(f"{compiler} {' '.join(flags)}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    raise RuntimeError(
+        "could not compile the masked op's CPU kernel (install a C++ compiler such as g++, or set CXX to one): "
+        + " | ".join(failures)
+    )
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.sc_pack_kept_tiles.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]
+    lib.sc_pack_kept_tiles.restype = _I
+    lib.sc_tile_mm.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, ctypes.c_int]
+    lib.sc_tile_mm.restype = None
+    return lib
+
+
+_library = _KernelLibrary()
+
+
+def unavailable_reason() -> Optional[str]:
+    """``None`` when the kernel is built and loaded, else why not (building it if not tried yet)."""
+    return _library.reason()
+
+
+def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int, kept: int) -> Tensor:
+    """``a [M, K] @ (w_nk ⊙ expand(tile_mask_nk))^T + bias`` -> ``[M, N]`` fp32, from the kept tiles.
+
+    ``a``, ``w_nk`` and ``bias`` are fp32 CPU tensors (``w_nk`` and ``tile_mask_nk`` may be
+    transposed views); ``kept`` is the mask's nonzero count. The caller checks
+    :func:`unavailable_reason` first.
+    """
+    lib = _library.get()
+    if lib is None:
+        raise RuntimeError(f"the masked op's CPU kernel is unavailable: {_library.reason()}")
+    m, k = a.shape
+    n = w_nk.shape[0]
+    t = tile_size
+    padded = -(-t // _PACKED_COLUMNS) * _PACKED_COLUMNS
+    nb, kb = tile_mask_nk.shape
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    mask = tile_mask_nk.detach().to(torch.float32)
+    bias = bias.detach().contiguous() if bias is not None else None
+    row_ptr = torch.empty(nb + 1, dtype=torch.int32)
+    col_idx = torch.empty(max(kept, 1), dtype=torch.int32)
+    packed = torch.empty((max(kept, 1), t, padded), dtype=torch.float32)
+    found = lib.sc_pack_kept_tiles(
+        w_nk.data_ptr(), n, k, w_nk.stride(0), w_nk.stride(1),
+        mask.data_ptr(), nb, kb, mask.stride(0), mask.stride(1),
+        t, padded, kept, row_ptr.data_ptr(), col_idx.data_ptr(), packed.data_ptr(),
+    )  # fmt: skip
+    if found != kept:
+        raise RuntimeError(f"tile_mm: the mask has {'more than ' if found < 0 else ''}{max(found, 0)} kept tiles, expected {kept}")
+    out = torch.empty((m, n), dtype=torch.float32)
+    lib.sc_tile_mm(
+        a.data_ptr(), a.stride(0), m, packed.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr(),
+        nb, n, k, t, padded, bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0),
+        1 if _in_forked_child else torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+_in_forked_child = False
+
+
+def _note_fork() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
