@@ -1,10 +1,15 @@
-"""The ways of computing ``sparse_compile::bsr_linear`` on CPU, timed side by side.
+"""The ways of computing ``sparse_compile::bsr_linear`` or ``masked_linear`` on CPU, timed side by side.
 
     python -m benchmarks.cpu_op --threads 1        # the numbers behind _GATHER_MAX_DENSITY
+    python -m benchmarks.cpu_op --op masked --m 2080 --k 384 --n 1536 --sparsity 0.9,0.5,0.3,0.2
+                                                   # the numbers behind masked_linear's _CPU_MAX_DENSITY
 
 What the op's CPU kernel chooses between (``kernels/bsr_linear.py``: dense rebuild + addmm, or
 gather + bmm + index_add) and two references (torch.sparse BSR, a dense weight kept in memory),
-for fp32 at a few block sizes and sparsities. Every candidate is checked against float64 first,
+for fp32 at a few block sizes and sparsities. ``--op masked``: what the masked op's CPU path
+chooses between (``kernels/masked_linear.py``: W ⊙ M rebuilt + addmm, or the compiled tile
+kernel of ``kernels/cpu_tile_mm.cpp``), the kernel on a transposed weight view as the input
+gradient calls it too. Every candidate is checked against float64 first,
 then timed round-robin (one call of each in turn, ``--reps`` rounds) so that load from other
 processes on a shared machine hits every candidate alike.
 """
@@ -23,7 +28,9 @@ from torch.utils.benchmark import Timer
 
 from benchmarks import common
 from sparse_compile.kernels.bsr_format import BsrWeight
+from sparse_compile.kernels import cpu_tile_mm
 from sparse_compile.kernels.bsr_linear import _bsr_linear_gather_bmm, _bsr_linear_torch, _dense_weight
+from sparse_compile.kernels.masked_linear import _masked_weight
 
 
 def candidates(x2d, values, crow_indices, col_indices, bias, out_features) -> dict[str, Callable[[], torch.Tensor]]:
@@ -52,6 +59,18 @@ def candidates(x2d, values, crow_indices, col_indices, bias, out_features) -> di
     }
 
 
+def masked_candidates(x2d, w, tile_mask, bias, tile_size) -> dict[str, Callable[[], torch.Tensor]]:
+    """The ways the masked op can run on CPU (see ``_masked_mm_cpu``), all computing ``x @ (W ⊙ M)^T + b``."""
+    kept = int(tile_mask.count_nonzero())
+    w_t_storage = w.t().contiguous().t()  # same values, column-major: the strides the input gradient reads
+
+    return {
+        "W ⊙ M + addmm": lambda: torch.addmm(bias, x2d, _masked_weight(w, tile_mask, tile_size).t()),
+        "tile kernel": lambda: cpu_tile_mm.tile_mm(x2d, w, tile_mask, bias, tile_size, kept),
+        "tile kernel, W column-major": lambda: cpu_tile_mm.tile_mm(x2d, w_t_storage, tile_mask, bias, tile_size, kept),
+    }
+
+
 def time_round_robin(fns: dict[str, Callable[[], torch.Tensor]], warmup: int, reps: int) -> dict[str, list[float]]:
     """Per-call ms of every candidate: ``warmup`` untimed rounds, then ``reps`` timed rounds,
     each round one ``Timer`` call of every candidate in turn."""
@@ -75,6 +94,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.cpu_op", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--op", choices=["bsr", "masked"], default="bsr", help="which op's candidates")
     parser.add_argument("--m", type=common.positive_int, default=2 * 197, help="rows of x")
     parser.add_argument("--k", type=common.positive_int, default=768, help="in features")
     parser.add_argument("--n", type=common.positive_int, default=3072, help="out features")
@@ -99,18 +119,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for b in args.blocksize:
         for sparsity in args.sparsity:
             keep = torch.rand(-(-n // b), -(-k // b)) >= sparsity
-            w = torch.randn(n, k) * keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
-            bw = BsrWeight.from_dense(w, b)
+            unmasked = torch.randn(n, k)
+            w = unmasked * keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
             x, bias = torch.randn(m, k), torch.randn(n)
             ref = x.double() @ w.double().t() + bias.double()
-            fns = candidates(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
+            density = keep.float().mean().item()
+            if args.op == "masked":
+                fns = masked_candidates(x, unmasked, keep.float(), bias, b)
+            else:
+                bw = BsrWeight.from_dense(w, b)
+                fns = candidates(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
             for name, fn in fns.items():
                 torch.testing.assert_close(fn().double(), ref, atol=1e-3, rtol=1e-3, msg=lambda s, name=name: f"{name}: {s}")
             times = time_round_robin(fns, args.warmup, args.reps)
             names = list(fns)
-            rows.append([f"b={b}, {sparsity:.0%} sparse", f"{bw.density:.2f}"]
+            rows.append([f"b={b}, {sparsity:.0%} sparse", f"{density:.2f}"]
                         + [f"{statistics.median(t):.1f}" for t in times.values()])
-    print(common.Table("CPU op candidates", ["ms", "density", *names], rows).text())
+    print(common.Table(f"CPU {args.op} op candidates", ["ms", "density", *names], rows).text())
     return 0
 
 

@@ -33,12 +33,18 @@ template <int R>
 inline void register_block(const float* a, int64_t lda, const float* packed, const int32_t* col_idx,
                            int32_t p0, int32_t p1, int64_t k, int64_t t, int64_t tp, int64_t col0,
                            const float* bias, int cols, float* out, int64_t ldo) {
+  // Start from the bias (or zero): whole vectors where the block is whole, the common case.
+  v8 start[2] = {{0}, {0}};
+  if (bias && cols == COLS) {
+    start[0] = *(const v8*)bias;
+    start[1] = *(const v8*)(bias + 8);
+  } else if (bias) {
+    for (int c = 0; c < cols; c++) start[c / 8][c % 8] = bias[c];
+  }
   v8 acc[R][2];
   for (int r = 0; r < R; r++) {
-    for (int c = 0; c < 8; c++) {
-      acc[r][0][c] = bias && c < cols ? bias[c] : 0.f;
-      acc[r][1][c] = bias && c + 8 < cols ? bias[c + 8] : 0.f;
-    }
+    acc[r][0] = start[0];
+    acc[r][1] = start[1];
   }
   for (int32_t p = p0; p < p1; p++) {
     const int64_t k0 = col_idx[p] * t;
@@ -62,6 +68,36 @@ inline void register_block(const float* a, int64_t lda, const float* packed, con
       *(v8*)(o + 8) = acc[r][1];
     } else {
       for (int c = 0; c < cols; c++) o[c] = c < 8 ? acc[r][0][c] : acc[r][1][c - 8];
+    }
+  }
+}
+
+// Rows [begin, end) of the output: every output tile, each as register blocks over all its kept
+// tiles. Its own function, arguments by value: inside the OpenMP region's outlined body the
+// loops read the captured variables through a pointer on every use (~15% slower, measured).
+void row_chunk(const float* a, int64_t lda, const float* packed, const int32_t* row_ptr, const int32_t* col_idx,
+               int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp, const float* bias, float* out,
+               int64_t ldo, int64_t begin, int64_t end) {
+  for (int64_t i = 0; i < nb; i++) {
+    const int64_t tile_cols = n - i * t < t ? n - i * t : t;
+    const int32_t p0 = row_ptr[i], p1 = row_ptr[i + 1];
+    for (int64_t col0 = 0; col0 < tile_cols; col0 += COLS) {
+      const int cols = tile_cols - col0 < COLS ? (int)(tile_cols - col0) : COLS;
+      const float* bias_block = bias ? bias + i * t + col0 : nullptr;
+      for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
+        const float* a_rows = a + r0 * lda;
+        float* out_block = out + r0 * ldo + i * t + col0;
+#define SC_BLOCK(R) register_block<R>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo)
+        switch (end - r0 < ROWS ? end - r0 : ROWS) {
+          case 6: SC_BLOCK(6); break;
+          case 5: SC_BLOCK(5); break;
+          case 4: SC_BLOCK(4); break;
+          case 3: SC_BLOCK(3); break;
+          case 2: SC_BLOCK(2); break;
+          default: SC_BLOCK(1); break;
+        }
+#undef SC_BLOCK
+      }
     }
   }
 }
@@ -112,30 +148,8 @@ void sc_tile_mm(const float* a, int64_t lda, int64_t m, const float* packed, con
   const int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t c = 0; c < chunks; c++) {
-    const int64_t chunk = c * ROW_CHUNK;
-    const int64_t chunk_end = chunk + ROW_CHUNK < m ? chunk + ROW_CHUNK : m;
-    for (int64_t i = 0; i < nb; i++) {
-      const int64_t tile_cols = n - i * t < t ? n - i * t : t;
-      for (int64_t col0 = 0; col0 < tile_cols; col0 += COLS) {
-        const int cols = tile_cols - col0 < COLS ? (int)(tile_cols - col0) : COLS;
-        const float* bias_block = bias ? bias + i * t + col0 : nullptr;
-        for (int64_t r0 = chunk; r0 < chunk_end; r0 += ROWS) {
-          const float* a_rows = a + r0 * lda;
-          float* out_block = out + r0 * ldo + i * t + col0;
-          const int32_t p0 = row_ptr[i], p1 = row_ptr[i + 1];
-#define SC_BLOCK(R) register_block<R>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo)
-          switch (chunk_end - r0 < ROWS ? chunk_end - r0 : ROWS) {
-            case 6: SC_BLOCK(6); break;
-            case 5: SC_BLOCK(5); break;
-            case 4: SC_BLOCK(4); break;
-            case 3: SC_BLOCK(3); break;
-            case 2: SC_BLOCK(2); break;
-            default: SC_BLOCK(1); break;
-          }
-#undef SC_BLOCK
-        }
-      }
-    }
+    const int64_t end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
+    row_chunk(a, lda, packed, row_ptr, col_idx, nb, n, k, t, tp, bias, out, ldo, c * ROW_CHUNK, end);
   }
 }
 

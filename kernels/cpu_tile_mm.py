@@ -89,13 +89,24 @@ def _cache_dir() -> Path:
     return Path(cache_dir()) / "sparse_compile"
 
 
+def _host() -> str:
+    """The machine and its instruction set extensions: ``-march=native`` builds for exactly these, so
+    a cache directory shared between different CPUs must not hand one's build to the other."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {flags.strip()}"
+
+
 def _build() -> Path:
     """The shared library's path, compiling it unless this source was built with these flags before."""
     source = SOURCE.read_bytes()
     compiler = _compiler()
     failures = []
     for flags in _FLAG_SETS:
-        digest = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), platform.machine().encode()]))
+        digest = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _host().encode()]))
         library = _cache_dir() / f"cpu_tile_mm_{digest.hexdigest()[:16]}.so"
         if library.exists():
             return library

@@ -252,20 +252,21 @@ def masked_mm_triton(
 # CPU
 
 
-# The CPU path is the compiled tile kernel of cpu_tile_mm.cpp (threads over rows, see
-# cpu_tile_mm.py). Measured (fp32, M = 2080 tokens, 2 threads, quiet 2-core box, median of 15,
-# pack of the kept tiles included; /tmp script in the session-4 note), ms for one forward matmul:
-#   N x K      tile | density | dense (mask, mm) | C tile kernel | before: addmm_ per kept tile
-#   1536x384    32  |   0.1   |      13.9        |      2.5      |     5.6
-#   384x1536    32  |   0.1   |      13.9        |      2.2      |     6.4
-#   384x384     32  |   0.1   |       3.5        |      0.9      |     1.8
-#   1536x384    64  |   0.1   |      13.8        |      2.9      |     4.1
-#   1536x384    32  |   0.5   |      14.1        |      9.0      |    13.7
-#   1536x384    32  |   0.7   |      13.5        |     12.7      |
-#   1536x384    32  |   0.8   |      14.0        |     14.3      |
-# The kernel runs at ~60% of the dense matmul's rate per kept tile, so it pays up to ~70% kept
-# tiles; above _CPU_MAX_DENSITY the op computes densely instead (same result, within rounding).
-_CPU_MAX_DENSITY = 0.6
+# The CPU path is the compiled tile kernel of cpu_tile_mm.cpp (rows on torch's OpenMP threads,
+# see cpu_tile_mm.py). Measured with `python -m benchmarks.cpu_op --op masked --m 2080 --k 384
+# --n 1536 --sparsity 0.9,0.5,0.3,0.2` (fp32, 2 threads, quiet 2-core AMD EPYC, median of 15
+# round-robin calls, packing the kept tiles included), ms for one forward matmul of a ViT MLP:
+#   tile | density | W ⊙ M + addmm | tile kernel | same, W column-major (the input gradient's view)
+#    32  |  0.11   |     16.1      |     3.2     |   3.5
+#    32  |  0.53   |     15.5      |     9.1     |  10.1
+#    32  |  0.69   |     14.6      |    10.7     |  11.4
+#    32  |  0.83   |     14.4      |    12.4     |  13.8
+#    64  |  0.76   |     14.1      |    11.7     |  11.8
+# (384x1536, tile 32: 2.0 / 7.7 / 10.6 ms against 13.7 dense at densities 0.11 / 0.49 / 0.72.)
+# Before this kernel, one addmm_ per kept tile took 5.6 ms at 0.11 and lost to dense beyond ~0.4.
+# Above _CPU_MAX_DENSITY the op computes densely instead (same result, within rounding): the
+# kernel's lead shrinks to a few percent near 0.85.
+_CPU_MAX_DENSITY = 0.75
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -246,6 +246,16 @@ def test_cpu_op_benchmark_checks_and_times_every_candidate(capsys):
     assert "b=32, 50% sparse" in text
 
 
+def test_cpu_op_benchmark_masked_candidates(capsys):
+    # Every candidate is checked against float64 before it is timed (a wrong one raises).
+    assert cpu_op.main(["--op", "masked", "--m", "13", "--k", "96", "--n", "64", "--blocksize", "32",
+                        "--sparsity", "0.6", "--warmup", "0", "--reps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "b=32, 60% sparse" in text
+    for name in ("W ⊙ M + addmm", "tile kernel", "tile kernel, W column-major"):
+        assert name in text
+
+
 def run_gpu_session(tmp_path, *args, python3_cases=""):
     """gpu_session.sh with stand-ins for python3 and nvidia-smi (every call exits 0 unless
     ``python3_cases``, shell ``case`` lines run first, say otherwise); output under tmp_path/out."""

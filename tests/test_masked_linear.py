@@ -232,7 +232,7 @@ def test_without_a_compiler_the_op_warns_once_and_computes_densely(fresh_kernel_
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("t,density,path", [(16, 0.2, "tiles"), (32, 0.25, "tiles"), (16, 0.7, "dense")])
+@pytest.mark.parametrize("t,density,path", [(16, 0.2, "tiles"), (32, 0.6, "tiles"), (16, 0.9, "dense")])
 def test_op_matches_float64_autograd(dtype, atol, rtol, t, density, path):
     lead, n, k = (3, 7), 72, 100
     x = torch.randn(*lead, k, dtype=dtype, requires_grad=True)
