@@ -54,6 +54,7 @@ def candidates(x2d, values, crow_indices, col_indices, bias, out_features) -> di
     return {
         "dense+addmm": lambda: _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features),
         "gather+bmm+index_add": gather_bmm,
+        "tile kernel": lambda: cpu_tile_mm.bsr_mm(x2d, values, crow_indices, col_indices, bias, out_features),
         "torch.sparse BSR": torch_sparse,
         "F.linear, dense W kept": lambda: F.linear(x2d, dense_w, bias),
     }

@@ -37,8 +37,8 @@ from benchmarks import common, floors, plot
 
 # The CPU default: two blocks of ViT-B's widths (768, MLP 3072, 12 heads) at ViT-B/32's 50 tokens,
 # batch 4 (200 rows): ViT-B's linear shapes at a size 2 cores run in ~30 ms. Smaller layers
-# (the former default: 256 wide, 272 rows) show nothing: there dense F.linear beats the gathered
-# block matmuls on 2 threads, so the measured choice kept every layer dense (results/cpu-2core-*).
+# (the former default: 256 wide, 272 rows) showed nothing when BSR on CPU ran gathered block
+# matmuls: dense F.linear beat them on 2 threads, so the measured choice kept every layer dense.
 CPU_TINY = dict(image_size=224, patch_size=32, num_layers=2, hidden_dim=768, mlp_dim=3072, num_heads=12)
 TINY_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
 

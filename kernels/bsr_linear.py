@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.library import wrap_triton  # called by bare name: triton_op's kernel discovery (AST) looks for it
 
+from . import cpu_tile_mm
 from .bsr_format import BsrWeight
 
 try:
@@ -276,21 +277,33 @@ def _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_fea
     return out.to(x2d.dtype)
 
 
+def _bsr_linear_tiles(x2d, values, crow_indices, col_indices, bias, out_features: int) -> Tensor:
+    """Sparse CPU path: the compiled tile kernel of ``cpu_tile_mm.cpp`` (the masked op's), which
+    takes the BSR tensors as they are: stored blocks are its kept tiles, crow/col its tile lists."""
+    xc, values, bias = _to_compute_dtype(x2d, values, bias)
+    return cpu_tile_mm.bsr_mm(xc, values, crow_indices, col_indices, bias, out_features).to(x2d.dtype)
+
+
 # Gather path: at most this many elements in the [nnz, chunk, b] intermediate (64 MiB fp32).
 _GATHER_CHUNK_ELEMS = 1 << 24
-# Eager CPU, for weights the sparse backend did not measure (see _CPU_VARIANTS below):
-# gather+bmm when density <= 0.25 and b >= 32, dense rebuild + addmm otherwise.
+# Eager CPU, for weights the sparse backend did not measure (see _CPU_VARIANTS below): the tile
+# kernel up to _TILES_MAX_DENSITY; where it cannot be built, gather+bmm up to _GATHER_MAX_DENSITY
+# with b >= 32; dense rebuild + addmm otherwise.
 # Measured (fp32, M = 2 * 197, K = 768, N = 3072, median of 15 round-robin runs after 3
-# warm-ups, torch 2.11, shared 2-core box so one thread for stable numbers):
-#   python -m benchmarks.cpu_op --threads 1
-#   ms                 | dense+addmm | gather+bmm+index_add | torch.sparse BSR | dense W kept
-#   b=32, 90% sparse   |    42.4     |        16.9          |      24.0        |    42.2
-#   b=32, 50% sparse   |    43.6     |       146.8          |      88.7        |    40.2
-#   b=64, 90% sparse   |    46.9     |        14.5          |      28.2        |    44.1
-#   b=64, 50% sparse   |    51.7     |        44.4          |     102.2        |    43.9
-# Rebuilding W costs only 2-8 ms over a kept dense weight; torch.sparse BSR never wins; the
-# gather path wins 2.5-3x at 90% sparsity but loses badly at 50% with b = 32 (1152 tiny
-# GEMMs). b = 16 was not measured: it stays on the dense path.
+# warm-ups, torch 2.11, quiet 2-core AMD EPYC, 2 threads): `python -m benchmarks.cpu_op`
+#   ms                 | dense+addmm | gather+bmm+index_add | tile kernel | torch.sparse BSR | dense W kept
+#   b=32, 90% sparse   |    12.1     |         5.9          |     2.2     |       7.9        |    11.1
+#   b=32, 50% sparse   |    12.6     |        74.3          |     9.3     |      31.3        |    11.2
+#   b=64, 90% sparse   |    11.8     |         3.5          |     2.4     |       8.7        |    11.0
+#   b=64, 50% sparse   |    12.5     |        13.2          |     9.9     |      32.3        |    11.3
+# (M = 200: at 50% the tile kernel and a dense weight kept in memory are even, 6.3 vs 6.0 ms.)
+# Earlier, one thread (`--threads 1`), without the tile kernel:
+#   b=32, 90% sparse   |    42.4     |        16.9          |             |      24.0        |    42.2
+#   b=32, 50% sparse   |    43.6     |       146.8          |             |      88.7        |    40.2
+# Rebuilding W costs only 1-8 ms over a kept dense weight; torch.sparse BSR never wins; gather+bmm
+# wins 2-3x at 90% sparsity but loses badly at 50% with b = 32 (1152 tiny GEMMs); the tile kernel
+# wins 5x at 90% and still beats the rebuild at 50%.
+_TILES_MAX_DENSITY = 0.5
 _GATHER_MAX_DENSITY = 0.25
 _GATHER_MIN_BLOCKSIZE = 32
 
@@ -325,13 +338,20 @@ def _bsr_linear_op(
 
 
 #: The CPU variant measured fastest for a converted weight, keyed by :func:`_cpu_variant_key`.
-#: The sparse backend (``sparse_compile.measure``) times the gather path against dense
-#: ``F.linear`` and converts a layer only when gather won, so it records "gather" here; the
-#: rebuild path is dense work plus a rebuild (2-8 ms over ``F.linear`` in the table above), never
-#: faster than leaving the layer dense, so it is not a candidate. Weights nobody measured
-#: (direct calls of the op, or a numeric ``density_threshold``) follow the fixed rule above.
+#: The sparse backend (``sparse_compile.measure``) times the op's sparse path
+#: (:func:`sparse_cpu_variant`) against dense ``F.linear`` and converts a layer only when that
+#: won, so it records the sparse path here; the rebuild path is dense work plus a rebuild (1-8 ms
+#: over ``F.linear`` in the table above), never faster than leaving the layer dense, so it is not
+#: a candidate. Weights nobody measured (direct calls of the op, or a numeric
+#: ``density_threshold``) follow the fixed rule above.
 _CPU_VARIANTS: dict[tuple, str] = {}
-CPU_VARIANTS = ("gather", "rebuild")
+CPU_VARIANTS = ("tiles", "gather", "rebuild")
+
+
+def sparse_cpu_variant() -> str:
+    """The CPU path that skips the dropped blocks: the compiled tile kernel, or, where no compiler
+    could build it, the gathered block matmuls."""
+    return "tiles" if cpu_tile_mm.unavailable_reason() is None else "gather"
 
 
 def _cpu_variant_key(dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int) -> tuple:
@@ -341,10 +361,12 @@ def _cpu_variant_key(dtype: torch.dtype, out_features: int, in_features: int, bl
 def set_cpu_variant(
     dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int, variant: str
 ) -> None:
-    """Makes the op's CPU kernel run ``variant`` ("gather" or "rebuild") for BSR weights of this
-    dtype, shape, block size and number of stored blocks."""
+    """Makes the op's CPU kernel run ``variant`` (one of :data:`CPU_VARIANTS`) for BSR weights of
+    this dtype, shape, block size and number of stored blocks."""
     if variant not in CPU_VARIANTS:
         raise ValueError(f"set_cpu_variant: variant must be one of {CPU_VARIANTS}, got {variant!r}")
+    if variant == "tiles" and cpu_tile_mm.unavailable_reason() is not None:
+        raise RuntimeError(f"set_cpu_variant: the tile kernel is unavailable: {cpu_tile_mm.unavailable_reason()}")
     _CPU_VARIANTS[_cpu_variant_key(dtype, out_features, in_features, blocksize, nnz_blocks)] = variant
 
 
@@ -354,19 +376,24 @@ def _cpu_variant(x2d: Tensor, values: Tensor, crow_indices: Tensor, out_features
     measured = _CPU_VARIANTS.get(key)
     if measured is not None:
         return measured
-    all_blocks = (crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b)
-    sparse_enough = values.shape[0] <= _GATHER_MAX_DENSITY * all_blocks
-    return "gather" if sparse_enough and b >= _GATHER_MIN_BLOCKSIZE else "rebuild"
+    density = values.shape[0] / ((crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b))
+    if sparse_cpu_variant() == "tiles":
+        return "tiles" if density <= _TILES_MAX_DENSITY else "rebuild"
+    return "gather" if density <= _GATHER_MAX_DENSITY and b >= _GATHER_MIN_BLOCKSIZE else "rebuild"
 
 
 @_bsr_linear_op.register_kernel("cpu")
 def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features, in_features):
     _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
     x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] > 0 and _cpu_variant(x2d, values, crow_indices, out_features) == "gather":
-        out = _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_features)
+    args = (x2d, values, crow_indices, col_indices, bias, out_features)
+    path = _cpu_variant(x2d, values, crow_indices, out_features) if x2d.shape[0] > 0 else "rebuild"
+    if path == "tiles":
+        out = _bsr_linear_tiles(*args)
+    elif path == "gather":
+        out = _bsr_linear_gather_bmm(*args)
     else:
-        out = _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features)
+        out = _bsr_linear_torch(*args)
     return out.reshape(*x.shape[:-1], out_features)
 
 

@@ -139,6 +139,18 @@ int64_t sc_pack_kept_tiles(const float* w, int64_t n, int64_t k, int64_t w_s0, i
   return p;
 }
 
+// BSR blocks into the same packed layout: values[p] is block p of W ([t rows of W][t columns],
+// row-major, as torch's BSR values), packed[p][kk][nn] = values[p][nn][kk], rows padded to tp.
+// The BSR op's crow/col indices are the kernel's row_ptr/col_idx as they are.
+void sc_pack_bsr_blocks(const float* values, int64_t blocks, int64_t t, int64_t tp, float* packed) {
+  for (int64_t p = 0; p < blocks; p++) {
+    const float* block = values + p * t * t;
+    float* dst = packed + p * t * tp;
+    for (int64_t kk = 0; kk < t; kk++)
+      for (int64_t nn = 0; nn < tp; nn++) dst[kk * tp + nn] = nn < t ? block[nn * t + kk] : 0.f;
+  }
+}
+
 // out (row stride ldo) from a [m, k] (row stride lda, unit column stride) and the packed kept
 // tiles, on `threads` OpenMP threads. Every output element is written (the bias or zero where a
 // block row keeps no tile).

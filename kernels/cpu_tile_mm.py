@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["tile_mm", "unavailable_reason"]
+__all__ = ["bsr_mm", "tile_mm", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("cpu_tile_mm.cpp")
 # The kernel's register block is 16 columns wide: packed tile rows are padded to a multiple.
@@ -135,6 +135,8 @@ def _build() -> Path:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sc_pack_kept_tiles.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]
     lib.sc_pack_kept_tiles.restype = _I
+    lib.sc_pack_bsr_blocks.argtypes = [_P, _I, _I, _I, _P]
+    lib.sc_pack_bsr_blocks.restype = None
     lib.sc_tile_mm.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, ctypes.c_int]
     lib.sc_tile_mm.restype = None
     return lib
@@ -148,6 +150,17 @@ def unavailable_reason() -> Optional[str]:
     return _library.reason()
 
 
+def _loaded() -> ctypes.CDLL:
+    lib = _library.get()
+    if lib is None:
+        raise RuntimeError(f"the CPU tile kernel is unavailable: {_library.reason()}")
+    return lib
+
+
+def _padded(tile_size: int) -> int:
+    return -(-tile_size // _PACKED_COLUMNS) * _PACKED_COLUMNS
+
+
 def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int, kept: int) -> Tensor:
     """``a [M, K] @ (w_nk ⊙ expand(tile_mask_nk))^T + bias`` -> ``[M, N]`` fp32, from the kept tiles.
 
@@ -155,18 +168,11 @@ def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor
     transposed views); ``kept`` is the mask's nonzero count. The caller checks
     :func:`unavailable_reason` first.
     """
-    lib = _library.get()
-    if lib is None:
-        raise RuntimeError(f"the masked op's CPU kernel is unavailable: {_library.reason()}")
-    m, k = a.shape
-    n = w_nk.shape[0]
-    t = tile_size
-    padded = -(-t // _PACKED_COLUMNS) * _PACKED_COLUMNS
+    lib = _loaded()
+    n, k = w_nk.shape
+    t, padded = tile_size, _padded(tile_size)
     nb, kb = tile_mask_nk.shape
-    if a.stride(1) != 1:
-        a = a.contiguous()
     mask = tile_mask_nk.detach().to(torch.float32)
-    bias = bias.detach().contiguous() if bias is not None else None
     row_ptr = torch.empty(nb + 1, dtype=torch.int32)
     col_idx = torch.empty(max(kept, 1), dtype=torch.int32)
     packed = torch.empty((max(kept, 1), t, padded), dtype=torch.float32)
@@ -177,11 +183,35 @@ def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor
     )  # fmt: skip
     if found != kept:
         raise RuntimeError(f"tile_mm: the mask has {'more than ' if found < 0 else ''}{max(found, 0)} kept tiles, expected {kept}")
+    return _multiply(lib, a, packed, row_ptr, col_idx, n, k, t, bias)
+
+
+def bsr_mm(a: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    """``a [M, K] @ W^T + bias`` -> ``[M, out_features]`` fp32 for a BSR weight (the ``bsr_linear``
+    op's tensors: ``values [blocks, b, b]``, ``crow_indices``, ``col_indices``), fp32 CPU tensors."""
+    lib = _loaded()
+    blocks, t = values.shape[0], values.shape[1]
+    padded = _padded(t)
+    values = values.detach().contiguous()
+    packed = torch.empty((max(blocks, 1), t, padded), dtype=torch.float32)
+    lib.sc_pack_bsr_blocks(values.data_ptr(), blocks, t, padded, packed.data_ptr())
+    row_ptr = crow_indices.to(torch.int32).contiguous()
+    col_idx = col_indices.to(torch.int32).contiguous() if blocks else torch.zeros(1, dtype=torch.int32)
+    return _multiply(lib, a, packed, row_ptr, col_idx, out_features, a.shape[1], t, bias)
+
+
+def _multiply(lib, a: Tensor, packed: Tensor, row_ptr: Tensor, col_idx: Tensor, n: int, k: int, t: int, bias) -> Tensor:
+    """The kernel's matmul over packed tiles: ``[M, K]`` -> ``[M, n]`` fp32."""
+    m = a.shape[0]
+    a = a.detach()
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    bias = bias.detach().contiguous() if bias is not None else None
     out = torch.empty((m, n), dtype=torch.float32)
     lib.sc_tile_mm(
         a.data_ptr(), a.stride(0), m, packed.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr(),
-        nb, n, k, t, padded, bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0),
-        1 if _in_forked_child else torch.get_num_threads(),
+        row_ptr.shape[0] - 1, n, k, t, packed.shape[2], bias.data_ptr() if bias is not None else None,
+        out.data_ptr(), out.stride(0), 1 if _in_forked_child else torch.get_num_threads(),
     )  # fmt: skip
     return out
 

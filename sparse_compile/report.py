@@ -51,11 +51,15 @@ class LayerRecord:
             return self.fused_op
         if self.sparse_kernel and self.format != "dense":
             return self.sparse_kernel
-        if self.format == "masked":
-            return "triton masked" if self.device == "cuda" else "per-tile addmm (cpu)"
-        if self.format != "bsr":
+        if self.format not in ("masked", "bsr"):
             return "inductor dense"
-        return "triton bsr" if self.device == "cuda" else "torch ops (cpu)"
+        if self.device == "cuda":
+            return f"triton {self.format}"
+        from sparse_compile.kernels import cpu_tile_mm  # builds the kernel if nothing ran it yet
+
+        if cpu_tile_mm.unavailable_reason() is None:
+            return "tile kernel (cpu)"
+        return "torch ops (cpu)" if self.format == "bsr" else "dense (cpu, no C++ compiler)"
 
 
 @dataclasses.dataclass

@@ -201,7 +201,7 @@ def test_report_table_names_every_layer():
     compiled, _, _ = compile_and_run(model, torch.randn(2, 64), options={"blocksize": 16})
     text = str(sparse_compile.report(compiled))
     assert "2 of 3 linear layers run as BSR" in text
-    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "no block to skip", "torch ops (cpu)", "inductor dense"):
+    for name in ("sparse_bias", "sparse_nobias", "dense", "96x64", "no block to skip", "tile kernel (cpu)", "inductor dense"):
         assert name in text
 
 

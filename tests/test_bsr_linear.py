@@ -95,7 +95,7 @@ def test_triton_kernel_empty_m(dtype):
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
 @pytest.mark.parametrize("m, n, k, b, density, with_bias", CASES + [(0, 64, 64, 32, 0.5, True)])
-@pytest.mark.parametrize("path", ["op", "dense", "gather"])
+@pytest.mark.parametrize("path", ["op", "dense", "gather", "tiles"])
 def test_cpu_op(m, n, k, b, density, with_bias, dtype, atol, rtol, path):
     x, w, bw, bias = _case(m, n, k, b, density, with_bias, dtype)
     args = (x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
@@ -103,9 +103,32 @@ def test_cpu_op(m, n, k, b, density, with_bias, dtype, atol, rtol, path):
         out = bsr_linear(x, bw, bias)
     elif path == "dense":
         out = bsr_linear_module._bsr_linear_torch(*args)
-    else:
+    elif path == "gather":
         out = bsr_linear_module._bsr_linear_gather_bmm(*args)
+    else:
+        out = bsr_linear_module._bsr_linear_tiles(*args)
     _check(out, x, w, bias, atol, rtol)
+
+
+@pytest.mark.parametrize("density,kernel_built,expected", [
+    (0.3, True, "tiles"), (0.6, True, "rebuild"),  # the tile kernel up to half the blocks
+    (0.2, False, "gather"), (0.3, False, "rebuild"),  # without it: gather+bmm up to a quarter
+])
+def test_cpu_fixed_rule_and_the_path_it_runs(monkeypatch, density, kernel_built, expected):
+    tile_mm = importlib.import_module("sparse_compile.kernels.cpu_tile_mm")
+    if not kernel_built:
+        monkeypatch.setattr(tile_mm, "unavailable_reason", lambda: "no compiler (test)")
+    keep = torch.zeros(3 * 5)  # 96 x 160 in 32 x 32 blocks: exactly round(density * 15) kept
+    keep[torch.randperm(15)[: round(density * 15)]] = 1
+    w = torch.randn(96, 160) * keep.view(3, 5).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    x, bias, bw = torch.randn(9, 160), torch.randn(96), BsrWeight.from_dense(w, 32)
+    assert bsr_linear_module._cpu_variant(x, bw.values, bw.crow_indices, 96) == expected
+    ran = []
+    for name in ("_bsr_linear_tiles", "_bsr_linear_gather_bmm", "_bsr_linear_torch"):
+        real = getattr(bsr_linear_module, name)
+        monkeypatch.setattr(bsr_linear_module, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
+    _check(bsr_linear(x, bw, bias), x, w, bias, 1e-5, 1e-5)
+    assert ran == [{"tiles": "_bsr_linear_tiles", "gather": "_bsr_linear_gather_bmm", "rebuild": "_bsr_linear_torch"}[expected]]
 
 
 def test_cpu_gather_path_chunks(monkeypatch):

@@ -100,11 +100,9 @@ EXPECTED = ["bsr", "bsr", "dense", "bsr"]
 def test_choices_follow_the_recorded_timings(monkeypatch):
     timer = RecordedTimer(RECORDED)
     monkeypatch.setattr(measure, "timer", timer)
-    gather_calls = []
-    real_gather = bsr_linear_module._bsr_linear_gather_bmm
-    monkeypatch.setattr(
-        bsr_linear_module, "_bsr_linear_gather_bmm", lambda *a: gather_calls.append(1) or real_gather(*a)
-    )
+    sparse_calls = []
+    real_tiles = bsr_linear_module._bsr_linear_tiles
+    monkeypatch.setattr(bsr_linear_module, "_bsr_linear_tiles", lambda *a: sparse_calls.append(1) or real_tiles(*a))
     model = FourDensities().eval()
     x = torch.randn(6, 10, FEATURES)
     compiled, out = compile_and_run(model, x, {"blocksize": 32})
@@ -118,9 +116,9 @@ def test_choices_follow_the_recorded_timings(monkeypatch):
         assert layer.dense_ms == 1.0 and layer.from_cache is False
         assert layer.time_ms == (RECORDED["bsr32"][bucket] if layer.format == "bsr" else 1.0)
     assert "dense measured faster: 1 ms vs 1.3 ms for BSR at block 32" in layers[2].reason
-    # The three BSR layers ran the gathered block matmuls that were timed, including the one at
-    # density 0.95 that the op's fixed rule (gather up to 0.25) would have run dense.
-    assert len(gather_calls) == 3
+    # The three BSR layers ran the sparse path that was timed (the tile kernel), including the one
+    # at density 0.95 that the op's fixed rule (tiles up to 0.5) would have run dense.
+    assert len(sparse_calls) == 3
     # One timing run per layer; dense only once: its time does not depend on the density.
     assert [[c.label for c in call] for call in timer.calls] == [["dense", "bsr32"]] + [["bsr32"]] * 3
 
@@ -278,14 +276,14 @@ def test_cuda_timer_warms_up_before_do_bench(monkeypatch):
 
 
 def test_cpu_variant_set_by_measurement_overrides_the_fixed_rule():
-    weight = keep_blocks(torch.randn(64, 64), 3, b=16)  # density 3/16 but block 16: fixed rule rebuilds
+    weight = keep_blocks(torch.randn(64, 64), 10, b=16)  # density 10/16: the fixed rule rebuilds
     bsr = BsrWeight.from_dense(weight, 16)
     x = torch.randn(5, 64)
     values, crow = bsr.values, bsr.crow_indices
     assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "rebuild"
-    bsr_linear_module.set_cpu_variant(values.dtype, 64, 64, 16, bsr.nnz_blocks, "gather")
+    bsr_linear_module.set_cpu_variant(values.dtype, 64, 64, 16, bsr.nnz_blocks, "tiles")
     try:
-        assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "gather"
+        assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "tiles"
         torch.testing.assert_close(
             bsr_linear_module.bsr_linear(x, bsr).double(), x.double() @ weight.double().t(), atol=1e-5, rtol=1e-5
         )

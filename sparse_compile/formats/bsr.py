@@ -14,7 +14,12 @@ import torch
 
 from sparse_compile.formats.base import ConvertedWeight, SparseFormat, ThresholdChoice
 from sparse_compile.kernels import BsrWeight, block_mask, bsr_linear
-from sparse_compile.kernels.bsr_linear import SUPPORTED_DTYPES, kernel_unavailable_reason, set_cpu_variant
+from sparse_compile.kernels.bsr_linear import (
+    SUPPORTED_DTYPES,
+    kernel_unavailable_reason,
+    set_cpu_variant,
+    sparse_cpu_variant,
+)
 
 if TYPE_CHECKING:
     from sparse_compile.measure import Candidate
@@ -97,7 +102,9 @@ class BsrFormat(SparseFormat):
         return f"BSR at block {candidate.blocksize} (density {candidate.density:.2f})"
 
     def kernel(self, device_type: str, dtype: torch.dtype) -> str:
-        return "triton bsr" if device_type == "cuda" else "torch ops (cpu)"
+        if device_type == "cuda":
+            return "triton bsr"
+        return "tile kernel (cpu)" if sparse_cpu_variant() == "tiles" else "torch ops (cpu)"
 
     def convert(self, weight: torch.Tensor, candidate: "Candidate") -> ConvertedWeight:
         bsr = BsrWeight.from_dense(weight.detach(), candidate.blocksize)
@@ -115,8 +122,8 @@ class BsrFormat(SparseFormat):
     def timing_run(self, weight, candidate, x, bias):
         bsr = BsrWeight.from_dense(weight.detach().contiguous(), candidate.blocksize)
         if weight.device.type == "cpu":
-            # Time what the op runs for a converted layer: the gathered block matmuls.
-            set_cpu_variant(bsr.values.dtype, bsr.out_features, bsr.in_features, bsr.blocksize, bsr.nnz_blocks, "gather")
+            # Time what the op runs for a converted layer: its sparse path (the tile kernel).
+            set_cpu_variant(bsr.values.dtype, bsr.out_features, bsr.in_features, bsr.blocksize, bsr.nnz_blocks, sparse_cpu_variant())
 
         def run():
             with torch.no_grad():
@@ -126,9 +133,9 @@ class BsrFormat(SparseFormat):
 
     def after_measured_choice(self, weight: torch.Tensor, candidate: "Candidate") -> None:
         if weight.device.type == "cpu":
-            # The op's CPU kernel must run what was timed (the gather path), whatever its fixed rule says.
+            # The op's CPU kernel must run what was timed (its sparse path), whatever its fixed rule says.
             nnz_blocks = int(block_mask(weight, candidate.blocksize).sum())
-            set_cpu_variant(weight.dtype, *weight.shape, candidate.blocksize, nnz_blocks, "gather")
+            set_cpu_variant(weight.dtype, *weight.shape, candidate.blocksize, nnz_blocks, sparse_cpu_variant())
 
 
 BSR = BsrFormat()
