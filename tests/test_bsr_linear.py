@@ -131,6 +131,32 @@ def test_cpu_fixed_rule_and_the_path_it_runs(monkeypatch, density, kernel_built,
     assert ran == [{"tiles": "_bsr_linear_tiles", "gather": "_bsr_linear_gather_bmm", "rebuild": "_bsr_linear_torch"}[expected]]
 
 
+def test_cpu_tile_path_packs_the_blocks_once_per_weight():
+    # At inference the values are graph constants: packed at the first call, reused after; an
+    # in-place change packs again (the result follows it); the packed copy goes with the tensor.
+    import gc
+
+    from torch._dynamo.utils import counters
+
+    tile_mm = importlib.import_module("sparse_compile.kernels.cpu_tile_mm")
+    x, w, bw, bias = _case(10, 96, 160, 32, 0.3, True, torch.float32)
+    values = bw.values
+    args = (values, bw.crow_indices, bw.col_indices, bias, 96)
+    counters.clear()
+    for _ in range(3):
+        _check(bsr_linear_module._bsr_linear_tiles(x, *args), x, w, bias, 1e-5, 1e-5)
+    assert counters["sparse_compile"]["cpu_bsr_blocks_packed"] == 1
+    with torch.no_grad():
+        values.mul_(2)
+    _check(bsr_linear_module._bsr_linear_tiles(x, *args), x, 2 * w, bias, 1e-5, 1e-5)
+    assert counters["sparse_compile"]["cpu_bsr_blocks_packed"] == 2
+    key = id(values)
+    assert key in tile_mm._packed_bsr
+    del values, args, bw
+    gc.collect()
+    assert key not in tile_mm._packed_bsr
+
+
 def test_cpu_gather_path_chunks(monkeypatch):
     # A tiny chunk budget forces several row chunks, including a ragged last one.
     monkeypatch.setattr(bsr_linear_module, "_GATHER_CHUNK_ELEMS", 700)
