@@ -110,9 +110,10 @@ def _build() -> Path:
     """The shared library's path, compiling it unless this source was built with these flags before."""
     source = SOURCE.read_bytes()
     compiler = _compiler()
+    host = _host().encode()
     failures = []
     for flags in _FLAG_SETS:
-        digest = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _host().encode()]))
+        digest = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), host]))
         library = _cache_dir() / f"cpu_tile_mm_{digest.hexdigest()[:16]}.so"
         if library.exists():
             return library
@@ -133,7 +134,7 @@ def _build() -> Path:
         partial.unlink(missing_ok=True)
         failures.append(f"{compiler} {' '.join(flags)}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
     raise RuntimeError(
-        "could not compile the masked op's CPU kernel (install a C++ compiler such as g++, or set CXX to one): "
+        "could not compile the CPU tile kernel of the masked and BSR ops (install a C++ compiler such as g++, or set CXX to one): "
         + " | ".join(failures)
     )
 

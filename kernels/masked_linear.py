@@ -274,6 +274,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def cpu_kernel_name() -> str:
+    """What runs a masked layer on CPU, as the compile report names it."""
+    return "tile kernel (cpu)" if cpu_tile_mm.unavailable_reason() is None else "dense (cpu, no C++ compiler)"
+
+
 _warned_no_kernel = False
 
 

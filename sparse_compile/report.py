@@ -55,11 +55,11 @@ class LayerRecord:
             return "inductor dense"
         if self.device == "cuda":
             return f"triton {self.format}"
-        from sparse_compile.kernels import cpu_tile_mm  # builds the kernel if nothing ran it yet
+        # Imported here, where a report is printed: importing the report module needs no kernels.
+        from sparse_compile.kernels.bsr_linear import cpu_kernel_name as bsr_cpu_kernel
+        from sparse_compile.kernels.masked_linear import cpu_kernel_name as masked_cpu_kernel
 
-        if cpu_tile_mm.unavailable_reason() is None:
-            return "tile kernel (cpu)"
-        return "torch ops (cpu)" if self.format == "bsr" else "dense (cpu, no C++ compiler)"
+        return bsr_cpu_kernel() if self.format == "bsr" else masked_cpu_kernel()
 
 
 @dataclasses.dataclass

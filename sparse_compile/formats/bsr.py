@@ -16,6 +16,7 @@ from sparse_compile.formats.base import ConvertedWeight, SparseFormat, Threshold
 from sparse_compile.kernels import BsrWeight, block_mask, bsr_linear
 from sparse_compile.kernels.bsr_linear import (
     SUPPORTED_DTYPES,
+    cpu_kernel_name,
     kernel_unavailable_reason,
     set_cpu_variant,
     sparse_cpu_variant,
@@ -102,9 +103,7 @@ class BsrFormat(SparseFormat):
         return f"BSR at block {candidate.blocksize} (density {candidate.density:.2f})"
 
     def kernel(self, device_type: str, dtype: torch.dtype) -> str:
-        if device_type == "cuda":
-            return "triton bsr"
-        return "tile kernel (cpu)" if sparse_cpu_variant() == "tiles" else "torch ops (cpu)"
+        return "triton bsr" if device_type == "cuda" else cpu_kernel_name()
 
     def convert(self, weight: torch.Tensor, candidate: "Candidate") -> ConvertedWeight:
         bsr = BsrWeight.from_dense(weight.detach(), candidate.blocksize)
