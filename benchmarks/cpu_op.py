@@ -1,11 +1,11 @@
 """The ways of computing ``sparse_compile::bsr_linear`` or ``masked_linear`` on CPU, timed side by side.
 
-    python -m benchmarks.cpu_op --threads 1        # the numbers behind _GATHER_MAX_DENSITY
+    python -m benchmarks.cpu_op                    # the numbers behind bsr_linear's _TILES_MAX_DENSITY
     python -m benchmarks.cpu_op --op masked --m 2080 --k 384 --n 1536 --sparsity 0.9,0.5,0.3,0.2
                                                    # the numbers behind masked_linear's _CPU_MAX_DENSITY
 
-What the op's CPU kernel chooses between (``kernels/bsr_linear.py``: dense rebuild + addmm, or
-gather + bmm + index_add) and two references (torch.sparse BSR, a dense weight kept in memory),
+What the op's CPU kernel chooses between (``kernels/bsr_linear.py``: dense rebuild + addmm, the
+compiled tile kernel, or, without a compiler, gather + bmm + index_add) and two references (torch.sparse BSR, a dense weight kept in memory),
 for fp32 at a few block sizes and sparsities. ``--op masked``: what the masked op's CPU path
 chooses between (``kernels/masked_linear.py``: W ⊙ M rebuilt + addmm, or the compiled tile
 kernel of ``kernels/cpu_tile_mm.cpp``), the kernel on a transposed weight view as the input

@@ -241,7 +241,7 @@ def test_cpu_op_benchmark_checks_and_times_every_candidate(capsys):
     assert cpu_op.main(["--m", "8", "--k", "64", "--n", "64", "--blocksize", "32", "--sparsity", "0.5",
                         "--warmup", "0", "--reps", "1"]) == 0
     text = capsys.readouterr().out
-    for name in ("dense+addmm", "gather+bmm+index_add", "torch.sparse BSR", "F.linear, dense W kept"):
+    for name in ("dense+addmm", "gather+bmm+index_add", "tile kernel", "torch.sparse BSR", "F.linear, dense W kept"):
         assert name in text
     assert "b=32, 50% sparse" in text
 
