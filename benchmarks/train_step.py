@@ -72,11 +72,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag in SMALL_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int,
                             help=f"--model small only (default {CPU_SMALL[flag]})")
+    parser.add_argument("--amp", action="store_true",
+                        help="the seed recipe's --amp: fp32 model and inputs, each forward under bfloat16 autocast "
+                             "(fp32 master weights; the sparse backend's masked op rounds only the kept tiles)")
     parser.add_argument("--attention-in-proj", action="store_true",
                         help="also mask each attention's packed q/k/v projection (apply_supermask(..., attention_in_proj=True))")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     common.finish_args(parser, args, DEFAULTS)
+    if args.amp and args.dtype != [torch.float32]:
+        parser.error("--amp trains an fp32 model under bfloat16 autocast: give no --dtype, or --dtype fp32")
     if args.model == "small":
         for flag in SMALL_FLAGS:
             if getattr(args, flag) is None:
@@ -124,6 +129,7 @@ class Variant:
     tol: float | None = None
     times_ms: list[float] = dataclasses.field(default_factory=list)
     note: str = ""
+    autocast: torch.dtype | None = None  # the forward's autocast dtype (--amp), None: off
 
     @property
     def ok(self) -> bool:
@@ -134,16 +140,17 @@ class Variant:
         return common.Timing(tuple(self.times_ms)).median_ms if self.ok and self.times_ms else None
 
 
-def make_variant(label, model, how, device, dtype, sparsity=None, tile=None, masked_total=0) -> Variant:
+def make_variant(label, model, how, device, dtype, sparsity=None, tile=None, masked_total=0, autocast=None) -> Variant:
     model = copy.deepcopy(model).to(device=device, dtype=dtype)
     compiled = model if how == "eager" else torch.compile(model, backend=how)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    return Variant(label, sparsity, tile, model, compiled, optimizer, masked_total)
+    return Variant(label, sparsity, tile, model, compiled, optimizer, masked_total, autocast=autocast)
 
 
 def train_step(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     variant.optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(variant.compiled(x), y)
+    with torch.autocast(x.device.type, dtype=variant.autocast or torch.bfloat16, enabled=variant.autocast is not None):
+        loss = nn.functional.cross_entropy(variant.compiled(x), y)
     loss.backward()
     variant.optimizer.step()
     return loss
@@ -185,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("masks", "Supermask on every encoder nn.Linear (MLP and attention out-projection)"
                   + (" and every attention in_proj" if args.attention_in_proj else "")
                   + "; sparsity = fraction of tiles dropped"),
-        ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"),
+        ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"
+                 + ("; forward under bfloat16 autocast (--amp), fp32 weights" if args.amp else "")),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
                    f"after {args.warmup} warm-up steps each"),
     ]
@@ -210,18 +218,19 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
     torch.manual_seed(2)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, dtype=dtype)
     y = torch.randint(0, model.heads[-1].out_features, (args.batch_size,), device=device)
-    tol = common.tolerance(dtype, args.tf32)
+    autocast = torch.bfloat16 if args.amp else None
+    tol = common.tolerance(autocast or dtype, args.tf32)
     torch._dynamo.reset()
     sparse_compile.clear_reports()
 
     groups: list[list[Variant]] = [[
-        make_variant("dense model, eager", model, "eager", device, dtype),
-        make_variant("dense model, torch.compile", model, "inductor", device, dtype),
+        make_variant("dense model, eager", model, "eager", device, dtype, autocast=autocast),
+        make_variant("dense model, torch.compile", model, "inductor", device, dtype, autocast=autocast),
     ]]
     for sparsity in args.sparsity:
         for tile in args.blocksize:
             masked, total = masked_model(model, sparsity, tile, args.attention_in_proj)
-            label = dict(sparsity=sparsity, tile=tile, masked_total=total)
+            label = dict(sparsity=sparsity, tile=tile, masked_total=total, autocast=autocast)
             groups.append([
                 make_variant("Supermask, eager", masked, "eager", device, dtype, **label),
                 make_variant("Supermask, torch.compile", masked, "inductor", device, dtype, **label),
@@ -276,10 +285,12 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 common.fmt_ratio(dense_compile_ms, variant.median_ms), common.fmt(variant.compile_s, 1),
                 f"{variant.grad_err:.1e}", check,
             ])
-    table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, rows)
+    amp = " under bf16 autocast (--amp)" if autocast else ""
+    table = common.Table(f"{args.model}, {common.dtype_name(dtype)}{amp}", HEADERS, rows)
     print(f"\n{table.title}\n{table.text()}", flush=True)
     raw = [
-        dict(dtype=common.dtype_name(dtype), variant=v.label, sparsity=v.sparsity, tile=v.tile, times_ms=v.times_ms)
+        dict(dtype=common.dtype_name(dtype), autocast=common.dtype_name(autocast) if autocast else None,
+             variant=v.label, sparsity=v.sparsity, tile=v.tile, times_ms=v.times_ms)
         for group in groups for v in group if v.times_ms
     ]
     ok = all(v.ok or v.note for group in groups for v in group)

@@ -177,16 +177,21 @@ def fallback_config() -> triton.Config:
 
 def pruned_reason(
     cfg: triton.Config, capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int,
-    input_precision: str, kernel: str = "bsr_linear",
+    input_precision: str, kernel: str = "bsr_linear", weight_elem_bytes: int | None = None,
 ) -> str | None:
-    """Why the autotuner must not try ``cfg`` for this launch of ``kernel``, or ``None`` if it may."""
+    """Why the autotuner must not try ``cfg`` for this launch of ``kernel``, or ``None`` if it may.
+
+    ``weight_elem_bytes``: the weight's element size when it differs from the input's (the masked
+    kernel under autocast: half x, fp32 master weight rounded in registers).
+    """
     if _key(cfg) not in {_key(c) for c in arch_configs(capability[0])}:
         return f"not in the sm{capability[0]}x set"
     bm = cfg.kwargs["BLOCK_M"]
+    weight_bytes = weight_elem_bytes or elem_bytes
     # Each pipeline stage holds one x tile [BLOCK_M, b] and one weight block [b, b]. An upper
     # bound: triton 3.6 allocated at most this in all 224 configs inspected, for each kernel
     # (the masked kernel: at most 94% of it), mostly (stages - 1) / stages of it.
-    need = cfg.num_stages * (bm * blocksize + blocksize * blocksize) * elem_bytes
+    need = cfg.num_stages * (bm * blocksize * elem_bytes + blocksize * blocksize * weight_bytes)
     if need > smem_bytes:
         return f"shared memory: needs ~{need // 1024} KiB, block limit {smem_bytes // 1024} KiB"
     path = _path(elem_bytes, input_precision)
@@ -194,7 +199,9 @@ def pruned_reason(
     if per_thread > _MAX_ACC_PER_THREAD[kernel][path]:
         return f"registers: {per_thread} accumulator values per thread spill"
     weight_per_thread = blocksize * blocksize // (32 * cfg.num_warps)
-    limit = _MAX_WEIGHT_PER_THREAD[kernel][path]
+    # An fp32 weight block takes twice the registers of a half one before it is rounded: held
+    # to the fp32 (TF32) path's bound.
+    limit = _MAX_WEIGHT_PER_THREAD[kernel]["tf32" if weight_bytes > elem_bytes else path]
     if limit is not None and weight_per_thread > limit:
         return f"registers: {weight_per_thread} weight values per thread spill"
     if (capability[0], path, blocksize, _key(cfg)) in _MEASURED_SPILLS[kernel]:
@@ -204,12 +211,13 @@ def pruned_reason(
 
 def autotune_set(
     capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int, input_precision: str,
-    kernel: str = "bsr_linear",
+    kernel: str = "bsr_linear", weight_elem_bytes: int | None = None,
 ) -> list[triton.Config]:
     """The configs the autotuner may try on a GPU of ``capability`` for one dtype and block size."""
     return [
         c for c in all_configs()
-        if pruned_reason(c, capability, smem_bytes, elem_bytes, blocksize, input_precision, kernel) is None
+        if pruned_reason(c, capability, smem_bytes, elem_bytes, blocksize, input_precision, kernel, weight_elem_bytes)
+        is None
     ]
 
 
@@ -237,10 +245,12 @@ def _prune_configs(kernel: str, configs, named_args, kwargs):
         smem = shared_memory_per_block(x.device)
     else:  # only reached by tests that call the hook with CPU tensors
         capability, smem = (8, 0), SMEM_PER_BLOCK_FALLBACK[(8, 0)]
+    w = args.get("w_ptr")
     allowed = {
         _key(c)
         for c in autotune_set(
-            capability, smem, x.element_size(), args["BLOCKSIZE"], args["INPUT_PRECISION"], kernel
+            capability, smem, x.element_size(), args["BLOCKSIZE"], args["INPUT_PRECISION"], kernel,
+            w.element_size() if w is not None else None,
         )
     }
     kept = [c for c in configs if _key(c) in allowed]

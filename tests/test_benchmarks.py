@@ -302,9 +302,11 @@ def test_gpu_defaults_are_the_seed_setting():
     assert kernels.DEFAULTS["cuda"]["shapes"] == [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
 
 
-def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_path):
+@pytest.mark.parametrize("amp", [False, True])
+def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_path, amp):
     # One encoder block, every linear masked (MLP, out_proj and, with the flag, in_proj): the
-    # sparse row must say all four run masked, and every row's gradients must match eager.
+    # sparse row must say all four run masked, and every row's gradients must match eager; with
+    # --amp under bf16 autocast (the seed recipe's flag), the masked op taking fp32 master weights.
     from benchmarks import train_step
 
     output = tmp_path / "train.md"
@@ -312,8 +314,9 @@ def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_pat
         "--warmup", "0", "--reps", "1", "--model", "small", "--image-size", "16", "--patch-size", "8",
         "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2", "--batch-size", "2",
         "--sparsity", "0.9", "--blocksize", "16", "--attention-in-proj", "--output", str(output),
-    ]
+    ] + (["--amp"] if amp else [])
     assert train_step.main(argv) == 0
+    assert ("under bf16 autocast (--amp)" in output.read_text()) == amp
     text = output.read_text()
     rows = table_lines(text, "|")
     labels = ("dense model, eager", "dense model, torch.compile", "Supermask, eager", "Supermask, torch.compile",
