@@ -51,6 +51,19 @@ def test_vit_prints_every_row_and_column(capsys, tmp_path):
     assert 'torch.compile backend="sparse"' in written
 
 
+def test_vit_runs_only_the_variants_picked(capsys):
+    # The GPU session's seed setting: dense eager vs backend="sparse", nothing else compiled.
+    assert vit.main(TINY_VIT + ["--variants", "eager,sparse"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line for line in text.splitlines() if "  " in line}
+    assert "dense eager" in rows and 'torch.compile backend="sparse"' in rows
+    for absent in ("dense torch.compile", "torch.sparse BSR (eager)", vit.NM_LABEL, "Supermask layout incl. in_proj"):
+        assert absent not in rows, text
+    cells = re.split(r"\s{2,}", rows['torch.compile backend="sparse"'].strip())
+    assert cells[vit.HEADERS.index("vs eager")].endswith("x")  # found by name, not by position
+    assert cells[vit.HEADERS.index("vs compile")] == "-" and cells[-1] == "ok"
+
+
 def test_vit_model_output_is_not_trivially_zero():
     # torchvision zeroes the classifier head; a zero output would make every row "match".
     args = vit.parse_args(TINY_VIT)
@@ -143,6 +156,7 @@ def test_list_flags_are_comma_separated_or_repeated():
         (vit, ["--model", "vit_b_16", "--num-layers", "2"], "applies to --model tiny only"),
         (vit, ["--image-size", "30"], "not a multiple of the patch size"),
         (vit, ["--batch-size", "0"], "positive integer"),
+        (vit, ["--variants", "eager,dense"], "unknown variant 'dense'"),
         (kernels, ["--shapes", "768x"], "KxN"),
         (kernels, ["--reps", "-1"], "positive integer"),
     ],
@@ -324,3 +338,36 @@ def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_pat
     sparse_row = next(row for row in rows if 'backend="sparse"' in row)
     assert "| 4/4 " in sparse_row, sparse_row
     assert "attention in_proj" in text
+
+
+def test_train_step_flags_pick_rows_and_autocast():
+    from benchmarks import train_step
+
+    args = train_step.parse_args(CPU[:2])
+    assert args.variants == list(train_step.VARIANTS) and not args.amp
+    args = train_step.parse_args(CPU[:2] + ["--variants", "dense-compile,sparse", "--amp"])
+    assert args.variants == ["dense-compile", "sparse"] and args.dtype == [torch.float32]
+    with pytest.raises(SystemExit):
+        train_step.parse_args(CPU[:2] + ["--amp", "--dtype", "bf16"])
+    with pytest.raises(SystemExit):
+        train_step.parse_args(CPU[:2] + ["--variants", "eager"])
+
+
+def test_train_step_runs_only_the_compiled_rows_picked(tmp_path):
+    # The GPU session runs backend="sparse" and dense torch.compile only (each compile of ViT-B's
+    # forward and backward costs tens of seconds); the eager rows stay as gradient references.
+    from benchmarks import train_step
+
+    output = tmp_path / "train.md"
+    argv = CPU[:2] + [
+        "--warmup", "0", "--reps", "1", "--model", "small", "--image-size", "16", "--patch-size", "8",
+        "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2", "--batch-size", "2",
+        "--sparsity", "0.9", "--blocksize", "16", "--variants", "sparse", "--output", str(output),
+    ]
+    assert train_step.main(argv) == 0
+    rows = table_lines(output.read_text(), "|")
+    labels = [row.split("|")[1].strip() for row in rows[2:]]
+    assert labels == ["dense model, eager", "Supermask, eager", 'Supermask, backend="sparse"'], rows
+    sparse = [cell.strip() for cell in rows[-1].strip(" |").split("|")]
+    assert sparse[train_step.HEADERS.index("vs eager")].endswith("x") and sparse[-1] == "ok", rows[-1]
+    assert sparse[train_step.HEADERS.index("vs inductor")] == "-"
