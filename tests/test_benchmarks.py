@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -270,39 +271,160 @@ def test_cpu_op_benchmark_masked_candidates(capsys):
         assert name in text
 
 
-def run_gpu_session(tmp_path, *args, python3_cases=""):
-    """gpu_session.sh with stand-ins for python3 and nvidia-smi (every call exits 0 unless
-    ``python3_cases``, shell ``case`` lines run first, say otherwise); output under tmp_path/out."""
+def run_gpu_session(tmp_path, *args, python3_cases="", env=None):
+    """gpu_session.sh with stand-ins for python3 and nvidia-smi: every call exits 0 unless
+    ``python3_cases``, shell ``case`` lines run first, say otherwise; a benchmark writes "table"
+    to its --output file. Every python3 call is logged in tmp_path/calls.txt; output under
+    tmp_path/out. The script's stderr goes to its stdout (and its session log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").write_text(
-        "#!/bin/sh\n" + python3_cases + 'case "$*" in -c*get_device_name*) echo h100;; esac\nexit 0\n'
+        f'#!/bin/sh\necho "$*" >> {tmp_path / "calls.txt"}\n' + python3_cases
+        + 'case "$*" in -c*get_device_name*) echo h100; echo "NVIDIA H100 80GB HBM3 (sm90); torch 2.11.0";; esac\n'
+        + 'case "$*" in -m\\ benchmarks.*) for a; do last=$a; done; echo table > "$last";; esac\nexit 0\n'
     )
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H100\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho NVIDIA H100 80GB HBM3, 550.90, 81559 MiB\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), **(env or {})}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=120)
+
+
+def python3_calls(tmp_path) -> list[str]:
+    """The modules the script ran (``-m NAME``), in order, with their flags."""
+    lines = (tmp_path / "calls.txt").read_text().splitlines()
+    return [line.removeprefix("-m ") for line in lines if line.startswith(("-m benchmarks.", "-m pytest"))]
+
+
+def summary_rows(tmp_path) -> dict[str, list[str]]:
+    """<gpu>-summary.md's step table: step -> [cap s, ran s, status, file]."""
+    lines = (tmp_path / "out" / "h100-summary.md").read_text().splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
+# A pytest run with two failures: the script must print the first one whole, not the second.
+FAKE_PYTEST = """\
+....F..F
+=================================== FAILURES ===================================
+_________________________________ test_one[a] __________________________________
+    def test_one():
+>       assert kernel() == 1
+_ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _
+    def kernel():
+E       AssertionError: first failure, the end of its traceback
+_________________________________ test_two ____________________________________
+E       AssertionError: second failure
+============================= slowest 15 durations =============================
+3.00s call tests/test_x.py::test_one[a]
+=========================== short test summary info ============================
+FAILED tests/test_x.py::test_one[a] - AssertionError: first failure
+FAILED tests/test_x.py::test_two - AssertionError: second failure
+========================= 2 failed, 6 passed in 3.00s ==========================
+"""
+
+
+def test_gpu_session_first_runs_every_step_and_keeps_the_first_failure(tmp_path):
+    """The default (`first`): every step in order of importance, at issue 19's settings, each
+    even after one before it failed; the exit status is the first failure's (pytest's 1 here,
+    not the ViT's 3); pytest's first failure printed whole; results and a summary under $OUT."""
+    fail = (
+        f"case \"$*\" in -m\\ pytest*) cat <<'EOF'\n{FAKE_PYTEST}EOF\n exit 1;; "
+        "-m\\ benchmarks.vit*bfloat16*) echo vit exploded; exit 3;; esac\n"
+    )
+    done = run_gpu_session(tmp_path, python3_cases=fail)
+    assert done.returncode == 1, done.stdout
+    calls = python3_calls(tmp_path)
+    assert [call.split()[0] for call in calls] == [
+        "pytest", "benchmarks.kernels", "benchmarks.vit", "benchmarks.vit", "benchmarks.train_step"
+    ]
+    assert "-m gpu" in calls[0] and "--tb=long" in calls[0] and "-x" not in calls[0].split()
+    assert "--dtype bfloat16,float32 --sparsity 0.9,0.5 --blocksize 64" in calls[1]
+    assert "--dtype bfloat16 --sparsity 0.9 --blocksize 64 --variants eager,compile,sparse" in calls[2]
+    assert "--dtype float32 --sparsity 0.8 --blocksize 64 --variants eager,sparse" in calls[3]
+    assert "--batch-size 64 --sparsity 0.9 --blocksize 64 --variants dense-compile,sparse" in calls[4]
+    first = done.stdout.split("--- the first failure")[1]
+    assert "the end of its traceback" in first and "second failure" not in first.split("=== [")[0]
+    rows = summary_rows(tmp_path)
+    assert list(rows) == ["setup", "tests", "kernels", "vit-bf16", "vit-fp32", "train-step"]
+    assert [row[2] for row in rows.values()] == ["ok", "FAILED (exit 1)", "ok", "FAILED (exit 3)", "ok", "ok"]
+    assert rows["kernels"][3] == "h100-kernels.md"
+    assert rows["vit-bf16"][3] == "none (h100-vit-bf16.md not written)"  # the stand-in died first
+    out = tmp_path / "out"
+    files = sorted(path.name for path in out.iterdir())
+    assert files == sorted(["h100-session.log", "h100-summary.md", "h100-pytest-gpu.txt", "h100-kernels.md",
+                            "h100-vit-fp32.md", "h100-train-step.md"])
+    # What comes back from the device machine: at most 8 plain files, named in [A-Za-z0-9._-].
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    assert all((out / name).is_file() for name in files)
+    assert (out / "h100-pytest-gpu.txt").read_text() == FAKE_PYTEST
+    log = (out / "h100-session.log").read_text()
+    assert "vit exploded" in log and "NVIDIA H100 80GB HBM3, 550.90" in log and "| train-step |" in log
+    assert "NVIDIA H100 80GB HBM3 (sm90); torch 2.11.0" in (out / "h100-summary.md").read_text()
+    # Right after the run, on the development machine: one results file, the raw output beside it.
+    results = tmp_path / "results"
+    made = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "report", str(out), str(results)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and f"wrote {results / 'h100.md'}" in made.stdout, made.stdout + made.stderr
+    assert sorted(path.name for path in results.iterdir()) == ["h100-pytest-gpu.txt", "h100-session.log", "h100.md"]
+    report = (results / "h100.md").read_text()
+    assert report.startswith((out / "h100-summary.md").read_text())
+    for part in ("## Targets (issue 19)", ">= 2.5x dense torch.compile", "## pytest -m gpu", "2 failed, 6 passed",
+                 "the end of its traceback"):
+        assert part in report, part
+    assert report.count("\ntable\n") == 3  # kernels, vit-fp32, train-step (vit-bf16 wrote none)
+
+
+def test_gpu_session_kills_a_step_at_its_cap_and_runs_the_next(tmp_path):
+    """A step that runs long costs only itself: killed at its cap, reported, the next one runs.
+    pytest gets SIGINT at its cap (then it still writes the failures so far)."""
+    hang = (
+        """case "$*" in -m\\ pytest*) trap 'echo summary written on SIGINT; exit 2' INT; sleep 60;; """
+        "-m\\ benchmarks.kernels*) sleep 60;; esac\n"
+    )
+    caps = {"GPU_SESSION_CAP_SETUP": "1", "GPU_SESSION_CAP_TESTS": "1", "GPU_SESSION_CAP_KERNELS": "1",
+            "GPU_SESSION_KILL_GRACE": "1"}
+    start = time.monotonic()
+    done = run_gpu_session(tmp_path, python3_cases=hang, env=caps)
+    assert time.monotonic() - start < 30, done.stdout
+    assert done.returncode == 124, done.stdout
+    rows = summary_rows(tmp_path)
+    assert rows["tests"][2] == "TIMED OUT: killed at its cap"
+    assert "summary written on SIGINT" in (tmp_path / "out" / "h100-pytest-gpu.txt").read_text()
+    assert rows["kernels"][2] == "TIMED OUT: killed at its cap" and int(rows["kernels"][1]) <= 5
+    assert [rows[step][2] for step in ("vit-bf16", "vit-fp32", "train-step")] == ["ok"] * 3
+    assert [call.split()[0] for call in python3_calls(tmp_path)][-3:] == [
+        "benchmarks.vit", "benchmarks.vit", "benchmarks.train_step"
+    ]
+
+
+def test_gpu_session_first_fits_nine_minutes():
+    """The caps of `first` (and the last step's kill grace) add up to less than 9 minutes."""
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    caps = dict(re.findall(r"\[([\w-]+)\]=(\d+)", re.search(r"declare -A CAP=\((.*)\)", script).group(1)))
+    first = re.search(r'FIRST_STEPS="([^"]*)"', script).group(1).split()
+    grace = int(re.search(r"GRACE=\$\{GPU_SESSION_KILL_GRACE:-(\d+)\}", script).group(1))
+    assert first == ["tests", "kernels", "vit-bf16", "vit-fp32", "train-step"]
+    assert int(caps["setup"]) + sum(int(caps[step]) for step in first) + grace < 9 * 60
 
 
 def test_gpu_session_fails_when_pytest_fails(tmp_path):
     """pytest exits 1, all else 0."""
-    done = run_gpu_session(tmp_path, "quick", python3_cases='case "$*" in *pytest*) echo "1 failed"; exit 1;; esac\n')
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "FAILED (exit 1): pytest -m gpu" in done.stderr
+    done = run_gpu_session(tmp_path, "quick", python3_cases='case "$*" in -m\\ pytest*) echo "1 failed"; exit 1;; esac\n')
+    assert done.returncode == 1, done.stdout
+    assert "step tests: FAILED (exit 1)" in done.stdout
     assert (tmp_path / "out" / "h100-pytest-gpu.txt").read_text().strip() == "1 failed"
+    assert list(summary_rows(tmp_path)) == ["setup", "tests", "kernels"]
 
 
 def test_gpu_session_runs_the_steps_it_is_given(tmp_path):
-    """A device call is limited to 10 minutes: a session runs gpu_session.sh one step group at a time."""
-    calls = tmp_path / "calls.txt"
-    log_calls = f'case "$*" in -m\\ benchmarks.*|-m\\ pytest*) echo "$*" >> {calls};; esac\n'
-    done = run_gpu_session(tmp_path, "kernels", "train-step", python3_cases=log_calls)
-    assert done.returncode == 0, done.stdout + done.stderr
-    ran = [line.split()[1] for line in calls.read_text().splitlines()]
-    assert ran == ["benchmarks.kernels", "benchmarks.train_step"]
-    assert "--sparsity 0.9 --blocksize 64" in calls.read_text()  # issue 10's GPU target row
+    """Re-running what failed: the steps named, in the order given, at the settings of `first`."""
+    done = run_gpu_session(tmp_path, "train-step", "kernels")
+    assert done.returncode == 0, done.stdout
+    calls = python3_calls(tmp_path)
+    assert [call.split()[0] for call in calls] == ["benchmarks.train_step", "benchmarks.kernels"]
+    assert "--sparsity 0.9 --blocksize 64" in calls[0]  # issue 10's GPU target row
     wrong = run_gpu_session(tmp_path, "kernel")
     assert wrong.returncode == 2 and "unknown step 'kernel'" in wrong.stderr
 
