@@ -41,16 +41,25 @@ from sparse_compile.training import apply_supermask
 CPU_SMALL = dict(image_size=64, patch_size=8, num_layers=6, hidden_dim=384, mlp_dim=1536, num_heads=6)
 SMALL_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
 
+#: ``--variants``: the compiled rows to run (default all). Each compiles the model's forward and
+#: backward (ViT-B on a GPU: tens of seconds), so a run that must fit a time limit picks its rows.
+#: The eager rows always run: they are their group's gradient reference, and compile nothing.
+VARIANTS = {
+    "dense-compile": "dense model, torch.compile",
+    "supermask-compile": "Supermask, torch.compile",
+    "sparse": 'Supermask, backend="sparse"',
+}
+
 DEFAULTS = {
     # The GPU issue's setting: ViT-B/16, bf16, batch 64.
     "cuda": dict(
         model="vit_b_16", batch_size=64, image_size=224, dtype=[torch.bfloat16],
-        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
+        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20, variants=list(VARIANTS),
     ),
     # A small ViT whose step is dominated by its linears. Runtime: see benchmarks/results/cpu-train-step.md.
     "cpu": dict(
         model="small", batch_size=32, image_size=CPU_SMALL["image_size"], dtype=[torch.float32],
-        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=1, reps=10,
+        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=1, reps=10, variants=list(VARIANTS),
     ),
 }
 
@@ -72,16 +81,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag in SMALL_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int,
                             help=f"--model small only (default {CPU_SMALL[flag]})")
-    parser.add_argument("--amp", action="store_true",
-                        help="the seed recipe's --amp: fp32 model and inputs, each forward under bfloat16 autocast "
-                             "(fp32 master weights; the sparse backend's masked op rounds only the kept tiles)")
     parser.add_argument("--attention-in-proj", action="store_true",
                         help="also mask each attention's packed q/k/v projection (apply_supermask(..., attention_in_proj=True))")
+    parser.add_argument("--variants", action="append", type=common.comma_list(_variant),
+                        help="compiled rows to run, comma list (default: all; the eager rows always run): "
+                        + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    parser.add_argument("--amp", action="store_true",
+                        help="fp32 weights, forward and loss under torch.autocast(bfloat16) (needs --dtype float32)")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.amp and args.dtype is None:
+        args.dtype = [[torch.float32]]
     common.finish_args(parser, args, DEFAULTS)
     if args.amp and args.dtype != [torch.float32]:
-        parser.error("--amp trains an fp32 model under bfloat16 autocast: give no --dtype, or --dtype fp32")
+        parser.error("--amp keeps the weights in float32: use it with --dtype float32 (the default with --amp)")
     if args.model == "small":
         for flag in SMALL_FLAGS:
             if getattr(args, flag) is None:
@@ -89,6 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     elif any(getattr(args, flag) is not None for flag in SMALL_FLAGS):
         parser.error(f"--patch-size, --num-layers, ... apply to --model small only, not {args.model}")
     return args
+
+
+def _variant(text: str) -> str:
+    if text not in VARIANTS:
+        raise ValueError(f"unknown variant {text!r}; use any of {', '.join(VARIANTS)}")
+    return text
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -129,7 +148,7 @@ class Variant:
     tol: float | None = None
     times_ms: list[float] = dataclasses.field(default_factory=list)
     note: str = ""
-    autocast: torch.dtype | None = None  # the forward's autocast dtype (--amp), None: off
+    autocast: torch.dtype | None = None  # --amp: forward and loss under torch.autocast(this dtype)
 
     @property
     def ok(self) -> bool:
@@ -193,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + (" and every attention in_proj" if args.attention_in_proj else "")
                   + "; sparsity = fraction of tiles dropped"),
         ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"
-                 + ("; forward under bfloat16 autocast (--amp), fp32 weights" if args.amp else "")),
+                 + ("; forward and loss under torch.autocast(bfloat16), fp32 weights" if args.amp else "")),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
                    f"after {args.warmup} warm-up steps each"),
     ]
@@ -223,9 +242,13 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
     torch._dynamo.reset()
     sparse_compile.clear_reports()
 
+    def wanted(key: str) -> bool:
+        return key in args.variants
+
     groups: list[list[Variant]] = [[
         make_variant("dense model, eager", model, "eager", device, dtype, autocast=autocast),
-        make_variant("dense model, torch.compile", model, "inductor", device, dtype, autocast=autocast),
+        *([make_variant("dense model, torch.compile", model, "inductor", device, dtype, autocast=autocast)]
+          if wanted("dense-compile") else []),
     ]]
     for sparsity in args.sparsity:
         for tile in args.blocksize:
@@ -233,8 +256,10 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
             label = dict(sparsity=sparsity, tile=tile, masked_total=total, autocast=autocast)
             groups.append([
                 make_variant("Supermask, eager", masked, "eager", device, dtype, **label),
-                make_variant("Supermask, torch.compile", masked, "inductor", device, dtype, **label),
-                make_variant('Supermask, backend="sparse"', masked, "sparse", device, dtype, **label),
+                *([make_variant("Supermask, torch.compile", masked, "inductor", device, dtype, **label)]
+                  if wanted("supermask-compile") else []),
+                *([make_variant('Supermask, backend="sparse"', masked, "sparse", device, dtype, **label)]
+                  if wanted("sparse") else []),
             ])
 
     with torch._inductor.config.patch(fx_graph_cache=False):
@@ -264,10 +289,13 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 common.synchronize(device)
                 variant.times_ms.append((time.perf_counter() - start) * 1e3)
 
-    dense_compile_ms = groups[0][1].median_ms
+    def median(group: list[Variant], suffix: str) -> float | None:
+        return next((v.median_ms for v in group if v.label.endswith(suffix)), None)
+
+    dense_compile_ms = median(groups[0], ", torch.compile")
     rows = []
     for group in groups:
-        eager_ms, inductor_ms = group[0].median_ms, group[1].median_ms
+        eager_ms, inductor_ms = median(group, ", eager"), median(group, ", torch.compile")
         for variant in group:
             cells = [
                 variant.label,
@@ -285,8 +313,8 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 common.fmt_ratio(dense_compile_ms, variant.median_ms), common.fmt(variant.compile_s, 1),
                 f"{variant.grad_err:.1e}", check,
             ])
-    amp = " under bf16 autocast (--amp)" if autocast else ""
-    table = common.Table(f"{args.model}, {common.dtype_name(dtype)}{amp}", HEADERS, rows)
+    title = f"{args.model}, {common.dtype_name(dtype)}" + (", autocast bfloat16" if args.amp else "")
+    table = common.Table(title, HEADERS, rows)
     print(f"\n{table.title}\n{table.text()}", flush=True)
     raw = [
         dict(dtype=common.dtype_name(dtype), autocast=common.dtype_name(autocast) if autocast else None,

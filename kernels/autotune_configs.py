@@ -18,15 +18,22 @@ Where the numbers come from:
   and few stages. Our kernel's N tile is the block size (fixed by the weight), so the only
   free tile dim is BLOCK_M.
 * Under TRITON_INTERPRET=1 nothing can be timed: one small fixed config.
+
+``SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS=N`` (environment, read at every launch) lets the hooks keep
+at most N of the configs they would keep, the tallest tile first: the GPU tests set it to 1 (a
+whole set compiles every config of every specialization, minutes over the gpu-marked tests).
+Unset or 0: the whole set, what users and the benchmarks get.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 __all__ = [
-    "INTERPRET_CONFIG", "KERNELS", "SMEM_PER_BLOCK_FALLBACK", "all_configs", "arch_configs", "autotune_set",
-    "fallback_config", "make_prune_configs", "prune_configs", "prune_masked_configs", "pruned_reason",
+    "INTERPRET_CONFIG", "KERNELS", "MAX_CONFIGS_ENV", "SMEM_PER_BLOCK_FALLBACK", "all_configs", "arch_configs", "autotune_set",
+    "fallback_config", "limit_configs", "make_prune_configs", "prune_configs", "prune_masked_configs", "pruned_reason",
     "shared_memory_per_block",
 ]
 
@@ -221,6 +228,28 @@ def autotune_set(
     ]
 
 
+#: Environment variable: at most this many configs per launch (unset or 0: all of them).
+MAX_CONFIGS_ENV = "SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS"
+
+
+def limit_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """At most ``$SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS`` of ``configs``, spread over them by tile
+    (BLOCK_M, warps, stages): one is the tallest (what a large M runs, the deepest pipeline), two
+    add the smallest. Unset or 0: ``configs`` unchanged."""
+    text = os.environ.get(MAX_CONFIGS_ENV, "").strip()
+    try:
+        limit = int(text or 0)
+    except ValueError:
+        raise ValueError(f"{MAX_CONFIGS_ENV}={text!r}: expected a number of configs (0 or unset: all)") from None
+    if limit <= 0 or len(configs) <= limit:
+        return configs
+    ordered = sorted(configs, key=_key)
+    if limit == 1:
+        return [ordered[-1]]
+    last = len(ordered) - 1
+    return [ordered[last - round(i * last / (limit - 1))] for i in range(limit)]
+
+
 def make_prune_configs(kernel: str):
     """The ``early_config_prune`` hook of ``kernel`` (one of :data:`KERNELS`)."""
     if kernel not in KERNELS:
@@ -235,7 +264,8 @@ def make_prune_configs(kernel: str):
 
 
 def _prune_configs(kernel: str, configs, named_args, kwargs):
-    """Keep this GPU's set, within shared memory and without spills for ``kernel``, sized to M."""
+    """Keep this GPU's set, within shared memory and without spills for ``kernel``, sized to M
+    (at most ``$SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS`` of them: :func:`limit_configs`)."""
     import torch
 
     args = {**named_args, **kwargs}  # Triton passes positional args in named_args, the rest in kwargs
@@ -258,10 +288,10 @@ def _prune_configs(kernel: str, configs, named_args, kwargs):
     # Tiles more than twice as tall as M only add masked rows. (A symbolic M from dynamic
     # shapes is not compared: that would specialize the graph on it.)
     if not isinstance(m_bucket, int):
-        return kept or [fallback_config()]
+        return limit_configs(kept) or [fallback_config()]
     sized = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, 2 * m_bucket)]
     if sized:
-        return sized
+        return limit_configs(sized)
     if kept:
         return [min(kept, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
     return [fallback_config()]
