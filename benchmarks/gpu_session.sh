@@ -40,8 +40,9 @@
 # paths) belong in gpu-marked tests of a few seconds each: step `tests` runs them.
 #
 # Steps (any of them, in any order, after setup): tests, kernels, vit-bf16, vit-fp32,
-# train-step, train-step-amp (the training step under torch.autocast(bf16) with fp32 weights:
-# not in `first` until backend="sparse" trains masked layers under autocast); `quick` = tests
+# train-step, train-step-amp (the training step under torch.autocast(bf16) with fp32 weights, the
+# seed recipe's --amp: not in `first`, whose 9 minutes it does not fit; the re-run's step once
+# `first` has passed); `quick` = tests
 # kernels. The caps can be overridden per step: GPU_SESSION_CAP_<STEP> (upper case, '-' as
 # '_'), GPU_SESSION_CAP_SETUP; GPU_SESSION_KILL_GRACE (seconds between TERM and KILL);
 # GPU_SESSION_PYTEST_WORKERS (0: no xdist); GPU_SESSION_COMMIT names the commit in the summary
