@@ -9,6 +9,18 @@
   graphs that runs Supermask linears as ``torch.ops.sparse_compile.masked_linear``.
 """
 
+# This folder sits at the repository root, where ``python -m``, ``python -c`` and pytest put it on
+# ``sys.path`` as a top-level package ``passes``: a name other libraries own (transformers probes
+# for Hugging Face's ``kernels`` by importing it). Imported under that name it would run a second
+# time and register the ``torch.ops.sparse_compile`` ops twice. ImportError is what such probes
+# expect from a package they cannot use.
+if __name__ != "sparse_compile.passes":
+    raise ImportError(
+        f"{__name__!r} is a folder of sparse_compile, installed as sparse_compile.passes, not a "
+        "package of its own: use `import sparse_compile.passes`",
+        name=__name__,
+    )
+
 from sparse_compile.passes.bsr_linear import BsrLinearPass, SparseLinearPass
 from sparse_compile.passes.masked_linear import MaskedLinearPass
 

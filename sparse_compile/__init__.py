@@ -5,6 +5,10 @@ Inference: ``torch.compile(model, backend="sparse", options={...})`` (registered
 :func:`report` to see what happened to every linear layer. Training: ``sparse_compile.training``.
 """
 
+from sparse_compile import _root_folders
+
+_root_folders.install()  # the checkout's kernels/, passes/, training/ are not top-level packages
+
 from sparse_compile.options import DEFAULT_DENSITY_THRESHOLD, SparseOptions
 from sparse_compile.pruning import prune_blocks_, prune_linear_blocks_
 from sparse_compile.report import CompileReport, LayerRecord, clear_reports, report

@@ -10,6 +10,18 @@
 - :func:`load_superblock_checkpoint`: import SuperBlock ``SupermaskLinear`` checkpoints.
 """
 
+# This folder sits at the repository root, where ``python -m``, ``python -c`` and pytest put it on
+# ``sys.path`` as a top-level package ``training``: a name other libraries own (transformers probes
+# for Hugging Face's ``kernels`` by importing it). Imported under that name it would run a second
+# time and register the ``torch.ops.sparse_compile`` ops twice. ImportError is what such probes
+# expect from a package they cannot use.
+if __name__ != "sparse_compile.training":
+    raise ImportError(
+        f"{__name__!r} is a folder of sparse_compile, installed as sparse_compile.training, not a "
+        "package of its own: use `import sparse_compile.training`",
+        name=__name__,
+    )
+
 from sparse_compile.training.supermask import Supermask
 from sparse_compile.training.nm_mask import NMMask
 from sparse_compile.training.apply import (
