@@ -8,15 +8,19 @@ before each call), ``torch.utils.benchmark.Timer`` on CPU (see :func:`measure`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import os
 import platform
 import shlex
 import statistics
 import sys
+import tempfile
+import threading
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from tabulate import tabulate
@@ -215,6 +219,115 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int)
     return Timing(tuple(timer.timeit(number=1).raw_times[0] * 1e3 for _ in range(reps)))
 
 
+def time_call_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """One timed call, ms, as one call of :func:`measure` times it: CPU ``Timer.timeit(number=1)``
+    (after the Timer's own 2 untimed calls); CUDA events around the call after an L2 clear, what
+    ``do_bench`` does per call (``do_bench`` itself cannot time one call without ~8 untimed ones)."""
+    if device.type != "cuda":
+        from torch.utils.benchmark import Timer
+
+        return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(number=1).raw_times[0] * 1e3
+    import triton
+
+    driver = triton.runtime.driver.active
+    cache = _l2_cache(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    synchronize(device)
+    driver.clear_cache(cache)
+    start.record()
+    fn()
+    end.record()
+    synchronize(device)
+    return start.elapsed_time(end)
+
+
+@functools.cache
+def _l2_cache(device: torch.device) -> torch.Tensor:
+    import triton
+
+    return triton.runtime.driver.active.get_empty_cache_for_benchmark()
+
+
+def time_round_robin(
+    fns: Mapping[Hashable, Callable[[], Any]],
+    device: torch.device,
+    warmup: int,
+    rounds: int,
+    progress: "Progress | None" = None,
+    call_ms: Callable[[Callable[[], Any], torch.device], float] | None = None,
+) -> tuple[dict[Hashable, Timing], dict[Hashable, BaseException]]:
+    """Times every function round-robin: ``warmup`` untimed calls of each, then ``rounds`` rounds
+    of one timed call of each (:func:`time_call_ms`), starting one later in the order each round.
+
+    Load from other processes then hits every function alike, and ``times_ms[r]`` of two results
+    are calls of the same round (:func:`paired_speedup` compares them round by round). A function
+    that raises is dropped (its error is returned) and the others go on. ``call_ms``: the per-call
+    timer (tests pass a stand-in).
+    """
+    call_ms = call_ms or time_call_ms
+    keys = list(fns)
+    errors: dict[Hashable, BaseException] = {}
+    for key in keys:
+        try:
+            for _ in range(warmup):
+                fns[key]()
+        except Exception as error:  # noqa: BLE001 - the caller reports it in the row
+            errors[key] = error
+    times: dict[Hashable, list[float]] = {key: [] for key in keys if key not in errors}
+    synchronize(device)
+    for r in range(rounds):
+        start = time.monotonic()
+        live = [key for key in keys if key in times]
+        for key in live[r % len(live):] + live[: r % len(live)] if live else []:
+            try:
+                times[key].append(call_ms(fns[key], device))
+            except Exception as error:  # noqa: BLE001
+                errors[key] = error
+                del times[key]
+        if progress is not None:
+            took = time.monotonic() - start
+            progress(f"timed round {r + 1}/{rounds} ({len(times)} rows): {took:.1f} s; "
+                     f"{rounds - r - 1} left (~{fmt_seconds(took * (rounds - r - 1))})")
+    return {key: Timing(tuple(values)) for key, values in times.items()}, errors
+
+
+@dataclasses.dataclass(frozen=True)
+class Speedup:
+    """A row's speedup over a baseline timed in the same rounds: the median of the per-round
+    ratios ``baseline time / row time`` and their interquartile range, the spread.
+
+    ``verdict``: "faster" when the whole spread is above 1, "slower" when it is below 1, else
+    "tie": a difference within the spread is noise, not a result.
+    """
+
+    median: float
+    low: float  # 25th percentile of the per-round ratios
+    high: float  # 75th percentile
+
+    @property
+    def verdict(self) -> str:
+        if self.low > 1.0:
+            return "faster"
+        if self.high < 1.0:
+            return "slower"
+        return "tie"
+
+    @property
+    def spread(self) -> str:
+        return f"{self.low:.2f}-{self.high:.2f}"
+
+
+def paired_speedup(baseline: Timing, row: Timing) -> Speedup:
+    """:class:`Speedup` of ``row`` over ``baseline`` from calls of the same rounds (:func:`time_round_robin`)."""
+    if baseline.reps != row.reps or not row.reps:
+        raise ValueError(f"paired timings need the same rounds: {baseline.reps} and {row.reps} calls")
+    ratios = sorted(b / t for b, t in zip(baseline.times_ms, row.times_ms))
+    if len(ratios) == 1:
+        return Speedup(ratios[0], ratios[0], ratios[0])
+    low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return Speedup(median, low, high)
+
+
 def timing_fact(device: torch.device, args: argparse.Namespace) -> str:
     """How the rows were timed, for the facts above the tables."""
     if device.type == "cuda":
@@ -270,6 +383,87 @@ def first_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]
     out = fn()
     synchronize(device)
     return out, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """Progress lines on stderr, so that the tables on stdout stay clean: ``[vit 42 s] message``.
+
+    While a :meth:`heartbeat` block runs (a compile), a line every ``every_s`` seconds says it
+    is still running: a long step never leaves the terminal silent.
+    """
+
+    def __init__(self, name: str, every_s: float = 30.0):
+        self.name = name
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self._lock = threading.Lock()
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def __call__(self, message: str) -> None:
+        with self._lock:
+            print(f"[{self.name} {self.elapsed_s():4.0f} s] {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def heartbeat(self, what: str) -> Iterator[None]:
+        stop = threading.Event()
+        started = time.monotonic()
+
+        def beat() -> None:
+            while not stop.wait(self.every_s):
+                self(f"still {what} ({time.monotonic() - started:.0f} s)")
+
+        thread = threading.Thread(target=beat, name=f"{self.name}-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+# --------------------------------------------------------------------------------------------
+# The sparse backend's timing cache
+
+
+def add_timing_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timing-cache", metavar="DIR",
+        help="the sparse backend's timing cache (SPARSE_COMPILE_CACHE_DIR); default: a new empty "
+        "directory, so every run measures its layers on the machine as it is now",
+    )
+
+
+@contextlib.contextmanager
+def timing_cache(directory: str | None) -> Iterator[str]:
+    """``SPARSE_COMPILE_CACHE_DIR`` set to ``directory``, or to a new empty one removed afterwards:
+    a cache measured while the machine was busy must not decide a later run's layers."""
+    with contextlib.ExitStack() as stack:
+        path = directory or stack.enter_context(tempfile.TemporaryDirectory(prefix="sparse-compile-timings-"))
+        stack.enter_context(environment_variable("SPARSE_COMPILE_CACHE_DIR", path))
+        yield path
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,13 +547,16 @@ class Table:
 
 def write_markdown(
     path: str, title: str, command: str, facts: Sequence[tuple[str, str]], tables: Sequence[Table],
-    raw: Sequence[dict[str, Any]],
+    raw: Sequence[dict[str, Any]], closing: str = "",
 ) -> None:
-    """The file for ``benchmarks/results/<gpu>.md``: command, environment, tables, raw per-call times."""
+    """The file for ``benchmarks/results/<gpu>.md``: command, environment, tables, the closing
+    verdict when there is one, raw per-call times."""
     lines = [f"# {title}", "", "```", command, "```", ""]
     lines += [f"- {key}: {value}" for key, value in facts]
     for table in tables:
         lines += ["", f"## {table.title}", "", table.text("github")]
+    if closing:
+        lines += ["", "## Verdict", "", closing]
     lines += ["", "## Raw per-call times (ms)", ""]
     for record in raw:
         label = ", ".join(f"{k}={v}" for k, v in record.items() if k != "times_ms")
@@ -395,19 +592,28 @@ def finish_run(
     raw: list[dict[str, Any]],
     all_ok: bool,
     ours_not_run: Sequence[str] = (),
+    ours_slower: Sequence[str] = (),
+    closing: str = "",
 ) -> int:
-    """Prints the column legend, writes ``--output`` and returns the exit status.
+    """Prints the column legend, writes ``--output``, prints ``closing`` (the verdict: the last
+    line of stdout) and returns the exit status.
 
-    1 when a row's output is wrong (``all_ok`` false) or when one of this project's rows did
-    not run (``ours_not_run``: their labels). A reference path that cannot run (torch's CPU
-    BSR matmul has no bf16 kernel) is a fact about torch and leaves the status at 0.
+    1 when a row's output is wrong (``all_ok`` false), when one of this project's rows did not
+    run (``ours_not_run``: their labels) or was slower than dense beyond the measured spread
+    (``ours_slower``). A reference path that cannot run (torch's CPU BSR matmul has no bf16
+    kernel) is a fact about torch and leaves the status at 0.
     """
     print("\n" + legend)
     if args.output:
-        write_markdown(args.output, title, command_line(argv, module), facts, tables, raw)
+        write_markdown(args.output, title, command_line(argv, module), facts, tables, raw, closing)
         print(f"wrote {args.output}")
     if not all_ok:
         print("ERROR: a row's output differs from dense beyond its tolerance (see 'check')", file=sys.stderr)
     for label in ours_not_run:
         print(f"ERROR: a row of sparse_compile did not run: {label}", file=sys.stderr)
-    return 0 if all_ok and not ours_not_run else 1
+    for label in ours_slower:
+        print(f"ERROR: a row of sparse_compile is slower than dense beyond the measured spread: {label}",
+              file=sys.stderr)
+    if closing:
+        print("\n" + closing, flush=True)
+    return 0 if all_ok and not ours_not_run and not ours_slower else 1

@@ -17,12 +17,9 @@ never of the library; a model whose package is missing gets a row that says so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -204,15 +201,13 @@ def run_model(spec: ZooModel, args: argparse.Namespace, device: torch.device, dt
         rows[2].sparse_layers = f"{len(report.sparse_layers)}/{len(report.layers)}"
         if args.verbose:
             print(report)
-        for fn in fns:
-            if fn is not None:
-                for _ in range(args.warmup):
-                    fn()
-        common.synchronize(device)
-        for _ in range(args.reps):
-            for row, fn in zip(rows, fns):
-                if fn is not None:
-                    row.times_ms.append(common.measure(fn, device, 0, 1).times_ms[0])
+        timings, errors = common.time_round_robin(
+            {i: fn for i, fn in enumerate(fns) if fn is not None}, device, args.warmup, args.reps
+        )
+        for i, timing in timings.items():
+            rows[i].times_ms = list(timing.times_ms)
+        for i, error in errors.items():
+            rows[i].note = f"not run: {common.describe_error(error)}"
     print(f"{spec.name}: {pruned} linear weights pruned; {rows[2].sparse_layers} run sparse", flush=True)
     ours_ok = rows[2].ok and not rows[2].note
     return rows, ours_ok
@@ -252,11 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--density-threshold", type=_threshold, default="auto",
         help="the sparse backend's density_threshold: 'auto' (measured) or a number, e.g. 0.4",
     )
-    parser.add_argument(
-        "--timing-cache", metavar="DIR",
-        help="the sparse backend's timing cache (SPARSE_COMPILE_CACHE_DIR); default: a new empty "
-        "directory, so every run measures its layers on the machine as it is now",
-    )
+    common.add_timing_cache_arg(parser)
     parser.add_argument("--verbose", action="store_true", help="print the sparse backend's report per model")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
@@ -286,23 +277,8 @@ def _threshold(text: str) -> float | str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with contextlib.ExitStack() as stack:
-        cache = args.timing_cache or stack.enter_context(tempfile.TemporaryDirectory(prefix="sparse-compile-timings-"))
-        stack.enter_context(_environment_variable("SPARSE_COMPILE_CACHE_DIR", cache))
+    with common.timing_cache(args.timing_cache):
         return _run(args, argv)
-
-
-@contextlib.contextmanager
-def _environment_variable(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

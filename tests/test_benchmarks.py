@@ -1,9 +1,12 @@
 """Smoke tests for the benchmarks: tiny CPU settings, a few seconds each.
 
 They check that each benchmark runs end to end, prints every row and column, catches wrong
-answers, and turns bad flags into argparse errors. They say nothing about speed.
+answers, and turns bad flags into argparse errors. They say nothing about speed: the ViT
+benchmark's round-robin timer is a stand-in here (every call 1 ms, so every row ties), and the
+tests of its verdicts give it made-up times.
 """
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -26,6 +29,21 @@ TINY_VIT = CPU + [
 ]
 TINY_KERNELS = CPU + ["--shapes", "64x128", "--batch-size", "1", "--tokens", "40", "--sparsity", "0.5", "--blocksize", "32"]
 
+REAL_TIME_CALL_MS = common.time_call_ms
+
+
+def one_ms_per_call(fn, device):
+    """Stand-in for :func:`common.time_call_ms`: runs the call, says it took 1 ms."""
+    fn()
+    return 1.0
+
+
+@pytest.fixture(autouse=True)
+def _vit_without_real_timings_or_files(monkeypatch, tmp_path):
+    """No test may depend on how fast a row really was, nor write into the checkout."""
+    monkeypatch.setattr(common, "time_call_ms", one_ms_per_call)
+    monkeypatch.setattr(vit, "OUT_DIR", tmp_path / "out")
+
 
 def table_lines(text: str, first_column: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(first_column)]
@@ -33,8 +51,9 @@ def table_lines(text: str, first_column: str) -> list[str]:
 
 def test_vit_prints_every_row_and_column(capsys, tmp_path):
     output = tmp_path / "result.md"
-    assert vit.main(TINY_VIT + ["--output", str(output)]) == 0
-    text = capsys.readouterr().out
+    assert vit.main(TINY_VIT + ["--output", str(output), "--no-plot"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
     for header in vit.HEADERS:
         assert header in text
     for fact in ("device", "torch", "triton", "model", "sparsity", "block sizes", "fp32 matmul"):
@@ -50,12 +69,28 @@ def test_vit_prints_every_row_and_column(capsys, tmp_path):
     written = output.read_text()
     assert "python -m benchmarks.vit" in written and "Raw per-call times" in written
     assert 'torch.compile backend="sparse"' in written
+    # Progress on stderr, one line per row built and per timed round; stdout keeps the tables
+    # and ends with the verdict.
+    assert "[vit" not in text
+    assert "compiled 5/7 torch.compile backend=\"sparse\" 75% / 32" in captured.err, captured.err
+    assert "timed round 2/2 (6 rows)" in captured.err
+    verdict = text.strip().splitlines()[-1]
+    assert verdict.startswith('verdict: backend="sparse" at 75% / block 32, float32: 1.00x dense torch.compile'), verdict
+    assert "tie" in verdict and f"table: {output}" in verdict and "total" in verdict and "plot" not in verdict
+    assert verdict in written
 
 
-def test_vit_runs_only_the_variants_picked(capsys):
+def test_vit_runs_only_the_variants_picked(capsys, tmp_path):
     # The GPU session's seed setting: dense eager vs backend="sparse", nothing else compiled.
+    # No --output, no --plot: both are written by default (vit.OUT_DIR, a temporary one here).
     assert vit.main(TINY_VIT + ["--variants", "eager,sparse"]) == 0
     text = capsys.readouterr().out
+    table, png = tmp_path / "out" / "vit-cpu.md", tmp_path / "out" / "vit-cpu.png"
+    assert "Raw per-call times" in table.read_text()
+    verdict = text.strip().splitlines()[-1]
+    assert "1.00x dense eager" in verdict and f"table: {table}" in verdict  # the baseline without dense compile
+    if importlib.util.find_spec("matplotlib"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in verdict
     rows = {line.split("  ")[0]: line for line in text.splitlines() if "  " in line}
     assert "dense eager" in rows and 'torch.compile backend="sparse"' in rows
     for absent in ("dense torch.compile", "torch.sparse BSR (eager)", vit.NM_LABEL, "Supermask layout incl. in_proj"):
@@ -63,6 +98,7 @@ def test_vit_runs_only_the_variants_picked(capsys):
     cells = re.split(r"\s{2,}", rows['torch.compile backend="sparse"'].strip())
     assert cells[vit.HEADERS.index("vs eager")].endswith("x")  # found by name, not by position
     assert cells[vit.HEADERS.index("vs compile")] == "-" and cells[-1] == "ok"
+    assert cells[vit.HEADERS.index("verdict")] == "tie"  # against dense eager, the baseline here
 
 
 def test_vit_model_output_is_not_trivially_zero():
@@ -125,7 +161,7 @@ def test_a_row_of_ours_that_cannot_run_fails_the_vit_run(capsys, monkeypatch):
         raise RuntimeError("backend exploded")
 
     monkeypatch.setattr(vit, "sparse_backend", broken)
-    assert vit.main(TINY_VIT) == 1
+    assert vit.main(TINY_VIT + ["--no-plot"]) == 1
     captured = capsys.readouterr()
     assert "not run: RuntimeError: backend exploded" in captured.out
     assert "a row of sparse_compile did not run" in captured.err
@@ -212,6 +248,122 @@ def test_cuda_timing_goes_through_do_bench_with_every_time(monkeypatch):
     assert timing.times_ms == (0.5, 0.25, 0.75) and timing.median_ms == 0.5
 
 
+def test_round_robin_times_one_call_of_each_per_round_in_turn():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = iter(range(1, 100))
+    timings, errors = common.time_round_robin(fns, torch.device("cpu"), warmup=1, rounds=3,
+                                              call_ms=lambda fn, device: (fn(), float(next(times)))[1])
+    assert not errors
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then each round one later
+    assert timings["a"].times_ms == (1.0, 6.0, 8.0) and timings["c"].times_ms == (3.0, 5.0, 7.0)
+
+
+def test_round_robin_drops_a_function_that_fails_and_times_the_others():
+    def broken():
+        raise RuntimeError("boom")
+
+    timings, errors = common.time_round_robin({"ok": lambda: None, "broken": broken}, torch.device("cpu"), 0, 3,
+                                              call_ms=lambda fn, device: (fn(), 2.0)[1])
+    assert timings["ok"].times_ms == (2.0, 2.0, 2.0) and "broken" not in timings
+    assert str(errors["broken"]) == "boom"
+
+
+def test_a_round_robin_call_is_timed_by_torch_utils_benchmark(monkeypatch):
+    from torch.utils import benchmark
+
+    made, real_timer = [], benchmark.Timer
+    monkeypatch.setattr(benchmark, "Timer", lambda *a, **kw: made.append(kw) or real_timer(*a, **kw))
+    calls = []
+    assert REAL_TIME_CALL_MS(lambda: calls.append(1), torch.device("cpu")) > 0
+    assert made[0]["num_threads"] == torch.get_num_threads() and len(calls) == 3  # Timer's 2 untimed + 1
+
+
+@pytest.mark.parametrize("row_ms, verdict", [
+    ([5, 5, 5, 5, 5], "faster"),
+    ([9, 11, 10, 10.5, 9.5], "tie"),  # per-round ratios 0.91-1.11: 1.0 inside the spread
+    ([12, 12.5, 11.5, 12, 12], "slower"),
+])
+def test_speedup_verdict_is_decided_by_the_spread_of_per_round_ratios(row_ms, verdict):
+    speedup = common.paired_speedup(common.Timing((10.0,) * 5), common.Timing(tuple(map(float, row_ms))))
+    assert speedup.verdict == verdict
+    assert speedup.low <= speedup.median <= speedup.high
+
+
+def test_speedups_pair_the_calls_of_one_round():
+    # Load that slows one round slows every row in it: round by round the row is 2x faster,
+    # although its median alone (20) equals the baseline's.
+    baseline = common.Timing((10.0, 40.0, 40.0))
+    row = common.Timing((5.0, 20.0, 20.0))
+    assert common.paired_speedup(baseline, row).median == 2.0
+    with pytest.raises(ValueError, match="same rounds"):
+        common.paired_speedup(baseline, common.Timing((1.0,)))
+
+
+def fake_rows(times_ms: dict[str, list[float]]) -> list:
+    """vit rows as the timing leaves them, with made-up per-round times (no model, no compile)."""
+    rows = []
+    for label, times in times_ms.items():
+        dense = label.startswith("dense")
+        row = vit.Row(label, None if dense else 0.9, None if dense else 32, ours=label.startswith(("torch.compile", "Supermask")),
+                      rel_err=0.0, tol=1e-3, timing=common.Timing(tuple(map(float, times))))
+        rows.append(row)
+    vit.compare(rows)
+    return rows
+
+
+def test_vit_flags_a_row_of_ours_slower_than_dense_beyond_the_spread():
+    rows = fake_rows({
+        "dense eager": [20, 20, 20, 20],
+        "dense torch.compile": [10, 10, 10, 10],
+        "torch.sparse BSR (eager)": [30, 30, 30, 30],  # slower, but not ours: no flag
+        vit.SPARSE_LABEL: [12, 12.5, 11.5, 12],  # 0.83x in every round
+        "Supermask layout incl. in_proj": [9, 11, 10, 10.5],  # within the spread: a tie
+        "Supermask layout excl. in_proj": [5, 5, 5, 5],
+    })
+    cells = {row[0]: row for row in vit.table_rows(rows, torch.device("cpu"))}
+    verdict = vit.HEADERS.index("verdict")
+    assert [cells[label][verdict] for label in cells] == ["slower", "baseline", "slower", "SLOWER", "tie", "faster"]
+    assert cells[vit.SPARSE_LABEL][vit.HEADERS.index("vs compile")] == "0.83x"
+    assert cells["Supermask layout incl. in_proj"][vit.HEADERS.index("spread")] == "0.94-1.03"  # quartiles of 0.91, 0.95, 1.0, 1.11
+    assert [row.slower for row in rows] == [False, False, False, True, False, False]
+
+
+def test_vit_run_fails_when_a_row_of_ours_is_slower(capsys, monkeypatch):
+    # End to end with made-up times: the sparse backend's row 0.8x dense torch.compile in every round.
+    made_up = {"dense torch.compile": 10.0, vit.SPARSE_LABEL + " 75% / 32": 12.5}
+    real = common.time_round_robin
+
+    def made_up_round_robin(fns, device, warmup, rounds, progress=None, call_ms=None):
+        tagged = {}
+        for key, fn in fns.items():
+            tagged[key] = lambda fn=fn: fn()
+            tagged[key].ms = made_up[key]
+        return real(tagged, device, warmup, rounds, progress, call_ms=lambda fn, device: (fn(), fn.ms)[1])
+
+    monkeypatch.setattr(common, "time_round_robin", made_up_round_robin)
+    assert vit.main(TINY_VIT + ["--variants", "compile,sparse", "--no-plot"]) == 1
+    captured = capsys.readouterr()
+    row = next(line for line in captured.out.splitlines() if line.startswith(vit.SPARSE_LABEL))
+    assert "0.80x" in row and "SLOWER" in row and row.rstrip().endswith("ok")
+    assert ("slower than dense beyond the measured spread: float32 " + vit.SPARSE_LABEL + " 75% / 32: 0.80x") in captured.err
+    verdict = captured.out.strip().splitlines()[-1]
+    assert "0.80x dense torch.compile (spread 0.80-0.80, slower)" in verdict
+    assert "rows of sparse_compile slower than dense beyond the spread: 1 of 1" in verdict
+
+
+def test_progress_goes_to_stderr_and_beats_during_a_long_step(capsys):
+    progress = common.Progress("test", every_s=0.05)
+    with progress.heartbeat("compiling something"):
+        time.sleep(0.3)
+    progress("done")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len([line for line in lines if "still compiling something" in line]) >= 2
+    assert re.fullmatch(r"\[test +\d+ s\] done", lines[-1]), lines[-1]
+
+
 def test_kernel_table_shows_the_gpu_floor_on_cpu(capsys):
     assert kernels.main(TINY_KERNELS + ["--floor-gpu", "a100"]) == 0
     text = capsys.readouterr().out
@@ -228,7 +380,7 @@ def test_kernel_table_shows_the_gpu_floor_on_cpu(capsys):
 
 
 def test_vit_table_shows_the_linears_floor(capsys):
-    assert vit.main(TINY_VIT) == 0
+    assert vit.main(TINY_VIT + ["--no-plot"]) == 0
     text = capsys.readouterr().out
     assert "linears floor ms" in text and "H100 data-sheet peaks" in text
     dense = next(line for line in text.splitlines() if line.startswith("dense eager"))
