@@ -1,0 +1,66 @@
+"""The code blocks of README.md and docs/*.md that claim to run, run (issue 24).
+
+Convention: a fenced block whose opening line comes right after a line ``<!-- runs -->`` (text may
+follow ``runs``: ``<!-- runs: why -->``) runs; other blocks are illustrations (``...train...``,
+a data path, a GPU). The marked ``python`` blocks of one file run in file order in one namespace,
+as a reader pasting them one after another would run them, here in the test process: the
+suite's modelled timer (``conftest.py``) stands in for the backend's measurements, so what a
+block asserts does not hang on how busy the machine is. Blocks run as written: the examples
+themselves are CPU-sized, nothing here shrinks them.
+"""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+MARK = re.compile(r"^<!--\s*runs\b.*-->\s*$")
+FENCE = re.compile(r"^```(\w*)\s*$")
+
+
+def runnable_blocks(text: str) -> list[tuple[int, str, str]]:
+    """``(line number of the code's first line, language, code)`` of every marked block."""
+    lines = text.splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        if not MARK.match(line.strip()):
+            continue
+        opening = FENCE.match(lines[i + 1].strip()) if i + 1 < len(lines) else None
+        if opening is None:
+            raise ValueError(f"line {i + 1}: '<!-- runs -->' must be followed directly by a fenced code block")
+        end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == "```"), None)
+        if end is None:
+            raise ValueError(f"line {i + 2}: the marked code block is never closed")
+        blocks.append((i + 3, opening.group(1), "\n".join(lines[i + 2:end]) + "\n"))
+    return blocks
+
+
+def test_marked_blocks_are_found_and_others_left_alone():
+    text = "\n".join([
+        "<!-- runs -->", "```python", "a = 1", "```",
+        "```python", "not run", "```",
+        "<!-- runs: needs a -->", "```python", "assert a == 1", "```",
+    ])
+    assert runnable_blocks(text) == [(3, "python", "a = 1\n"), (10, "python", "assert a == 1\n")]
+    with pytest.raises(ValueError, match="must be followed directly"):
+        runnable_blocks("<!-- runs -->\n\n```python\nx\n```")
+
+
+def test_the_readme_first_example_is_marked():
+    blocks = runnable_blocks((ROOT / "README.md").read_text())
+    assert blocks and 'torch.compile(model, backend="sparse")' in blocks[0][2]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_marked_examples_run(path, fresh_compiler, capsys):
+    blocks = runnable_blocks(path.read_text())
+    if not blocks:
+        pytest.skip(f"{path.name} marks no block as running")
+    namespace = {"__name__": "__main__"}
+    for line, language, code in blocks:
+        assert language == "python", f"{path.name}:{line}: only python blocks can run, not {language!r}"
+        # Tracebacks name the file and its line: compile() with the line offset.
+        exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)  # noqa: S102 - our own docs
+    assert "linear layers run as BSR" in capsys.readouterr().out or path.name != "README.md"
