@@ -769,7 +769,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, progress: common.
         # too, "compile s" compares cold compiles, whatever ran before on this machine.
         with torch._inductor.config.patch(fx_graph_cache=False):
             progress(f"{common.dtype_name(dtype)}: pruning and reference outputs")
-            jobs = plan(setup, model)
+            with progress.heartbeat("pruning and computing reference outputs"):
+                jobs = plan(setup, model)
             rows = [build_row(setup, job, i + 1, len(jobs)) for i, job in enumerate(jobs)]
             time_rows(setup, rows)
         torch._dynamo.reset()

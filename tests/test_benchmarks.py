@@ -279,6 +279,33 @@ def test_a_round_robin_call_is_timed_by_torch_utils_benchmark(monkeypatch):
     assert made[0]["num_threads"] == torch.get_num_threads() and len(calls) == 3  # Timer's 2 untimed + 1
 
 
+def test_a_round_robin_call_on_cuda_is_timed_by_events_after_an_l2_clear(monkeypatch):
+    # No GPU here: stand-ins record the order in which the call, the L2 clear and the events happen.
+    import types
+
+    import triton
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def elapsed_time(self, other):
+            return 0.75
+
+    driver = types.SimpleNamespace(clear_cache=lambda cache: log.append(f"clear {cache}"))
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=driver))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(common, "synchronize", lambda device: log.append("sync"))
+    monkeypatch.setattr(common, "_l2_cache", lambda device: "buffer")
+    assert REAL_TIME_CALL_MS(lambda: log.append("call"), torch.device("cuda")) == 0.75
+    assert log == ["sync", "clear buffer", "record", "call", "record", "sync"]
+
+
 @pytest.mark.parametrize("row_ms, verdict", [
     ([5, 5, 5, 5, 5], "faster"),
     ([9, 11, 10, 10.5, 9.5], "tie"),  # per-round ratios 0.91-1.11: 1.0 inside the spread
