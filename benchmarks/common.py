@@ -226,7 +226,8 @@ def time_call_ms(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type != "cuda":
         from torch.utils.benchmark import Timer
 
-        return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(number=1).raw_times[0] * 1e3
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return timer.timeit(number=1).raw_times[0] * 1e3
     import triton
 
     driver = triton.runtime.driver.active
@@ -278,7 +279,8 @@ def time_round_robin(
     for r in range(rounds):
         start = time.monotonic()
         live = [key for key in keys if key in times]
-        for key in live[r % len(live):] + live[: r % len(live)] if live else []:
+        first = r % len(live) if live else 0
+        for key in live[first:] + live[:first]:
             try:
                 times[key].append(call_ms(fns[key], device))
             except Exception as error:  # noqa: BLE001

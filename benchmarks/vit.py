@@ -781,7 +781,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, progress: common.
         raw += raw_records(dtype, rows)
         points += plot_points(dtype, rows)
         all_ok &= all(row.ok or row.timing is None for row in rows)
-        ours_not_run += [f"{common.dtype_name(dtype)} {row.name}: {row.note}" for row in rows if row.ours and row.timing is None]
+        ours_not_run += [
+            f"{common.dtype_name(dtype)} {row.name}: {row.note}" for row in rows if row.ours and row.timing is None
+        ]
         ours_slower += [
             f"{common.dtype_name(dtype)} {row.name}: {row.versus.median:.2f}x (spread {row.versus.spread})"
             for row in rows if row.slower

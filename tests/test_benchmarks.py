@@ -332,7 +332,8 @@ def fake_rows(times_ms: dict[str, list[float]]) -> list:
     rows = []
     for label, times in times_ms.items():
         dense = label.startswith("dense")
-        row = vit.Row(label, None if dense else 0.9, None if dense else 32, ours=label.startswith(("torch.compile", "Supermask")),
+        ours = label.startswith(("torch.compile", "Supermask"))
+        row = vit.Row(label, None if dense else 0.9, None if dense else 32, ours=ours,
                       rel_err=0.0, tol=1e-3, timing=common.Timing(tuple(map(float, times))))
         rows.append(row)
     vit.compare(rows)
@@ -352,7 +353,8 @@ def test_vit_flags_a_row_of_ours_slower_than_dense_beyond_the_spread():
     verdict = vit.HEADERS.index("verdict")
     assert [cells[label][verdict] for label in cells] == ["slower", "baseline", "slower", "SLOWER", "tie", "faster"]
     assert cells[vit.SPARSE_LABEL][vit.HEADERS.index("vs compile")] == "0.83x"
-    assert cells["Supermask layout incl. in_proj"][vit.HEADERS.index("spread")] == "0.94-1.03"  # quartiles of 0.91, 0.95, 1.0, 1.11
+    # Quartiles of the ratios 0.91, 0.95, 1.0, 1.11:
+    assert cells["Supermask layout incl. in_proj"][vit.HEADERS.index("spread")] == "0.94-1.03"
     assert [row.slower for row in rows] == [False, False, False, True, False, False]
 
 
@@ -373,7 +375,8 @@ def test_vit_run_fails_when_a_row_of_ours_is_slower(capsys, monkeypatch):
     captured = capsys.readouterr()
     row = next(line for line in captured.out.splitlines() if line.startswith(vit.SPARSE_LABEL))
     assert "0.80x" in row and "SLOWER" in row and row.rstrip().endswith("ok")
-    assert ("slower than dense beyond the measured spread: float32 " + vit.SPARSE_LABEL + " 75% / 32: 0.80x") in captured.err
+    flagged = f"slower than dense beyond the measured spread: float32 {vit.SPARSE_LABEL} 75% / 32: 0.80x"
+    assert flagged in captured.err
     verdict = captured.out.strip().splitlines()[-1]
     assert "0.80x dense torch.compile (spread 0.80-0.80, slower)" in verdict
     assert "rows of sparse_compile slower than dense beyond the spread: 1 of 1" in verdict
