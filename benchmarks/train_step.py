@@ -19,6 +19,13 @@ and after: steps are tens of ms, launch overhead is part of a step). Medians are
 
 Check: the first step of every variant starts from the same weights and batch; its loss and the
 gradients of every parameter (weights, scores) are compared with eager on the same masked model.
+
+Bi-Mask (``--bimask 2:4``; ``--no-supermask`` leaves out the Supermask rows): the same encoder
+linears (and in_proj with ``--attention-in-proj``) get a bidirectional
+:class:`~sparse_compile.training.NMMask` (``apply_nm``; forward mask, backward mask and SR-STE
+decay every step), run eager, ``torch.compile`` and ``backend="sparse"``; "vs dense compile" is
+the issue's ratio (the dense model under ``backend="inductor"`` over the row). The permutation
+search (every 100 steps) does not fall in the timed steps.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from torch import nn
 
 import sparse_compile
 from benchmarks import common
-from sparse_compile.training import apply_supermask
+from sparse_compile.training import apply_nm, apply_supermask
+from sparse_compile.training.cli_args import parse_nm
 
 CPU_SMALL = dict(image_size=64, patch_size=8, num_layers=6, hidden_dim=384, mlp_dim=1536, num_heads=6)
 SMALL_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
@@ -74,6 +82,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                             help=f"--model small only (default {CPU_SMALL[flag]})")
     parser.add_argument("--attention-in-proj", action="store_true",
                         help="also mask each attention's packed q/k/v projection (apply_supermask(..., attention_in_proj=True))")
+    parser.add_argument("--bimask", action="append", type=common.comma_list(parse_nm), metavar="N:M",
+                        help="also time Bi-Mask (bidirectional N:M, apply_nm) rows for each N:M, e.g. 2:4")
+    parser.add_argument("--supermask", action=argparse.BooleanOptionalAction, default=True,
+                        help="the Supermask rows (--no-supermask: dense and Bi-Mask rows only)")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     common.finish_args(parser, args, DEFAULTS)
@@ -101,6 +113,14 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model.train()
 
 
+def bimask_model(model: nn.Module, n: int, m: int, in_proj: bool = False) -> tuple[nn.Module, int]:
+    """A copy of ``model`` whose encoder linears (and in_proj with ``in_proj``) get Bi-Mask ``n:m``."""
+    masked = copy.deepcopy(model)
+    torch.manual_seed(1)  # the same permutation seeds for every variant
+    names = apply_nm(masked, n, m, filter_fn=lambda name, _m: name.startswith("encoder"), attention_in_proj=in_proj)
+    return masked, len(names)
+
+
 def masked_model(model: nn.Module, sparsity: float, tile: int, in_proj: bool = False) -> tuple[nn.Module, int]:
     masked = copy.deepcopy(model)
     torch.manual_seed(1)  # the same scores for every variant of one (sparsity, tile)
@@ -113,7 +133,7 @@ def masked_model(model: nn.Module, sparsity: float, tile: int, in_proj: bool = F
 class Variant:
     label: str
     sparsity: float | None
-    tile: int | None
+    tile: int | str | None  # Supermask tile, or "N:M" for Bi-Mask rows
     model: nn.Module
     compiled: nn.Module
     optimizer: torch.optim.Optimizer
@@ -184,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{len(model.encoder.layers)}, hidden {model.hidden_dim}, mlp {model.mlp_dim}, batch {args.batch_size}"),
         ("masks", "Supermask on every encoder nn.Linear (MLP and attention out-projection)"
                   + (" and every attention in_proj" if args.attention_in_proj else "")
-                  + "; sparsity = fraction of tiles dropped"),
+                  + "; sparsity = fraction of tiles dropped"
+                  + ("; Bi-Mask rows: bidirectional N:M (apply_nm) on the same layers, tile = N:M" if args.bimask else "")),
         ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
                    f"after {args.warmup} warm-up steps each"),
@@ -218,7 +239,7 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
         make_variant("dense model, eager", model, "eager", device, dtype),
         make_variant("dense model, torch.compile", model, "inductor", device, dtype),
     ]]
-    for sparsity in args.sparsity:
+    for sparsity in args.sparsity if args.supermask else []:
         for tile in args.blocksize:
             masked, total = masked_model(model, sparsity, tile, args.attention_in_proj)
             label = dict(sparsity=sparsity, tile=tile, masked_total=total)
@@ -227,6 +248,14 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 make_variant("Supermask, torch.compile", masked, "inductor", device, dtype, **label),
                 make_variant('Supermask, backend="sparse"', masked, "sparse", device, dtype, **label),
             ])
+    for n, m in args.bimask or []:
+        masked, total = bimask_model(model, n, m, args.attention_in_proj)
+        label = dict(sparsity=1 - n / m, tile=f"{n}:{m}", masked_total=total)
+        groups.append([
+            make_variant(f"Bi-Mask {n}:{m}, eager", masked, "eager", device, dtype, **label),
+            make_variant(f"Bi-Mask {n}:{m}, torch.compile", masked, "inductor", device, dtype, **label),
+            make_variant(f'Bi-Mask {n}:{m}, backend="sparse"', masked, "sparse", device, dtype, **label),
+        ])
 
     with torch._inductor.config.patch(fx_graph_cache=False):
         for group in groups:
@@ -239,7 +268,7 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                     variant.grad_err, variant.tol = grad_error(grads, ref), tol
                     if variant.label.endswith('"sparse"'):
                         report = sparse_compile.report(variant.compiled)
-                        variant.masked_layers = f"{sum(r.format == 'masked' for r in report.layers)}/{variant.masked_total}"
+                        variant.masked_layers = f"{sum(r.format != 'dense' for r in report.layers)}/{variant.masked_total}"
                     for _ in range(args.warmup):
                         train_step(variant, x, y)
                     progress(f"{variant.label} {variant.sparsity} {variant.tile}: first step {seconds:.1f} s")
