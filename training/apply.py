@@ -36,7 +36,7 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
 - :func:`apply_nm` only: a layer whose weight cannot hold the N:M pattern (a reduction dim not
   divisible by M, such as a ResNet stem's ``3 * 7 * 7 = 147``; or, for the bidirectional
   backward mask, an output dim not divisible by M, such as a 1000- or 3-class head with M = 8
-  or 4) stays dense, as the reference keeps its stem and patch embedding dense: one warning
+  or 4) stays dense, as the reference keeps a ResNet's stem dense: one warning
   names every such layer, and :func:`sparsity_summary` lists it with the reason.
   ``on_incompatible="error"`` raises instead, before the model is changed.
 - ``filter_fn`` for an input projection gets ``"<attention>.in_proj"`` and the attention module.
