@@ -202,10 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = common.environment(device, args.tf32) + [
         ("model", f"{args.model}: image {args.image_size}, patch {model.patch_size}, layers "
                   f"{len(model.encoder.layers)}, hidden {model.hidden_dim}, mlp {model.mlp_dim}, batch {args.batch_size}"),
-        ("masks", "Supermask on every encoder nn.Linear (MLP and attention out-projection)"
+        ("masks", ("Supermask" if args.supermask else "Bi-Mask") + " on every encoder nn.Linear (MLP and attention out-projection)"
                   + (" and every attention in_proj" if args.attention_in_proj else "")
-                  + "; sparsity = fraction of tiles dropped"
-                  + ("; Bi-Mask rows: bidirectional N:M (apply_nm) on the same layers, tile = N:M" if args.bimask else "")),
+                  + ("; sparsity = fraction of tiles dropped" if args.supermask else "")
+                  + ("; Bi-Mask rows: bidirectional N:M (apply_nm), tile = N:M" if args.bimask else "")),
         ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
                    f"after {args.warmup} warm-up steps each"),
