@@ -279,8 +279,14 @@ def _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_fea
 
 def _bsr_linear_tiles(x2d, values, crow_indices, col_indices, bias, out_features: int) -> Tensor:
     """Sparse CPU path: the compiled tile kernel of ``cpu_tile_mm.cpp`` (the masked op's), which
-    takes the BSR tensors as they are: stored blocks are its kept tiles, crow/col its tile lists."""
-    xc, values, bias = _to_compute_dtype(x2d, values, bias)
+    takes the BSR tensors as they are: stored blocks are its kept tiles, crow/col its tile lists.
+
+    Half values go to the kernel as they are: it converts them to fp32 while packing them, once
+    per values tensor (a converted layer's values are the same graph constant at every call;
+    converting here made a new tensor, and a new packing, per call).
+    """
+    xc = x2d if x2d.dtype == torch.float32 else x2d.float()
+    bias = None if bias is None else bias.float()
     return cpu_tile_mm.bsr_mm(xc, values, crow_indices, col_indices, bias, out_features).to(x2d.dtype)
 
 
