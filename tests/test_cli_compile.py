@@ -161,14 +161,18 @@ def test_seed_recipe_with_compile_trains_masked_like_eager(data_path, tmp_path, 
 )
 def test_seed_recipe_with_amp_and_compile_runs_masked(data_path, tmp_path, capsys, fresh_compiler):
     # The seed's command as written (with --amp: bf16 autocast) plus --compile.
+    argv = common(data_path, tmp_path, epochs=2) + TINY_VIT + TILES16 + SEED_RECIPE
+    eager = train_cli.run(argv)
+    capsys.readouterr()
     counters.clear()
-    res = train_cli.run(common(data_path, tmp_path, epochs=2) + TINY_VIT + TILES16 + SEED_RECIPE + ["--compile"])
+    res = train_cli.run(argv + ["--compile"])
     out = capsys.readouterr().out
     assert masked_summaries(out) == [(MASKED, 5)], out[-3000:]
     assert res["masked_layers"] == MASKED
     assert counters["sparse_compile"]["masked_linear_rewrites"] == MASKED
     assert counters["sparse_compile"]["masked_mm_cpu_tiles"] + counters["sparse_compile"]["masked_mm_cpu_dense"] > 0
-    assert res["loss"] == res["loss"] and res["loss"] < 1.2  # finite, and below log(3) = 1.0986 + smoothing
+    # Trains like eager autocast, within bf16 rounding (eager: 1.056 mean loss in epoch 1, from 1.099).
+    assert res["loss"] == pytest.approx(eager["loss"], abs=0.02)
     assert load_ckpt(tmp_path)["epoch"] == 1
 
 
