@@ -140,7 +140,7 @@ def _build() -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    lib.sc_pack_kept_tiles.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]
+    lib.sc_pack_kept_tiles.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int32, _P, _P, _P]
     lib.sc_pack_kept_tiles.restype = _I
     lib.sc_pack_bsr_blocks.argtypes = [_P, _I, _I, _I, _P]
     lib.sc_pack_bsr_blocks.restype = None
@@ -168,12 +168,16 @@ def _padded(tile_size: int) -> int:
     return -(-tile_size // _PACKED_COLUMNS) * _PACKED_COLUMNS
 
 
-def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int, kept: int) -> Tensor:
+def tile_mm(
+    a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int, kept: int,
+    round_weight_to_bfloat16: bool = False,
+) -> Tensor:
     """``a [M, K] @ (w_nk ⊙ expand(tile_mask_nk))^T + bias`` -> ``[M, N]`` fp32, from the kept tiles.
 
     ``a``, ``w_nk`` and ``bias`` are fp32 CPU tensors (``w_nk`` and ``tile_mask_nk`` may be
-    transposed views); ``kept`` is the mask's nonzero count. The caller checks
-    :func:`unavailable_reason` first.
+    transposed views); ``kept`` is the mask's nonzero count. With ``round_weight_to_bfloat16``
+    the kept tiles of ``w_nk ⊙ expand(mask)`` are rounded to bfloat16 as they are packed (an fp32
+    master weight under bf16 autocast). The caller checks :func:`unavailable_reason` first.
     """
     lib = _loaded()
     n, k = w_nk.shape
@@ -186,7 +190,7 @@ def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor
     found = lib.sc_pack_kept_tiles(
         w_nk.data_ptr(), n, k, w_nk.stride(0), w_nk.stride(1),
         mask.data_ptr(), nb, kb, mask.stride(0), mask.stride(1),
-        t, padded, kept, row_ptr.data_ptr(), col_idx.data_ptr(), packed.data_ptr(),
+        t, padded, kept, int(round_weight_to_bfloat16), row_ptr.data_ptr(), col_idx.data_ptr(), packed.data_ptr(),
     )  # fmt: skip
     if found != kept:
         raise RuntimeError(f"tile_mm: the mask has {'more than ' if found < 0 else ''}{max(found, 0)} kept tiles, expected {kept}")

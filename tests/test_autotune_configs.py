@@ -146,3 +146,29 @@ def test_each_launcher_autotunes_with_its_own_hook():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("hook", [ac.prune_configs, ac.prune_masked_configs])
+def test_at_most_the_configs_the_environment_allows(monkeypatch, hook):
+    # The GPU tests set SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS=1 (conftest): one config per launch,
+    # the tallest the M bucket allows; 2 adds the smallest; unset or 0: the whole set.
+    monkeypatch.delenv(ac.MAX_CONFIGS_ENV, raising=False)
+    whole = [key(c) for c in prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, hook=hook)]
+    assert len(whole) > 2
+    monkeypatch.setenv(ac.MAX_CONFIGS_ENV, "0")
+    assert [key(c) for c in prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, hook=hook)] == whole
+    monkeypatch.setenv(ac.MAX_CONFIGS_ENV, "1")
+    assert [key(c) for c in prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, hook=hook)] == [max(whole)]
+    monkeypatch.setenv(ac.MAX_CONFIGS_ENV, "2")
+    assert [key(c) for c in prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, hook=hook)] == [max(whole), min(whole)]
+    # Small M: the tallest of the tiles sized to it.
+    monkeypatch.setenv(ac.MAX_CONFIGS_ENV, "1")
+    sized = [key(c) for c in prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, m_bucket=16, hook=hook)]
+    assert sized == [(32, 4, 3)]
+    # Every config pruned: the fallback, whatever the limit.
+    fallback = prune(monkeypatch, (8, 0), 163 * 1024, 4, 128, hook=ac.prune_masked_configs)
+    assert [key(c) for c in fallback] == [(16, 4, 1)]
+    monkeypatch.setenv(ac.MAX_CONFIGS_ENV, "all")
+    with pytest.raises(ValueError, match="SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS='all'"):
+        prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, hook=hook)
+
