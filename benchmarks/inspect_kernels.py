@@ -49,10 +49,17 @@ class DtypeCase:
     name: str
     dtype: torch.dtype
     input_precision: str  # tl.dot input_precision: "tf32" or "ieee" (ignored by fp16/bf16)
+    # The weight's dtype where it differs from the input's: the masked kernel under autocast
+    # (half activations, fp32 master weight rounded in registers). Only kernels that take it.
+    weight_dtype: torch.dtype | None = None
 
     @property
     def half(self) -> bool:
         return self.dtype in (torch.float16, torch.bfloat16)
+
+    @property
+    def weight(self) -> torch.dtype:
+        return self.weight_dtype or self.dtype
 
 
 DTYPES = [
@@ -60,7 +67,11 @@ DTYPES = [
     DtypeCase("bf16", torch.bfloat16, "ieee"),
     DtypeCase("fp32-tf32", torch.float32, "tf32"),
     DtypeCase("fp32-ieee", torch.float32, "ieee"),
+    DtypeCase("bf16-w32", torch.bfloat16, "ieee", weight_dtype=torch.float32),
+    DtypeCase("fp16-w32", torch.float16, "ieee", weight_dtype=torch.float32),
 ]
+#: Kernels whose launches take a weight of another dtype than the input (the masked op's).
+MIXED_DTYPE_KERNELS = ("masked_linear", "masked_linear_dx")
 DTYPES_BY_NAME = {d.name: d for d in DTYPES}
 
 
@@ -161,7 +172,7 @@ def _masked_spec(input_grad: bool) -> KernelSpec:
         # bias (out when there is none: never read), out, then sizes, strides and the autotune
         # bucket. kept is [N / b, K / b], contiguous.
         args = [
-            t(case.dtype), t(case.dtype), t(torch.float32), t(torch.int32), t(torch.int32), t(case.dtype),
+            t(case.dtype), t(case.weight), t(torch.float32), t(torch.int32), t(torch.int32), t(case.weight),
             t(case.dtype),
             m, n, k,
             k, 1,  # a strides (row-major)
@@ -176,7 +187,8 @@ def _masked_spec(input_grad: bool) -> KernelSpec:
 
     def configs(capability, smem, case, b):
         return [
-            (c, ac.pruned_reason(c, capability, smem, case.dtype.itemsize, b, case.input_precision, "masked_linear"))
+            (c, ac.pruned_reason(c, capability, smem, case.dtype.itemsize, b, case.input_precision, "masked_linear",
+                                 case.weight.itemsize))
             for c in ac.arch_configs(capability[0])
         ]
 
@@ -352,6 +364,8 @@ def all_cases(
                 continue
             for case in DTYPES:
                 if dtypes and case.name not in dtypes:
+                    continue
+                if case.weight_dtype is not None and spec.name not in MIXED_DTYPE_KERNELS:
                     continue
                 for b in spec.blocksizes:
                     if blocks and b not in blocks:

@@ -49,16 +49,27 @@ from sparse_compile.training.cli_args import parse_nm
 CPU_SMALL = dict(image_size=64, patch_size=8, num_layers=6, hidden_dim=384, mlp_dim=1536, num_heads=6)
 SMALL_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
 
+#: ``--variants``: the compiled rows to run (default all). Each compiles the model's forward and
+#: backward (ViT-B on a GPU: tens of seconds), so a run that must fit a time limit picks its rows.
+#: The eager rows always run: they are their group's gradient reference, and compile nothing.
+VARIANTS = {
+    "dense-compile": "dense model, torch.compile",
+    "supermask-compile": "Supermask, torch.compile",
+    "sparse": 'Supermask, backend="sparse"',
+    "bimask-compile": "Bi-Mask N:M, torch.compile (with --bimask)",
+    "bimask-sparse": 'Bi-Mask N:M, backend="sparse" (with --bimask)',
+}
+
 DEFAULTS = {
     # The GPU issue's setting: ViT-B/16, bf16, batch 64.
     "cuda": dict(
         model="vit_b_16", batch_size=64, image_size=224, dtype=[torch.bfloat16],
-        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
+        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20, variants=list(VARIANTS),
     ),
     # A small ViT whose step is dominated by its linears. Runtime: see benchmarks/results/cpu-train-step.md.
     "cpu": dict(
         model="small", batch_size=32, image_size=CPU_SMALL["image_size"], dtype=[torch.float32],
-        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=1, reps=10,
+        sparsity=[0.5, 0.8, 0.9], blocksize=[32, 64], warmup=1, reps=10, variants=list(VARIANTS),
     ),
 }
 
@@ -86,9 +97,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also time Bi-Mask (bidirectional N:M, apply_nm) rows for each N:M, e.g. 2:4")
     parser.add_argument("--supermask", action=argparse.BooleanOptionalAction, default=True,
                         help="the Supermask rows (--no-supermask: dense and Bi-Mask rows only)")
+    parser.add_argument("--variants", action="append", type=common.comma_list(_variant),
+                        help="compiled rows to run, comma list (default: all; the eager rows always run): "
+                        + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    parser.add_argument("--amp", action="store_true",
+                        help="fp32 weights, forward and loss under torch.autocast(bfloat16) (needs --dtype float32)")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.amp and args.dtype is None:
+        args.dtype = [[torch.float32]]
     common.finish_args(parser, args, DEFAULTS)
+    if args.amp and args.dtype != [torch.float32]:
+        parser.error("--amp keeps the weights in float32: use it with --dtype float32 (the default with --amp)")
     if args.model == "small":
         for flag in SMALL_FLAGS:
             if getattr(args, flag) is None:
@@ -96,6 +116,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     elif any(getattr(args, flag) is not None for flag in SMALL_FLAGS):
         parser.error(f"--patch-size, --num-layers, ... apply to --model small only, not {args.model}")
     return args
+
+
+def _variant(text: str) -> str:
+    if text not in VARIANTS:
+        raise ValueError(f"unknown variant {text!r}; use any of {', '.join(VARIANTS)}")
+    return text
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -144,6 +170,7 @@ class Variant:
     tol: float | None = None
     times_ms: list[float] = dataclasses.field(default_factory=list)
     note: str = ""
+    autocast: torch.dtype | None = None  # --amp: forward and loss under torch.autocast(this dtype)
 
     @property
     def ok(self) -> bool:
@@ -154,16 +181,17 @@ class Variant:
         return common.Timing(tuple(self.times_ms)).median_ms if self.ok and self.times_ms else None
 
 
-def make_variant(label, model, how, device, dtype, sparsity=None, tile=None, masked_total=0) -> Variant:
+def make_variant(label, model, how, device, dtype, sparsity=None, tile=None, masked_total=0, autocast=None) -> Variant:
     model = copy.deepcopy(model).to(device=device, dtype=dtype)
     compiled = model if how == "eager" else torch.compile(model, backend=how)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    return Variant(label, sparsity, tile, model, compiled, optimizer, masked_total)
+    return Variant(label, sparsity, tile, model, compiled, optimizer, masked_total, autocast=autocast)
 
 
 def train_step(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     variant.optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(variant.compiled(x), y)
+    with torch.autocast(x.device.type, dtype=variant.autocast or torch.bfloat16, enabled=variant.autocast is not None):
+        loss = nn.functional.cross_entropy(variant.compiled(x), y)
     loss.backward()
     variant.optimizer.step()
     return loss
@@ -206,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   + (" and every attention in_proj" if args.attention_in_proj else "")
                   + ("; sparsity = fraction of tiles dropped" if args.supermask else "")
                   + ("; Bi-Mask rows: bidirectional N:M (apply_nm), tile = N:M" if args.bimask else "")),
-        ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"),
+        ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"
+                 + ("; forward and loss under torch.autocast(bfloat16), fp32 weights" if args.amp else "")),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
                    f"after {args.warmup} warm-up steps each"),
     ]
@@ -231,30 +260,39 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
     torch.manual_seed(2)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, dtype=dtype)
     y = torch.randint(0, model.heads[-1].out_features, (args.batch_size,), device=device)
-    tol = common.tolerance(dtype, args.tf32)
+    autocast = torch.bfloat16 if args.amp else None
+    tol = common.tolerance(autocast or dtype, args.tf32)
     torch._dynamo.reset()
     sparse_compile.clear_reports()
 
+    def wanted(key: str) -> bool:
+        return key in args.variants
+
     groups: list[list[Variant]] = [[
-        make_variant("dense model, eager", model, "eager", device, dtype),
-        make_variant("dense model, torch.compile", model, "inductor", device, dtype),
+        make_variant("dense model, eager", model, "eager", device, dtype, autocast=autocast),
+        *([make_variant("dense model, torch.compile", model, "inductor", device, dtype, autocast=autocast)]
+          if wanted("dense-compile") else []),
     ]]
     for sparsity in args.sparsity if args.supermask else []:
         for tile in args.blocksize:
             masked, total = masked_model(model, sparsity, tile, args.attention_in_proj)
-            label = dict(sparsity=sparsity, tile=tile, masked_total=total)
+            label = dict(sparsity=sparsity, tile=tile, masked_total=total, autocast=autocast)
             groups.append([
                 make_variant("Supermask, eager", masked, "eager", device, dtype, **label),
-                make_variant("Supermask, torch.compile", masked, "inductor", device, dtype, **label),
-                make_variant('Supermask, backend="sparse"', masked, "sparse", device, dtype, **label),
+                *([make_variant("Supermask, torch.compile", masked, "inductor", device, dtype, **label)]
+                  if wanted("supermask-compile") else []),
+                *([make_variant('Supermask, backend="sparse"', masked, "sparse", device, dtype, **label)]
+                  if wanted("sparse") else []),
             ])
     for n, m in args.bimask or []:
         masked, total = bimask_model(model, n, m, args.attention_in_proj)
-        label = dict(sparsity=1 - n / m, tile=f"{n}:{m}", masked_total=total)
+        label = dict(sparsity=1 - n / m, tile=f"{n}:{m}", masked_total=total, autocast=autocast)
         groups.append([
             make_variant(f"Bi-Mask {n}:{m}, eager", masked, "eager", device, dtype, **label),
-            make_variant(f"Bi-Mask {n}:{m}, torch.compile", masked, "inductor", device, dtype, **label),
-            make_variant(f'Bi-Mask {n}:{m}, backend="sparse"', masked, "sparse", device, dtype, **label),
+            *([make_variant(f"Bi-Mask {n}:{m}, torch.compile", masked, "inductor", device, dtype, **label)]
+              if wanted("bimask-compile") else []),
+            *([make_variant(f'Bi-Mask {n}:{m}, backend="sparse"', masked, "sparse", device, dtype, **label)]
+              if wanted("bimask-sparse") else []),
         ])
 
     with torch._inductor.config.patch(fx_graph_cache=False):
@@ -284,10 +322,13 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 common.synchronize(device)
                 variant.times_ms.append((time.perf_counter() - start) * 1e3)
 
-    dense_compile_ms = groups[0][1].median_ms
+    def median(group: list[Variant], suffix: str) -> float | None:
+        return next((v.median_ms for v in group if v.label.endswith(suffix)), None)
+
+    dense_compile_ms = median(groups[0], ", torch.compile")
     rows = []
     for group in groups:
-        eager_ms, inductor_ms = group[0].median_ms, group[1].median_ms
+        eager_ms, inductor_ms = median(group, ", eager"), median(group, ", torch.compile")
         for variant in group:
             cells = [
                 variant.label,
@@ -305,10 +346,12 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 common.fmt_ratio(dense_compile_ms, variant.median_ms), common.fmt(variant.compile_s, 1),
                 f"{variant.grad_err:.1e}", check,
             ])
-    table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, rows)
+    title = f"{args.model}, {common.dtype_name(dtype)}" + (", autocast bfloat16" if args.amp else "")
+    table = common.Table(title, HEADERS, rows)
     print(f"\n{table.title}\n{table.text()}", flush=True)
     raw = [
-        dict(dtype=common.dtype_name(dtype), variant=v.label, sparsity=v.sparsity, tile=v.tile, times_ms=v.times_ms)
+        dict(dtype=common.dtype_name(dtype), autocast=common.dtype_name(autocast) if autocast else None,
+             variant=v.label, sparsity=v.sparsity, tile=v.tile, times_ms=v.times_ms)
         for group in groups for v in group if v.times_ms
     ]
     ok = all(v.ok or v.note for group in groups for v in group)

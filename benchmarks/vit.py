@@ -42,17 +42,31 @@ from benchmarks import common, floors, plot
 CPU_TINY = dict(image_size=224, patch_size=32, num_layers=2, hidden_dim=768, mlp_dim=3072, num_heads=12)
 TINY_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
 
+#: ``--variants``: which rows run (default all). Each compiled row compiles the whole model
+#: afresh (tens of seconds for ViT-B on a GPU, minutes with max-autotune), so a run that must fit
+#: a time limit picks its rows. The references (dense eager on the dense and on the pruned
+#: weights) are computed whatever is picked.
+VARIANTS = {
+    "eager": "dense eager",
+    "compile": "dense torch.compile",
+    "max-autotune": "dense torch.compile (max-autotune), GPU only",
+    "torch-sparse": "torch.sparse BSR (eager)",
+    "sparse": 'torch.compile backend="sparse"',
+    "supermask": "Supermask layout incl. and excl. in_proj (backend=\"sparse\")",
+    "2:4": "2:4 (N:M-trained), once per dtype",
+}
+
 DEFAULTS = {
     # The seed's setting (superblock README: ViT-B/16, batch 256, 224 px).
     "cuda": dict(
         model="vit_b_16", batch_size=256, image_size=224, dtype=[torch.float32, torch.bfloat16],
-        sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20,
+        sparsity=[0.8, 0.9], blocksize=[32, 64], warmup=3, reps=20, variants=list(VARIANTS),
     ),
     # Sized for ~4 minutes on 2 quiet cores, compile times included; three sparsities so
     # that --plot draws lines.
     "cpu": dict(
         model="tiny", batch_size=4, image_size=CPU_TINY["image_size"], dtype=[torch.float32],
-        sparsity=[0.5, 0.7, 0.9], blocksize=[32, 64], warmup=3, reps=10,
+        sparsity=[0.5, 0.7, 0.9], blocksize=[32, 64], warmup=3, reps=10, variants=list(VARIANTS),
     ),
 }
 
@@ -87,11 +101,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--{flag.replace('_', '-')}", type=common.positive_int,
             help=f"--model tiny only (default {CPU_TINY[flag]})",
         )
+    parser.add_argument(
+        "--variants", action="append", type=common.comma_list(_variant),
+        help="rows to run, comma list (default: all): " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()),
+    )
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     common.finish_args(parser, args, DEFAULTS)
     _check_model_flags(parser, args)
     return args
+
+
+def _variant(text: str) -> str:
+    if text not in VARIANTS:
+        raise ValueError(f"unknown variant {text!r}; use any of {', '.join(VARIANTS)}")
+    return text
 
 
 def _check_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -357,6 +381,7 @@ class SparseVariant:
     compiled: bool
     ours: bool
     sparse_24: bool = False
+    key: str = ""  # its name in --variants
 
 
 def _torch_sparse_variant(pruned: nn.Module, setup: Setup, blocksize: int, total: int):
@@ -369,8 +394,8 @@ def _sparse_backend_variant(pruned: nn.Module, setup: Setup, blocksize: int, tot
 
 #: Every sparse row, in table order. A new way of running the pruned model is one entry here.
 SPARSE_VARIANTS = [
-    SparseVariant("torch.sparse BSR (eager)", _torch_sparse_variant, compiled=False, ours=False),
-    SparseVariant('torch.compile backend="sparse"', _sparse_backend_variant, compiled=True, ours=True),
+    SparseVariant("torch.sparse BSR (eager)", _torch_sparse_variant, compiled=False, ours=False, key="torch-sparse"),
+    SparseVariant('torch.compile backend="sparse"', _sparse_backend_variant, compiled=True, ours=True, key="sparse"),
 ]
 
 
@@ -378,10 +403,14 @@ def dense_rows(setup: Setup, model: nn.Module) -> list[Row]:
     with torch.no_grad():
         ref = on_device(copy.deepcopy(model), setup)(setup.x)
     floor = linears_floor(model, setup, None)
-    rows = [run_row(setup, Row("dense eager", floor=floor), lambda: eager(copy.deepcopy(model), setup), ref,
-                    compiled=False)]
+    rows = []
+    if "eager" in setup.args.variants:
+        rows.append(run_row(setup, Row("dense eager", floor=floor), lambda: eager(copy.deepcopy(model), setup), ref,
+                            compiled=False))
     modes = [None, "max-autotune"] if setup.device.type == "cuda" else [None]
     for mode in modes:
+        if ("max-autotune" if mode else "compile") not in setup.args.variants:
+            continue
         label = "dense torch.compile" + (f" ({mode})" if mode else "")
         make = lambda mode=mode: inductor(copy.deepcopy(model), setup, mode)  # noqa: E731
         rows.append(run_row(setup, Row(label, floor=floor), make, ref, compiled=True))
@@ -389,6 +418,9 @@ def dense_rows(setup: Setup, model: nn.Module) -> list[Row]:
 
 
 def sparse_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: int) -> list[Row]:
+    variants = [variant for variant in SPARSE_VARIANTS if variant.key in setup.args.variants]
+    if not variants:
+        return []
     pruned, names = pruned_copy(model, sparsity, blocksize)
     total = sum(isinstance(m, nn.Linear) for m in pruned.modules())  # MHA out_proj included
     total += sum(isinstance(m, nn.MultiheadAttention) for m in pruned.modules())  # in_proj
@@ -396,7 +428,7 @@ def sparse_rows(setup: Setup, model: nn.Module, sparsity: float, blocksize: int)
         # The reference for every sparse row: dense eager on the pruned weights.
         ref = on_device(copy.deepcopy(pruned), setup)(setup.x)
     rows = []
-    for variant in SPARSE_VARIANTS:
+    for variant in variants:
         row = Row(variant.label, sparsity, blocksize, ours=variant.ours,
                   floor=linears_floor(pruned, setup, blocksize, variant.sparse_24))
         make = lambda variant=variant: variant.make(pruned, setup, blocksize, total)  # noqa: E731
@@ -465,9 +497,14 @@ def sparse_backend_default(model: nn.Module, setup: Setup):
     return lambda: compiled(setup.x), count_layers
 
 
+def dense_median(rows: list[Row], label: str) -> float | None:
+    """Median of the dense row called ``label`` (None when it did not run or was not picked)."""
+    return next((row.median_ms for row in rows if row.variant == label), None)
+
+
 def table_rows(rows: list[Row], device: torch.device) -> list[list[str]]:
-    eager_ms = rows[0].median_ms
-    compile_ms = rows[1].median_ms
+    eager_ms = dense_median(rows, "dense eager")
+    compile_ms = dense_median(rows, "dense torch.compile")
     out = []
     for row in rows:
         cells = [
@@ -503,7 +540,7 @@ def raw_records(dtype: torch.dtype, rows: list[Row]) -> list[dict[str, Any]]:
 
 def plot_points(dtype: torch.dtype, rows: list[Row]) -> list[plot.Point]:
     """Speedup of each sparse row over dense torch.compile (the best dense row on every device)."""
-    dense_ms = rows[1].median_ms
+    dense_ms = dense_median(rows, "dense torch.compile")
     return [
         plot.Point(common.dtype_name(dtype), row.blocksize, row.variant, row.sparsity,
                    None if row.median_ms is None or dense_ms is None else dense_ms / row.median_ms)
@@ -539,11 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # too, "compile s" compares cold compiles, whatever ran before on this machine.
         with torch._inductor.config.patch(fx_graph_cache=False):
             rows = dense_rows(setup, model)
-            rows += nm_rows(setup, model)
+            if "2:4" in args.variants:
+                rows += nm_rows(setup, model)
             for sparsity in args.sparsity:
                 for blocksize in args.blocksize:
                     rows += sparse_rows(setup, model, sparsity, blocksize)
-                    rows += supermask_rows(setup, model, sparsity, blocksize)
+                    if "supermask" in args.variants:
+                        rows += supermask_rows(setup, model, sparsity, blocksize)
         table = common.Table(f"{args.model}, {common.dtype_name(dtype)}", HEADERS, table_rows(rows, device))
         print(f"\n{table.title}\n{table.text()}", flush=True)
         tables.append(table)

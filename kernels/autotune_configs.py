@@ -18,15 +18,22 @@ Where the numbers come from:
   and few stages. Our kernel's N tile is the block size (fixed by the weight), so the only
   free tile dim is BLOCK_M.
 * Under TRITON_INTERPRET=1 nothing can be timed: one small fixed config.
+
+``SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS=N`` (environment, read at every launch) lets the hooks keep
+at most N of the configs they would keep, the tallest tile first: the GPU tests set it to 1 (a
+whole set compiles every config of every specialization, minutes over the gpu-marked tests).
+Unset or 0: the whole set, what users and the benchmarks get.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 __all__ = [
-    "INTERPRET_CONFIG", "KERNELS", "SMEM_PER_BLOCK_FALLBACK", "all_configs", "arch_configs", "autotune_set",
-    "fallback_config", "make_prune_configs", "prune_configs", "prune_masked_configs", "pruned_reason",
+    "INTERPRET_CONFIG", "KERNELS", "MAX_CONFIGS_ENV", "SMEM_PER_BLOCK_FALLBACK", "all_configs", "arch_configs", "autotune_set",
+    "fallback_config", "limit_configs", "make_prune_configs", "prune_configs", "prune_masked_configs", "pruned_reason",
     "shared_memory_per_block",
 ]
 
@@ -177,16 +184,21 @@ def fallback_config() -> triton.Config:
 
 def pruned_reason(
     cfg: triton.Config, capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int,
-    input_precision: str, kernel: str = "bsr_linear",
+    input_precision: str, kernel: str = "bsr_linear", weight_elem_bytes: int | None = None,
 ) -> str | None:
-    """Why the autotuner must not try ``cfg`` for this launch of ``kernel``, or ``None`` if it may."""
+    """Why the autotuner must not try ``cfg`` for this launch of ``kernel``, or ``None`` if it may.
+
+    ``weight_elem_bytes``: the weight's element size when it differs from the input's (the masked
+    kernel under autocast: half x, fp32 master weight rounded in registers).
+    """
     if _key(cfg) not in {_key(c) for c in arch_configs(capability[0])}:
         return f"not in the sm{capability[0]}x set"
     bm = cfg.kwargs["BLOCK_M"]
+    weight_bytes = weight_elem_bytes or elem_bytes
     # Each pipeline stage holds one x tile [BLOCK_M, b] and one weight block [b, b]. An upper
     # bound: triton 3.6 allocated at most this in all 224 configs inspected, for each kernel
     # (the masked kernel: at most 94% of it), mostly (stages - 1) / stages of it.
-    need = cfg.num_stages * (bm * blocksize + blocksize * blocksize) * elem_bytes
+    need = cfg.num_stages * (bm * blocksize * elem_bytes + blocksize * blocksize * weight_bytes)
     if need > smem_bytes:
         return f"shared memory: needs ~{need // 1024} KiB, block limit {smem_bytes // 1024} KiB"
     path = _path(elem_bytes, input_precision)
@@ -194,7 +206,9 @@ def pruned_reason(
     if per_thread > _MAX_ACC_PER_THREAD[kernel][path]:
         return f"registers: {per_thread} accumulator values per thread spill"
     weight_per_thread = blocksize * blocksize // (32 * cfg.num_warps)
-    limit = _MAX_WEIGHT_PER_THREAD[kernel][path]
+    # An fp32 weight block takes twice the registers of a half one before it is rounded: held
+    # to the fp32 (TF32) path's bound.
+    limit = _MAX_WEIGHT_PER_THREAD[kernel]["tf32" if weight_bytes > elem_bytes else path]
     if limit is not None and weight_per_thread > limit:
         return f"registers: {weight_per_thread} weight values per thread spill"
     if (capability[0], path, blocksize, _key(cfg)) in _MEASURED_SPILLS[kernel]:
@@ -204,13 +218,36 @@ def pruned_reason(
 
 def autotune_set(
     capability: tuple[int, int], smem_bytes: int, elem_bytes: int, blocksize: int, input_precision: str,
-    kernel: str = "bsr_linear",
+    kernel: str = "bsr_linear", weight_elem_bytes: int | None = None,
 ) -> list[triton.Config]:
     """The configs the autotuner may try on a GPU of ``capability`` for one dtype and block size."""
     return [
         c for c in all_configs()
-        if pruned_reason(c, capability, smem_bytes, elem_bytes, blocksize, input_precision, kernel) is None
+        if pruned_reason(c, capability, smem_bytes, elem_bytes, blocksize, input_precision, kernel, weight_elem_bytes)
+        is None
     ]
+
+
+#: Environment variable: at most this many configs per launch (unset or 0: all of them).
+MAX_CONFIGS_ENV = "SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS"
+
+
+def limit_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """At most ``$SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS`` of ``configs``, spread over them by tile
+    (BLOCK_M, warps, stages): one is the tallest (what a large M runs, the deepest pipeline), two
+    add the smallest. Unset or 0: ``configs`` unchanged."""
+    text = os.environ.get(MAX_CONFIGS_ENV, "").strip()
+    try:
+        limit = int(text or 0)
+    except ValueError:
+        raise ValueError(f"{MAX_CONFIGS_ENV}={text!r}: expected a number of configs (0 or unset: all)") from None
+    if limit <= 0 or len(configs) <= limit:
+        return configs
+    ordered = sorted(configs, key=_key)
+    if limit == 1:
+        return [ordered[-1]]
+    last = len(ordered) - 1
+    return [ordered[last - round(i * last / (limit - 1))] for i in range(limit)]
 
 
 def make_prune_configs(kernel: str):
@@ -227,7 +264,8 @@ def make_prune_configs(kernel: str):
 
 
 def _prune_configs(kernel: str, configs, named_args, kwargs):
-    """Keep this GPU's set, within shared memory and without spills for ``kernel``, sized to M."""
+    """Keep this GPU's set, within shared memory and without spills for ``kernel``, sized to M
+    (at most ``$SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS`` of them: :func:`limit_configs`)."""
     import torch
 
     args = {**named_args, **kwargs}  # Triton passes positional args in named_args, the rest in kwargs
@@ -237,10 +275,12 @@ def _prune_configs(kernel: str, configs, named_args, kwargs):
         smem = shared_memory_per_block(x.device)
     else:  # only reached by tests that call the hook with CPU tensors
         capability, smem = (8, 0), SMEM_PER_BLOCK_FALLBACK[(8, 0)]
+    w = args.get("w_ptr")
     allowed = {
         _key(c)
         for c in autotune_set(
-            capability, smem, x.element_size(), args["BLOCKSIZE"], args["INPUT_PRECISION"], kernel
+            capability, smem, x.element_size(), args["BLOCKSIZE"], args["INPUT_PRECISION"], kernel,
+            w.element_size() if w is not None else None,
         )
     }
     kept = [c for c in configs if _key(c) in allowed]
@@ -248,10 +288,10 @@ def _prune_configs(kernel: str, configs, named_args, kwargs):
     # Tiles more than twice as tall as M only add masked rows. (A symbolic M from dynamic
     # shapes is not compared: that would specialize the graph on it.)
     if not isinstance(m_bucket, int):
-        return kept or [fallback_config()]
+        return limit_configs(kept) or [fallback_config()]
     sized = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, 2 * m_bucket)]
     if sized:
-        return sized
+        return limit_configs(sized)
     if kept:
         return [min(kept, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages))]
     return [fallback_config()]

@@ -16,6 +16,7 @@
 // an Inductor kernel than alone.
 
 #include <stdint.h>
+#include <string.h>
 
 namespace {
 
@@ -102,6 +103,19 @@ void row_chunk(const float* a, int64_t lda, const float* packed, const int32_t* 
   }
 }
 
+// fp32 -> the nearest bfloat16 (ties to even), returned as fp32: what `tensor.to(torch.bfloat16)`
+// does to each element (NaN stays NaN). Autocast rounds a linear's fp32 weight this way before
+// a bf16 matmul; the packing below does the same to the kept tiles only.
+inline float round_to_bfloat16(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return value;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  bits &= 0xffff0000u;
+  memcpy(&value, &bits, sizeof bits);
+  return value;
+}
+
 }  // namespace
 
 extern "C" {
@@ -110,11 +124,14 @@ extern "C" {
 // their weights transposed and scaled by the mask value: packed[p][kk][nn] =
 // mask[i, j] * w[i*t + nn, j*t + kk] for kept tile p = (i, j), rows padded from t to tp
 // columns (a multiple of COLS) with zeros, as is whatever lies past N or K. Strides are in
-// elements, so transposed views (the input gradient's W^T) need no copy. Returns the number
-// of kept tiles, or -1 if there are more than `capacity`.
+// elements, so transposed views (the input gradient's W^T) need no copy. With `round_bf16`
+// each packed value (mask value times weight) is rounded to the nearest bfloat16: the fp32
+// master weight of a layer that runs in bf16 under autocast, rounded where eager autocast
+// rounds it, for the kept tiles only. Returns the number of kept tiles, or -1 if there are
+// more than `capacity`.
 int64_t sc_pack_kept_tiles(const float* w, int64_t n, int64_t k, int64_t w_s0, int64_t w_s1,
                            const float* mask, int64_t nb, int64_t kb, int64_t mask_s0, int64_t mask_s1,
-                           int64_t t, int64_t tp, int64_t capacity,
+                           int64_t t, int64_t tp, int64_t capacity, int32_t round_bf16,
                            int32_t* row_ptr, int32_t* col_idx, float* packed) {
   int64_t p = 0;
   row_ptr[0] = 0;
@@ -131,6 +148,8 @@ int64_t sc_pack_kept_tiles(const float* w, int64_t n, int64_t k, int64_t w_s0, i
           const int64_t row = i * t + nn;
           dst[kk * tp + nn] = (nn < t && row < n && col < k) ? value * w[row * w_s0 + col * w_s1] : 0.f;
         }
+        if (round_bf16)
+          for (int64_t nn = 0; nn < t; nn++) dst[kk * tp + nn] = round_to_bfloat16(dst[kk * tp + nn]);
       }
       p++;
     }

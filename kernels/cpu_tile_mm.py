@@ -140,7 +140,7 @@ def _build() -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    lib.sc_pack_kept_tiles.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]
+    lib.sc_pack_kept_tiles.argtypes = [_P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int32, _P, _P, _P]
     lib.sc_pack_kept_tiles.restype = _I
     lib.sc_pack_bsr_blocks.argtypes = [_P, _I, _I, _I, _P]
     lib.sc_pack_bsr_blocks.restype = None
@@ -168,12 +168,16 @@ def _padded(tile_size: int) -> int:
     return -(-tile_size // _PACKED_COLUMNS) * _PACKED_COLUMNS
 
 
-def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int, kept: int) -> Tensor:
+def tile_mm(
+    a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int, kept: int,
+    round_weight_to_bfloat16: bool = False,
+) -> Tensor:
     """``a [M, K] @ (w_nk ⊙ expand(tile_mask_nk))^T + bias`` -> ``[M, N]`` fp32, from the kept tiles.
 
     ``a``, ``w_nk`` and ``bias`` are fp32 CPU tensors (``w_nk`` and ``tile_mask_nk`` may be
-    transposed views); ``kept`` is the mask's nonzero count. The caller checks
-    :func:`unavailable_reason` first.
+    transposed views); ``kept`` is the mask's nonzero count. With ``round_weight_to_bfloat16``
+    the kept tiles of ``w_nk ⊙ expand(mask)`` are rounded to bfloat16 as they are packed (an fp32
+    master weight under bf16 autocast). The caller checks :func:`unavailable_reason` first.
     """
     lib = _loaded()
     n, k = w_nk.shape
@@ -186,7 +190,7 @@ def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor
     found = lib.sc_pack_kept_tiles(
         w_nk.data_ptr(), n, k, w_nk.stride(0), w_nk.stride(1),
         mask.data_ptr(), nb, kb, mask.stride(0), mask.stride(1),
-        t, padded, kept, row_ptr.data_ptr(), col_idx.data_ptr(), packed.data_ptr(),
+        t, padded, kept, int(round_weight_to_bfloat16), row_ptr.data_ptr(), col_idx.data_ptr(), packed.data_ptr(),
     )  # fmt: skip
     if found != kept:
         raise RuntimeError(f"tile_mm: the mask has {'more than ' if found < 0 else ''}{max(found, 0)} kept tiles, expected {kept}")
@@ -195,7 +199,8 @@ def tile_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor
 
 def bsr_mm(a: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
     """``a [M, K] @ W^T + bias`` -> ``[M, out_features]`` fp32 for a BSR weight (the ``bsr_linear``
-    op's tensors: ``values [blocks, b, b]``, ``crow_indices``, ``col_indices``), fp32 CPU tensors."""
+    op's tensors: ``values [blocks, b, b]``, ``crow_indices``, ``col_indices``), CPU tensors; ``a``
+    and ``bias`` fp32, ``values`` fp32, fp16 or bf16 (converted to fp32 as they are packed)."""
     lib = _loaded()
     blocks, t = values.shape[0], values.shape[1]
     packed = _packed_bsr_blocks(lib, values)
@@ -207,7 +212,8 @@ def bsr_mm(a: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
 # Packed blocks per BSR values tensor, made at its first call and reused while the tensor lives
 # unchanged: at inference the op's values are graph constants, the same tensor every call, and
 # packing costs a third of a ViT-B MLP's call at 50 rows (0.16 of 0.49 ms; 2 threads, 90% sparse
-# blocks of 32). Costs one more copy of the stored blocks. Keyed by id; an entry is used only for
+# blocks of 32). Costs one more copy of the stored blocks (fp32: twice the bytes of half values,
+# which are converted here, once, rather than on every call). Keyed by id; an entry is used only for
 # the same live tensor at the same version (an in-place change packs again) and dropped with it.
 _packed_bsr: dict[int, tuple["weakref.ref[Tensor]", int, Tensor]] = {}
 
@@ -222,7 +228,7 @@ def _packed_bsr_blocks(lib: ctypes.CDLL, values: Tensor) -> Tensor:
         return entry[2]
     blocks, t = values.shape[0], values.shape[1]
     padded = _padded(t)
-    source = values.detach().contiguous()
+    source = values.detach().to(torch.float32).contiguous()
     packed = torch.empty((max(blocks, 1), t, padded), dtype=torch.float32)
     lib.sc_pack_bsr_blocks(source.data_ptr(), blocks, t, padded, packed.data_ptr())
     counters["sparse_compile"]["cpu_bsr_blocks_packed"] += 1

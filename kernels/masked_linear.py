@@ -13,7 +13,11 @@ Ops (importing this module registers them):
   captured, which linear layers have a tile-masked weight (``passes/masked_linear.py``).
 * ``torch.ops.sparse_compile.masked_linear(x, weight, tile_mask, bias, tile_size)``: what the
   pass puts in place of ``linear(x, tile_masked_weight(weight, tile_mask, tile_size), bias)``.
-  Opaque to Inductor (its kept-tile lists depend on the mask's values). Autograd:
+  Opaque to Inductor (its kept-tile lists depend on the mask's values). Under autocast the
+  activations come in the autocast dtype and ``weight``/``bias`` may stay the fp32 master
+  weights: the kept tiles (and the bias) are rounded to ``x``'s dtype where eager autocast
+  rounds the whole weight, products accumulate in fp32, and the result is in ``x``'s dtype.
+  Autograd:
 
   - ``dx = dy @ (W ⊙ M)``: ``masked_linear_input_grad``, skips dropped tiles;
   - ``G = dy^T x`` dense (a plain ``mm`` in the backward graph, compiled by Inductor):
@@ -62,6 +66,7 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 _INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
 
@@ -157,13 +162,21 @@ def _dtype_names() -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
 
 
+def _weight_dtype_ok(weight_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+    """The weight (or bias) has the activations' dtype, or is an fp32 master weight of half activations."""
+    return weight_dtype == x_dtype or (weight_dtype == torch.float32 and x_dtype in _HALF_DTYPES)
+
+
 def _check_inputs(x: Tensor, weight: Tensor, tile_mask: Tensor, bias: Optional[Tensor], tile_size: int) -> None:
     """Shape/dtype checks that need no data (they also run in the fake implementations)."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"masked_linear: x must be one of {_dtype_names()}, got {x.dtype}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if not _weight_dtype_ok(weight.dtype, x.dtype) or (bias is not None and not _weight_dtype_ok(bias.dtype, x.dtype)):
         got = f"x {x.dtype}, weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
-        raise TypeError(f"masked_linear: x, weight and bias must share one dtype; got {got}")
+        raise TypeError(
+            "masked_linear: weight and bias must have x's dtype, or float32 when x is float16/bfloat16 "
+            f"(autocast's fp32 master weights); got {got}"
+        )
     if not tile_mask.dtype.is_floating_point:
         raise TypeError(f"masked_linear: tile_mask must be a float tensor (0/1 per tile), got {tile_mask.dtype}")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -271,7 +284,7 @@ _CPU_MAX_DENSITY = 0.75
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # The kernel is fp32 (as the GPU kernel accumulates): half inputs are converted and back.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def cpu_kernel_name() -> str:
@@ -283,7 +296,12 @@ _warned_no_kernel = False
 
 
 def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Tensor], tile_size: int) -> Tensor:
-    """``a [M, K] @ (w_nk ⊙ expand(M))^T + bias`` on CPU: the tile kernel, or dense when too dense."""
+    """``a [M, K] @ (w_nk ⊙ expand(M))^T + bias`` on CPU: the tile kernel, or dense when too dense.
+
+    An fp32 ``w_nk``/``bias`` with half ``a`` (autocast's master weights) is rounded to ``a``'s
+    dtype first, as eager autocast's linear rounds ``W ⊙ M`` and the bias; the products are
+    accumulated in fp32 either way and the result is in ``a``'s dtype.
+    """
     global _warned_no_kernel
     compute = _compute_dtype(a.dtype)
     kept = int(tile_mask_nk.count_nonzero())
@@ -291,15 +309,23 @@ def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional
     if no_kernel is not None and not _warned_no_kernel:
         _warned_no_kernel = True
         warnings.warn(f"sparse_compile: masked linear layers compute densely on CPU: {no_kernel}", stacklevel=2)
+    bias_c = bias.detach().to(a.dtype).to(compute) if bias is not None else None
     if kept > _CPU_MAX_DENSITY * tile_mask_nk.numel() or no_kernel is not None:
         counters["sparse_compile"]["masked_mm_cpu_dense"] += 1
+        w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size).to(a.dtype).to(compute)
         a_c = a.to(compute)
-        w_masked = _masked_weight(w_nk.to(compute), tile_mask_nk, tile_size)
-        out = a_c @ w_masked.t() if bias is None else torch.addmm(bias.to(compute), a_c, w_masked.t())
+        out = a_c @ w_masked.t() if bias_c is None else torch.addmm(bias_c, a_c, w_masked.t())
         return out.to(a.dtype)
     counters["sparse_compile"]["masked_mm_cpu_tiles"] += 1
-    bias_c = bias.detach().to(compute) if bias is not None else None
-    out = cpu_tile_mm.tile_mm(a.detach().to(compute), w_nk.detach().to(compute), tile_mask_nk, bias_c, tile_size, kept)
+    w_c = w_nk.detach()
+    # Master weights: bf16 rounding happens in the kernel's packing, kept tiles only; fp16
+    # autocast on CPU is rare, and rounds the whole weight here.
+    round_bf16 = a.dtype == torch.bfloat16 and w_c.dtype == torch.float32
+    if a.dtype == torch.float16 and w_c.dtype == torch.float32:
+        w_c = w_c.to(torch.float16)
+    out = cpu_tile_mm.tile_mm(
+        a.detach().to(compute), w_c.to(compute), tile_mask_nk, bias_c, tile_size, kept, round_weight_to_bfloat16=round_bf16
+    )
     return out.to(a.dtype)
 
 
@@ -311,8 +337,8 @@ def _masked_mm(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional[Ten
         # Documented fallback (the pass does not choose such layers; a direct call, or a process
         # without triton, may).
         counters["sparse_compile"]["masked_mm_dense_fallback"] += 1
-        w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size)
-        return F.linear(a, w_masked, bias)
+        w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size).to(a.dtype)
+        return F.linear(a, w_masked, bias.to(a.dtype) if bias is not None else None)
     return _masked_mm_cpu(a, w_nk, tile_mask_nk, bias, tile_size)
 
 
@@ -355,6 +381,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, tile_mask, bias, tile_size = inputs
     ctx.save_for_backward(x, weight, tile_mask)
     ctx.tile_size = tile_size
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, grad_out: Tensor):
@@ -367,13 +394,15 @@ def _backward(ctx, grad_out: Tensor):
     g2d = grad_out.reshape(-1, grad_out.shape[-1])
     if need_w or need_mask:
         # Dense on purpose: the straight-through estimator sends G ⊙ W of dropped tiles to the scores.
-        grad_effective = g2d.t() @ x.reshape(-1, x.shape[-1])
+        # G is computed in x's dtype and then taken to the weight's, as eager autocast's weight
+        # gradient goes through the cast of the fp32 master weight.
+        grad_effective = (g2d.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
         if need_w:
             grad_w = _masked_weight(grad_effective, tile_mask, t)  # G ⊙ expand(M), in weight's dtype
         if need_mask:
             grad_mask = tile_sums((grad_effective * weight).to(tile_mask.dtype), t)
     if need_bias:
-        grad_bias = g2d.sum(dim=0)
+        grad_bias = g2d.sum(dim=0).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_mask, grad_bias, None
 
 

@@ -15,11 +15,26 @@ be software-pipelined on the GPU.
 
 Interpreter notes: as in ``bsr_linear_kernels.py`` (triton 3.6 ``TRITON_INTERPRET=1``): a loop
 bounded by a loaded scalar must be a ``while`` loop there, and bf16 operands are cast to fp32
-before ``tl.dot``.
+before ``tl.dot``; fp32 -> bf16 conversions are rounded on the bits (``_rounded``).
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _rounded(values, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``values`` rounded to ``DTYPE`` and back to fp32.
+
+    Under the triton 3.6 interpreter an fp32 -> bf16 conversion (a cast, or a store to a bf16
+    pointer) does not round to nearest even (seen: off by up to an ulp); there the rounding is
+    done on the bits, after which the conversion is exact. Compiled, it is the hardware's cast.
+    """
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return values.to(DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -41,6 +56,7 @@ def _accumulate_tile(
     BLOCKSIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
+    X_DTYPE: tl.constexpr,
 ):
     """``acc += x[m_tile, k_block] @ (m * w[n_block, k_block])^T`` for the ``p``-th kept tile of the row."""
     col = tl.load(kept_row_ptr + p).to(tl.int64)
@@ -61,6 +77,12 @@ def _accumulate_tile(
         w_tile = w_tile.to(tl.float32)
     scale = tl.load(tile_mask_row_ptr + col * stride_tk)
     w_tile = w_tile * scale.to(w_tile.dtype)
+    # An fp32 master weight with half x (autocast): the scaled tile is rounded to x's dtype, as
+    # eager autocast rounds W ⊙ M before its half matmul (a no-op when the dtypes match).
+    if INTERPRET:
+        w_tile = _rounded(w_tile, X_DTYPE, INTERPRET)
+    else:
+        w_tile = w_tile.to(X_DTYPE)
     return tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
 
@@ -98,7 +120,8 @@ def masked_linear_kernel(
     Args:
         x_ptr: left operand, ``[M, K]``; strides ``stride_xm``, ``stride_xk``.
         w_ptr: dense weight as ``[N, K]`` (indexed ``[n, k]``); strides ``stride_wn``,
-            ``stride_wk`` (a transposed view for the input gradient).
+            ``stride_wk`` (a transposed view for the input gradient). x's dtype, or fp32 with
+            half x (autocast's master weight: each kept tile is rounded to x's dtype).
         tile_mask_ptr: tile mask ``[ceil(N / BLOCKSIZE), ceil(K / BLOCKSIZE)]``, any float
             dtype; strides ``stride_tn``, ``stride_tk``. Tile ``(i, j)`` of ``w`` is multiplied
             by ``tile_mask[i, j]``; zero tiles are never read.
@@ -106,7 +129,7 @@ def masked_linear_kernel(
             ``stride_kept``, unit column stride: for block row ``i``, the block columns of its
             nonzero tiles first (``count[i]`` of them), then anything.
         count_ptr: int32 ``[ceil(N / BLOCKSIZE)]``, contiguous: nonzero tiles per block row.
-        bias_ptr: ``[N]``, contiguous; not read unless HAS_BIAS.
+        bias_ptr: ``[N]``, contiguous, x's dtype or fp32 (rounded to out's); not read unless HAS_BIAS.
         out_ptr: output, ``[M, N]``; strides ``stride_om``, ``stride_on``.
         M, N, K: sizes (need not be multiples of BLOCKSIZE: edges are masked).
         m_bucket: not read; autotune key only (next power of two of M).
@@ -145,6 +168,7 @@ def masked_linear_kernel(
             acc = _accumulate_tile(
                 acc, p, x_rows_ptr, mask_m, w_ptr, offs_n, mask_n, tile_mask_row_ptr, kept_row_ptr, K,
                 stride_xk, stride_wn, stride_wk, stride_tk, BLOCKSIZE, INPUT_PRECISION, INTERPRET,
+                x_ptr.dtype.element_ty,
             )  # fmt: skip
             p += 1
     else:
@@ -152,11 +176,15 @@ def masked_linear_kernel(
             acc = _accumulate_tile(
                 acc, p, x_rows_ptr, mask_m, w_ptr, offs_n, mask_n, tile_mask_row_ptr, kept_row_ptr, K,
                 stride_xk, stride_wn, stride_wk, stride_tk, BLOCKSIZE, INPUT_PRECISION, INTERPRET,
+                x_ptr.dtype.element_ty,
             )  # fmt: skip
 
     # A block row without kept tiles skips the loop and writes bias (or zeros).
     if HAS_BIAS:
+        # Rounded to the output's dtype first: an fp32 bias of half x is autocast's master bias.
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        acc += _rounded(bias, out_ptr.dtype.element_ty, INTERPRET)[None, :]
+    if INTERPRET:
+        acc = _rounded(acc, out_ptr.dtype.element_ty, INTERPRET)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -15,10 +15,16 @@ op's registered autograd gives AOTAutograd the backward (masked input gradient, 
 gradient, eager Supermask's gradients to ``W`` and the mask), and the scores' STE upstream of
 ``tile_mask`` is untouched. Match -> check -> replace, one record per linear in the report.
 
+Autocast: a linear captured under autocast computes in the autocast dtype (its traced output
+says which) from fp32 master weights. The replacement, :func:`masked_linear_like_f_linear`,
+casts the activations as autocast's ``F.linear`` would and hands the fp32 weight and bias to the
+op, which rounds only the kept tiles.
+
 Layers left as they are (with the reason in the report): weights not built by
-``tile_masked_weight`` (dense layers, other parametrizations), dtypes other than
-float32/float16/bfloat16 or mixed dtypes (autocast), tiles smaller than 16 (too many tiny
-matmuls to pay), on CUDA tiles that are not a power of two (the Triton kernel's tile).
+``tile_masked_weight`` (dense layers, other parametrizations), matmuls in dtypes other than
+float32/float16/bfloat16, weights neither in the matmul's dtype nor fp32 master weights of a
+half matmul, tiles smaller than 16 (too many tiny matmuls to pay), on CUDA tiles that are not a
+power of two (the Triton kernel's tile).
 
 ``nn.MultiheadAttention`` is one ``F.multi_head_attention_forward`` call in Dynamo's graph (the
 function is on Dynamo's list of functions kept whole), so its projections are not ``linear``
@@ -47,6 +53,7 @@ from sparse_compile.report import GraphReport, LayerRecord
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 _TILE_MASKED_WEIGHT = (torch.ops.sparse_compile.tile_masked_weight, torch.ops.sparse_compile.tile_masked_weight.default)
 _MHA = (torch.nn.functional.multi_head_attention_forward,)
+_HALF = (torch.float16, torch.bfloat16)
 
 _NOT_TILE_MASKED = "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
 
@@ -85,15 +92,13 @@ class MaskedLinearPass:
         name = names(node, weight, *weight_val.shape)
         tile_masked = isinstance(weight, torch.fx.Node) and weight.target in _TILE_MASKED_WEIGHT
         tile_size = int(weight.args[2]) if tile_masked else None
-        reason = self._why_dense(node, x, weight, bias, tile_size) if tile_masked else _NOT_TILE_MASKED
-        self._record(name, weight_val, tile_size, reason)
+        reason = self._why_dense(x, weight, bias, _value(node), tile_size) if tile_masked else _NOT_TILE_MASKED
+        self._record(name, weight_val, tile_size, reason, _value(node))
         if reason:
             return 0
         masked_weight, tile_mask, _ = weight.args
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                torch.ops.sparse_compile.masked_linear.default, (x, masked_weight, tile_mask, bias, tile_size)
-            )
+            new = gm.graph.call_function(masked_linear_like_f_linear, (x, masked_weight, tile_mask, bias, tile_size))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -101,14 +106,20 @@ class MaskedLinearPass:
             gm.graph.erase_node(weight)
         return 1
 
-    def _record(self, name: str, weight: torch.Tensor, tile_size: int | None, reason: str) -> None:
-        """One linear in the report: masked when ``reason`` is empty, else dense with it."""
+    def _record(
+        self, name: str, weight: torch.Tensor, tile_size: int | None, reason: str, result: torch.Tensor | None = None
+    ) -> None:
+        """One linear in the report: masked when ``reason`` is empty, else dense with it. ``result``
+        (the traced output) tells the matmul's dtype when autocast makes it differ from the weight's."""
+        dtype = _name(weight.dtype)
+        if result is not None and result.dtype != weight.dtype and weight.dtype == torch.float32:
+            dtype = f"{_name(result.dtype)} (autocast, float32 weights)"
         self.graph_report.layers.append(
             LayerRecord(
                 name=name,
                 out_features=int(weight.shape[0]),
                 in_features=int(weight.shape[1]),
-                dtype=str(weight.dtype).removeprefix("torch."),
+                dtype=dtype,
                 format="dense" if reason else "masked",
                 blocksize=tile_size,
                 density=None,  # the mask changes every step
@@ -117,17 +128,26 @@ class MaskedLinearPass:
             )
         )
 
-    def _why_dense(self, node, x, weight, bias, tile_size: int) -> str:
-        """Empty when the masked op can take the layer, else the reason it stays dense."""
-        values = [_value(n) for n in (x, weight, node)] + ([_value(bias)] if bias is not None else [])
-        if any(v is None for v in values):
+    def _why_dense(self, x, weight, bias, result: torch.Tensor | None, tile_size: int) -> str:
+        """Empty when the masked op can take the layer, else the reason it stays dense.
+
+        ``result`` is the layer's output as traced: its dtype is the one the matmul runs in (the
+        autocast dtype under autocast, where ``x`` may come in fp32 and the weights are fp32).
+        """
+        values = [_value(n) for n in (x, weight)] + ([_value(bias)] if bias is not None else [])
+        if result is None or any(v is None for v in values):
             return "no example values to check the layer against (left to Inductor)"
-        dtypes = {v.dtype for v in values}
-        if len(dtypes) > 1:
-            return f"mixed dtypes {sorted(map(str, dtypes))} (autocast?): the masked op takes one dtype"
-        dtype = dtypes.pop()
+        dtype = result.dtype
         if dtype not in SUPPORTED_DTYPES:
-            return f"dtype {str(dtype).removeprefix('torch.')}: the masked op takes float32, float16, bfloat16"
+            return f"dtype {_name(dtype)}: the masked op takes float32, float16, bfloat16"
+        for what, value in zip(("weight", "bias"), values[1:]):
+            if value.dtype != dtype and not (value.dtype == torch.float32 and dtype in _HALF):
+                return (
+                    f"{what} {_name(value.dtype)} in a {_name(dtype)} matmul: the masked op takes weights in the "
+                    "matmul's dtype, or float32 master weights of a float16/bfloat16 matmul (autocast)"
+                )
+        if not values[0].is_floating_point():
+            return f"input dtype {_name(values[0].dtype)} is not a float"
         if tile_size < MIN_TILE_SIZE:
             return f"tile {tile_size} < {MIN_TILE_SIZE}: too many tiny tiles for skipping them to pay"
         if values[1].device.type == "cuda" and not triton_tile_size_ok(tile_size):
@@ -156,12 +176,15 @@ class MaskedLinearPass:
             elif why_whole:
                 reasons[suffix] = f"inside nn.MultiheadAttention, left whole: {why_whole}"
             else:
-                # The projection's output has the input's dtype: the query stands in for it.
+                # Both projections run in the attention output's dtype (autocast's, under autocast).
                 query, bias = args["query"], args.get(f"{suffix}_bias")
-                reasons[suffix] = self._why_dense(query, query, weight, bias, tile)
+                reasons[suffix] = self._why_dense(query, weight, bias, _attention_output(node), tile)
         rewrite = {suffix for suffix in masked if not reasons[suffix]}
         for suffix, (weight, val, tile) in projections.items():
-            self._record(names(node, weight, *val.shape), val, tile, reasons[suffix])
+            # Named by role (``<attention>.in_proj`` / ``.out_proj``): the namer's guess from the
+            # shapes names an out_proj without an in_proj before it (kdim/vdim) after the module.
+            name = names.for_fused_weight(node, weight, suffix)
+            self._record(name, val, tile, reasons[suffix], _attention_output(node))
         if not rewrite:
             return 0
 
@@ -243,7 +266,7 @@ def masked_self_attention(
     def project(inputs, weight, mask, tile, bias):
         if mask is None:
             return torch.nn.functional.linear(inputs, weight, bias)
-        return torch.ops.sparse_compile.masked_linear(inputs, weight, mask, bias, tile)
+        return masked_linear_like_f_linear(inputs, weight, mask, bias, tile)
 
     proj = project(x, in_weight, in_mask, in_tile, in_bias)
     proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
@@ -253,6 +276,43 @@ def masked_self_attention(
     attn = attn.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
     out = project(attn, out_weight, out_mask, out_tile, out_bias)
     return out.view(tgt_len, bsz, out.size(1)), None
+
+
+def masked_linear_like_f_linear(
+    x: torch.Tensor, weight: torch.Tensor, tile_mask: torch.Tensor, bias: torch.Tensor | None, tile_size: int
+) -> torch.Tensor:
+    """``F.linear(x, tile_masked_weight(weight, tile_mask, tile_size), bias)`` through the masked op,
+    autocast included.
+
+    This is what the pass puts in the graph; it runs while AOTAutograd traces it, in the autocast
+    state of the region the linear was captured in. Where autocast is on, ``F.linear`` would cast
+    its inputs to the autocast dtype; here only ``x`` is cast, and fp32 weights and bias reach the
+    op as they are (autocast's master weights): the op rounds just the kept tiles to ``x``'s dtype
+    and returns what eager autocast's linear returns. The op itself has no autocast rule (custom
+    ops pass through autocast untouched), so this cast is the only one.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point() and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device)
+        x = x.to(dtype)
+        # Weights in another half dtype than autocast's (the pass declines those; a direct call may not).
+        if weight.dtype not in (dtype, torch.float32):
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype not in (dtype, torch.float32):
+            bias = bias.to(dtype)
+    return torch.ops.sparse_compile.masked_linear(x, weight, tile_mask, bias, tile_size)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _attention_output(node: torch.fx.Node) -> torch.Tensor | None:
+    """The attention output of an ``F.multi_head_attention_forward`` node, as traced."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
 
 
 def _linear_args(node: torch.fx.Node):

@@ -3,6 +3,12 @@
 Without a CUDA GPU, Triton kernels run through Triton's interpreter. ``TRITON_INTERPRET`` is
 read when triton is first imported, so it is set here, before any test module imports triton.
 On a GPU machine it is left alone: there the kernels are compiled for real.
+
+GPU tests autotune one config per launch (``SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS=1``, unless the
+environment sets it: ``=0`` tries the whole sets): the whole sets compile every config for every
+specialization the tests make, minutes that a GPU session does not have. Every config of the
+sets is compiled for sm80 and sm90 by ``tests/test_inspect_kernels.py``, and the benchmarks
+autotune and check the whole sets at ViT-B's shapes.
 """
 
 import importlib
@@ -22,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _few_autotune_configs_on_gpu(request, monkeypatch):
+    """gpu-marked tests: one autotune config per launch, unless the environment says otherwise."""
+    if request.node.get_closest_marker("gpu") is not None:
+        from sparse_compile.kernels.autotune_configs import MAX_CONFIGS_ENV  # imports triton: GPU tests only
+
+        if MAX_CONFIGS_ENV not in os.environ:
+            monkeypatch.setenv(MAX_CONFIGS_ENV, "1")
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -276,11 +276,15 @@ def test_gpu_vit_b_16_sized_layers(dtype):
     from sparse_compile.pruning import prune_linear_blocks_
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = torchvision.models.vit_b_16(image_size=64).to(dtype).cuda().eval()
+    # ViT-B/16's widths (768, MLP 3072, 12 heads) in 2 of its 12 blocks: the same four layer
+    # shapes as the whole model, a sixth of its compile (the whole ViT-B is the benchmarks').
+    model = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, hidden_dim=768, mlp_dim=3072, num_heads=12
+    ).to(dtype).cuda().eval()
     prune_linear_blocks_(model, 0.9, 64, filter_fn=lambda name, _: name.startswith("encoder"))
     x = torch.randn(4, 3, 64, 64, dtype=dtype, device="cuda")
     compiled, out, code = compile_and_run(model, x, options={"blocksize": 64})
-    assert len(sparse_compile.report(compiled).sparse_layers) == 12 * 4
+    assert len(sparse_compile.report(compiled).sparse_layers) == 2 * 4
     expected = float64_reference(model, x)
     scale = expected.abs().max()
     assert (out.double() - expected).abs().max() <= 2e-2 * scale

@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,6 +50,19 @@ def test_vit_prints_every_row_and_column(capsys, tmp_path):
     written = output.read_text()
     assert "python -m benchmarks.vit" in written and "Raw per-call times" in written
     assert 'torch.compile backend="sparse"' in written
+
+
+def test_vit_runs_only_the_variants_picked(capsys):
+    # The GPU session's seed setting: dense eager vs backend="sparse", nothing else compiled.
+    assert vit.main(TINY_VIT + ["--variants", "eager,sparse"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line for line in text.splitlines() if "  " in line}
+    assert "dense eager" in rows and 'torch.compile backend="sparse"' in rows
+    for absent in ("dense torch.compile", "torch.sparse BSR (eager)", vit.NM_LABEL, "Supermask layout incl. in_proj"):
+        assert absent not in rows, text
+    cells = re.split(r"\s{2,}", rows['torch.compile backend="sparse"'].strip())
+    assert cells[vit.HEADERS.index("vs eager")].endswith("x")  # found by name, not by position
+    assert cells[vit.HEADERS.index("vs compile")] == "-" and cells[-1] == "ok"
 
 
 def test_vit_model_output_is_not_trivially_zero():
@@ -143,6 +157,7 @@ def test_list_flags_are_comma_separated_or_repeated():
         (vit, ["--model", "vit_b_16", "--num-layers", "2"], "applies to --model tiny only"),
         (vit, ["--image-size", "30"], "not a multiple of the patch size"),
         (vit, ["--batch-size", "0"], "positive integer"),
+        (vit, ["--variants", "eager,dense"], "unknown variant 'dense'"),
         (kernels, ["--shapes", "768x"], "KxN"),
         (kernels, ["--reps", "-1"], "positive integer"),
     ],
@@ -256,39 +271,160 @@ def test_cpu_op_benchmark_masked_candidates(capsys):
         assert name in text
 
 
-def run_gpu_session(tmp_path, *args, python3_cases=""):
-    """gpu_session.sh with stand-ins for python3 and nvidia-smi (every call exits 0 unless
-    ``python3_cases``, shell ``case`` lines run first, say otherwise); output under tmp_path/out."""
+def run_gpu_session(tmp_path, *args, python3_cases="", env=None):
+    """gpu_session.sh with stand-ins for python3 and nvidia-smi: every call exits 0 unless
+    ``python3_cases``, shell ``case`` lines run first, say otherwise; a benchmark writes "table"
+    to its --output file. Every python3 call is logged in tmp_path/calls.txt; output under
+    tmp_path/out. The script's stderr goes to its stdout (and its session log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").write_text(
-        "#!/bin/sh\n" + python3_cases + 'case "$*" in -c*get_device_name*) echo h100;; esac\nexit 0\n'
+        f'#!/bin/sh\necho "$*" >> {tmp_path / "calls.txt"}\n' + python3_cases
+        + 'case "$*" in -c*get_device_name*) echo h100; echo "NVIDIA H100 80GB HBM3 (sm90); torch 2.11.0";; esac\n'
+        + 'case "$*" in -m\\ benchmarks.*) for a; do last=$a; done; echo table > "$last";; esac\nexit 0\n'
     )
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H100\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho NVIDIA H100 80GB HBM3, 550.90, 81559 MiB\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), **(env or {})}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=120)
+
+
+def python3_calls(tmp_path) -> list[str]:
+    """The modules the script ran (``-m NAME``), in order, with their flags."""
+    lines = (tmp_path / "calls.txt").read_text().splitlines()
+    return [line.removeprefix("-m ") for line in lines if line.startswith(("-m benchmarks.", "-m pytest"))]
+
+
+def summary_rows(tmp_path) -> dict[str, list[str]]:
+    """<gpu>-summary.md's step table: step -> [cap s, ran s, status, file]."""
+    lines = (tmp_path / "out" / "h100-summary.md").read_text().splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
+# A pytest run with two failures: the script must print the first one whole, not the second.
+FAKE_PYTEST = """\
+....F..F
+=================================== FAILURES ===================================
+_________________________________ test_one[a] __________________________________
+    def test_one():
+>       assert kernel() == 1
+_ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _
+    def kernel():
+E       AssertionError: first failure, the end of its traceback
+_________________________________ test_two ____________________________________
+E       AssertionError: second failure
+============================= slowest 15 durations =============================
+3.00s call tests/test_x.py::test_one[a]
+=========================== short test summary info ============================
+FAILED tests/test_x.py::test_one[a] - AssertionError: first failure
+FAILED tests/test_x.py::test_two - AssertionError: second failure
+========================= 2 failed, 6 passed in 3.00s ==========================
+"""
+
+
+def test_gpu_session_first_runs_every_step_and_keeps_the_first_failure(tmp_path):
+    """The default (`first`): every step in order of importance, at issue 19's settings, each
+    even after one before it failed; the exit status is the first failure's (pytest's 1 here,
+    not the ViT's 3); pytest's first failure printed whole; results and a summary under $OUT."""
+    fail = (
+        f"case \"$*\" in -m\\ pytest*) cat <<'EOF'\n{FAKE_PYTEST}EOF\n exit 1;; "
+        "-m\\ benchmarks.vit*bfloat16*) echo vit exploded; exit 3;; esac\n"
+    )
+    done = run_gpu_session(tmp_path, python3_cases=fail)
+    assert done.returncode == 1, done.stdout
+    calls = python3_calls(tmp_path)
+    assert [call.split()[0] for call in calls] == [
+        "pytest", "benchmarks.kernels", "benchmarks.vit", "benchmarks.vit", "benchmarks.train_step"
+    ]
+    assert "-m gpu" in calls[0] and "--tb=long" in calls[0] and "-x" not in calls[0].split()
+    assert "--dtype bfloat16,float32 --sparsity 0.9,0.5 --blocksize 64" in calls[1]
+    assert "--dtype bfloat16 --sparsity 0.9 --blocksize 64 --variants eager,compile,sparse" in calls[2]
+    assert "--dtype float32 --sparsity 0.8 --blocksize 64 --variants eager,sparse" in calls[3]
+    assert "--batch-size 64 --sparsity 0.9 --blocksize 64 --variants dense-compile,sparse" in calls[4]
+    first = done.stdout.split("--- the first failure")[1]
+    assert "the end of its traceback" in first and "second failure" not in first.split("=== [")[0]
+    rows = summary_rows(tmp_path)
+    assert list(rows) == ["setup", "tests", "kernels", "vit-bf16", "vit-fp32", "train-step"]
+    assert [row[2] for row in rows.values()] == ["ok", "FAILED (exit 1)", "ok", "FAILED (exit 3)", "ok", "ok"]
+    assert rows["kernels"][3] == "h100-kernels.md"
+    assert rows["vit-bf16"][3] == "none (h100-vit-bf16.md not written)"  # the stand-in died first
+    out = tmp_path / "out"
+    files = sorted(path.name for path in out.iterdir())
+    assert files == sorted(["h100-session.log", "h100-summary.md", "h100-pytest-gpu.txt", "h100-kernels.md",
+                            "h100-vit-fp32.md", "h100-train-step.md"])
+    # What comes back from the device machine: at most 8 plain files, named in [A-Za-z0-9._-].
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    assert all((out / name).is_file() for name in files)
+    assert (out / "h100-pytest-gpu.txt").read_text() == FAKE_PYTEST
+    log = (out / "h100-session.log").read_text()
+    assert "vit exploded" in log and "NVIDIA H100 80GB HBM3, 550.90" in log and "| train-step |" in log
+    assert "NVIDIA H100 80GB HBM3 (sm90); torch 2.11.0" in (out / "h100-summary.md").read_text()
+    # Right after the run, on the development machine: one results file, the raw output beside it.
+    results = tmp_path / "results"
+    made = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "report", str(out), str(results)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and f"wrote {results / 'h100.md'}" in made.stdout, made.stdout + made.stderr
+    assert sorted(path.name for path in results.iterdir()) == ["h100-pytest-gpu.txt", "h100-session.log", "h100.md"]
+    report = (results / "h100.md").read_text()
+    assert report.startswith((out / "h100-summary.md").read_text())
+    for part in ("## Targets (issue 19)", ">= 2.5x dense torch.compile", "## pytest -m gpu", "2 failed, 6 passed",
+                 "the end of its traceback"):
+        assert part in report, part
+    assert report.count("\ntable\n") == 3  # kernels, vit-fp32, train-step (vit-bf16 wrote none)
+
+
+def test_gpu_session_kills_a_step_at_its_cap_and_runs_the_next(tmp_path):
+    """A step that runs long costs only itself: killed at its cap, reported, the next one runs.
+    pytest gets SIGINT at its cap (then it still writes the failures so far)."""
+    hang = (
+        """case "$*" in -m\\ pytest*) trap 'echo summary written on SIGINT; exit 2' INT; sleep 60;; """
+        "-m\\ benchmarks.kernels*) sleep 60;; esac\n"
+    )
+    caps = {"GPU_SESSION_CAP_SETUP": "1", "GPU_SESSION_CAP_TESTS": "1", "GPU_SESSION_CAP_KERNELS": "1",
+            "GPU_SESSION_KILL_GRACE": "1"}
+    start = time.monotonic()
+    done = run_gpu_session(tmp_path, python3_cases=hang, env=caps)
+    assert time.monotonic() - start < 30, done.stdout
+    assert done.returncode == 124, done.stdout
+    rows = summary_rows(tmp_path)
+    assert rows["tests"][2] == "TIMED OUT: killed at its cap"
+    assert "summary written on SIGINT" in (tmp_path / "out" / "h100-pytest-gpu.txt").read_text()
+    assert rows["kernels"][2] == "TIMED OUT: killed at its cap" and int(rows["kernels"][1]) <= 5
+    assert [rows[step][2] for step in ("vit-bf16", "vit-fp32", "train-step")] == ["ok"] * 3
+    assert [call.split()[0] for call in python3_calls(tmp_path)][-3:] == [
+        "benchmarks.vit", "benchmarks.vit", "benchmarks.train_step"
+    ]
+
+
+def test_gpu_session_first_fits_nine_minutes():
+    """The caps of `first` (and the last step's kill grace) add up to less than 9 minutes."""
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    caps = dict(re.findall(r"\[([\w-]+)\]=(\d+)", re.search(r"declare -A CAP=\((.*)\)", script).group(1)))
+    first = re.search(r'FIRST_STEPS="([^"]*)"', script).group(1).split()
+    grace = int(re.search(r"GRACE=\$\{GPU_SESSION_KILL_GRACE:-(\d+)\}", script).group(1))
+    assert first == ["tests", "kernels", "vit-bf16", "vit-fp32", "train-step"]
+    assert int(caps["setup"]) + sum(int(caps[step]) for step in first) + grace < 9 * 60
 
 
 def test_gpu_session_fails_when_pytest_fails(tmp_path):
     """pytest exits 1, all else 0."""
-    done = run_gpu_session(tmp_path, "quick", python3_cases='case "$*" in *pytest*) echo "1 failed"; exit 1;; esac\n')
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "FAILED (exit 1): pytest -m gpu" in done.stderr
+    done = run_gpu_session(tmp_path, "quick", python3_cases='case "$*" in -m\\ pytest*) echo "1 failed"; exit 1;; esac\n')
+    assert done.returncode == 1, done.stdout
+    assert "step tests: FAILED (exit 1)" in done.stdout
     assert (tmp_path / "out" / "h100-pytest-gpu.txt").read_text().strip() == "1 failed"
+    assert list(summary_rows(tmp_path)) == ["setup", "tests", "kernels"]
 
 
 def test_gpu_session_runs_the_steps_it_is_given(tmp_path):
-    """A device call is limited to 10 minutes: a session runs gpu_session.sh one step group at a time."""
-    calls = tmp_path / "calls.txt"
-    log_calls = f'case "$*" in -m\\ benchmarks.*|-m\\ pytest*) echo "$*" >> {calls};; esac\n'
-    done = run_gpu_session(tmp_path, "kernels", "train-step", python3_cases=log_calls)
-    assert done.returncode == 0, done.stdout + done.stderr
-    ran = [line.split()[1] for line in calls.read_text().splitlines()]
-    assert ran == ["benchmarks.kernels", "benchmarks.train_step"]
-    assert "--sparsity 0.9 --blocksize 64" in calls.read_text()  # issue 10's GPU target row
+    """Re-running what failed: the steps named, in the order given, at the settings of `first`."""
+    done = run_gpu_session(tmp_path, "train-step", "kernels")
+    assert done.returncode == 0, done.stdout
+    calls = python3_calls(tmp_path)
+    assert [call.split()[0] for call in calls] == ["benchmarks.train_step", "benchmarks.kernels"]
+    assert "--sparsity 0.9 --blocksize 64" in calls[0]  # issue 10's GPU target row
     wrong = run_gpu_session(tmp_path, "kernel")
     assert wrong.returncode == 2 and "unknown step 'kernel'" in wrong.stderr
 
@@ -302,9 +438,11 @@ def test_gpu_defaults_are_the_seed_setting():
     assert kernels.DEFAULTS["cuda"]["shapes"] == [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
 
 
-def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_path):
+@pytest.mark.parametrize("amp", [False, True])
+def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_path, amp):
     # One encoder block, every linear masked (MLP, out_proj and, with the flag, in_proj): the
-    # sparse row must say all four run masked, and every row's gradients must match eager.
+    # sparse row must say all four run masked, and every row's gradients must match eager; with
+    # --amp under bf16 autocast (the seed recipe's flag), the masked op taking fp32 master weights.
     from benchmarks import train_step
 
     output = tmp_path / "train.md"
@@ -312,8 +450,9 @@ def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_pat
         "--warmup", "0", "--reps", "1", "--model", "small", "--image-size", "16", "--patch-size", "8",
         "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2", "--batch-size", "2",
         "--sparsity", "0.9", "--blocksize", "16", "--attention-in-proj", "--output", str(output),
-    ]
+    ] + (["--amp"] if amp else [])
     assert train_step.main(argv) == 0
+    assert (", autocast bfloat16" in output.read_text()) == amp
     text = output.read_text()
     rows = table_lines(text, "|")
     labels = ("dense model, eager", "dense model, torch.compile", "Supermask, eager", "Supermask, torch.compile",
@@ -324,6 +463,39 @@ def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_pat
     sparse_row = next(row for row in rows if 'backend="sparse"' in row)
     assert "| 4/4 " in sparse_row, sparse_row
     assert "attention in_proj" in text
+
+
+def test_train_step_flags_pick_rows_and_autocast():
+    from benchmarks import train_step
+
+    args = train_step.parse_args(CPU[:2])
+    assert args.variants == list(train_step.VARIANTS) and not args.amp
+    args = train_step.parse_args(CPU[:2] + ["--variants", "dense-compile,sparse", "--amp"])
+    assert args.variants == ["dense-compile", "sparse"] and args.dtype == [torch.float32]
+    with pytest.raises(SystemExit):
+        train_step.parse_args(CPU[:2] + ["--amp", "--dtype", "bf16"])
+    with pytest.raises(SystemExit):
+        train_step.parse_args(CPU[:2] + ["--variants", "eager"])
+
+
+def test_train_step_runs_only_the_compiled_rows_picked(tmp_path):
+    # The GPU session runs backend="sparse" and dense torch.compile only (each compile of ViT-B's
+    # forward and backward costs tens of seconds); the eager rows stay as gradient references.
+    from benchmarks import train_step
+
+    output = tmp_path / "train.md"
+    argv = CPU[:2] + [
+        "--warmup", "0", "--reps", "1", "--model", "small", "--image-size", "16", "--patch-size", "8",
+        "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2", "--batch-size", "2",
+        "--sparsity", "0.9", "--blocksize", "16", "--variants", "sparse", "--output", str(output),
+    ]
+    assert train_step.main(argv) == 0
+    rows = table_lines(output.read_text(), "|")
+    labels = [row.split("|")[1].strip() for row in rows[2:]]
+    assert labels == ["dense model, eager", "Supermask, eager", 'Supermask, backend="sparse"'], rows
+    sparse = [cell.strip() for cell in rows[-1].strip(" |").split("|")]
+    assert sparse[train_step.HEADERS.index("vs eager")].endswith("x") and sparse[-1] == "ok", rows[-1]
+    assert sparse[train_step.HEADERS.index("vs inductor")] == "-"
 
 
 def test_train_step_bimask_rows(tmp_path):
@@ -349,4 +521,3 @@ def test_train_step_bimask_rows(tmp_path):
             assert "| 2:4 " in matching[0] and "| 50% " in matching[0], matching[0]
     assert not any(row.startswith("| Supermask") for row in rows)
     assert "Bi-Mask rows: bidirectional N:M" in text
-

@@ -288,7 +288,9 @@ def test_opcheck():
     "args,error,match",
     [
         ((torch.randn(3, 40), torch.randn(24, 40), torch.ones(2, 2), None, 16), ValueError, r"tile mask of shape \(2, 3\)"),
-        ((torch.randn(3, 40), torch.randn(24, 40).half(), torch.ones(2, 3), None, 16), TypeError, "share one dtype"),
+        ((torch.randn(3, 40), torch.randn(24, 40).half(), torch.ones(2, 3), None, 16), TypeError, "must have x.s dtype"),
+        ((torch.randn(3, 40).bfloat16(), torch.randn(24, 40).half(), torch.ones(2, 3), None, 16), TypeError, "or float32 when x is float16"),
+        ((torch.randn(3, 40).half(), torch.randn(24, 40), torch.ones(2, 3), torch.randn(24).bfloat16(), 16), TypeError, "bias torch.bfloat16"),
         ((torch.randn(3, 40), torch.randn(24, 40), torch.ones(2, 3, dtype=torch.bool), None, 16), TypeError, "float"),
         ((torch.randn(3, 41), torch.randn(24, 40), torch.ones(2, 3), None, 16), ValueError, r"x \[\.\.\., K\]"),
         ((torch.randn(3, 40).double(), torch.randn(24, 40).double(), torch.ones(2, 3), None, 16), TypeError, "one of"),
