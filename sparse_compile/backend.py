@@ -24,6 +24,8 @@ compiles exactly as with ``backend="inductor"``.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import logging
 import re
@@ -81,6 +83,9 @@ def sparse_backend(
         log.info(graph_report.summary())
         return compile_fx(gm, example_inputs, config_patches=config_patches)
 
+    # Before any setting of ours applies: the freezing patterns are registered once per process,
+    # under the settings of the first compile that freezes (see _freezing_patterns_without_packing).
+    _register_freezing_patterns()
     frozen_gm, runtime_indices, weight_names = _weights_as_attributes(gm, example_inputs)
     runtime_inputs = [example_inputs[i] for i in runtime_indices]
     bsr_pass = SparseLinearPass(sparse_options, graph_report, weight_names)
@@ -98,6 +103,9 @@ def sparse_backend(
         }
     )
     compiled = _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass, config_patches)
+    if not bsr_pass.ran:
+        graph_report.no_linear = "the sparse pass did not run on this graph (Inductor did not call it)"
+        graph_report.linears_hidden = True
     _log_and_count(graph_report, bsr_pass)
     return _drop_constant_arguments(compiled, runtime_indices)
 
@@ -161,14 +169,72 @@ def _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches, **comp
     becomes plain ops, so the pass sees its linears.
     """
     bsr_pass.graph_report.layers.clear()
+    bsr_pass.graph_report.no_linear = ""
+    bsr_pass.graph_report.linears_hidden = False
+    bsr_pass.ran = False
     decompositions = {**select_decomp_table(), **FUSED_TRANSFORMER_DECOMPOSITIONS}
-    return compile_fx(
-        _copy_graph_module(frozen_gm),
-        runtime_inputs,
-        config_patches=config_patches,
-        decompositions=decompositions,
-        **compile_fx_kwargs,
-    )
+    with _freezing_patterns_without_packing():
+        return compile_fx(
+            _copy_graph_module(frozen_gm),
+            runtime_inputs,
+            config_patches=config_patches,
+            decompositions=decompositions,
+            **compile_fx_kwargs,
+        )
+
+
+def _register_freezing_patterns() -> None:
+    """Registers Inductor's freezing patterns as Inductor itself would, under the user's settings.
+
+    Inductor registers them once per process (``freezing_patterns.lazy_init``, cached), reading
+    ``cpp.weight_prepack`` only then. If our compile, which sets it to False, came first, every
+    later ``backend="inductor"`` compile with freezing in the process would lose its oneDNN/MKL
+    weight packing. Registering them first, outside our settings, keeps the user's baseline as
+    it would be without us (0.14 s, once per process).
+    """
+    from torch._inductor.fx_passes import freezing_patterns
+
+    freezing_patterns.lazy_init()
+
+
+#: Modules whose freezing patterns Inductor registers only under ``cpp.weight_prepack``: they
+#: replace a linear with a constant weight by a packed oneDNN/MKL op (``mkl._mkl_linear``,
+#: ``mkldnn._linear_pointwise``), and quantized layers likewise.
+_WEIGHT_PACKING_MODULES = ("torch._inductor.fx_passes.mkldnn_fusion", "torch._inductor.fx_passes.quantization")
+
+
+@contextlib.contextmanager
+def _freezing_patterns_without_packing():
+    """Inductor's freezing patterns without the weight-packing ones, for the duration of one compile.
+
+    ``cpp.weight_prepack=False`` alone does not stop them: Inductor reads that setting only when
+    it registers the patterns, once per process (``freezing_patterns.lazy_init``), and the
+    linear-packing pattern's own check does not read it. So after any freezing compile with
+    packing on (``backend="inductor"`` with freezing, say) every linear with a constant weight was
+    packed before our pass ran, and the pass found "0 of 0 linear layers" (issue 21, item 5).
+    Hidden here are the entries those registrations add (:data:`_WEIGHT_PACKING_MODULES`), which
+    leaves what a process that never packed has; they are put back afterwards.
+    """
+    from torch._inductor.fx_passes import freezing_patterns
+
+    saved = [pattern_pass.patterns for pattern_pass in freezing_patterns.pass_patterns]
+    for pattern_pass, patterns in zip(freezing_patterns.pass_patterns, saved):
+        kept = collections.defaultdict(list)
+        for key, entries in patterns.items():
+            entries = [entry for entry in entries if not _packs_weights(entry)]
+            if entries:
+                kept[key] = entries
+        pattern_pass.patterns = kept
+    try:
+        yield
+    finally:
+        for pattern_pass, patterns in zip(freezing_patterns.pass_patterns, saved):
+            pattern_pass.patterns = patterns
+
+
+def _packs_weights(entry) -> bool:
+    handler = getattr(entry, "handler", None)
+    return getattr(handler, "__module__", None) in _WEIGHT_PACKING_MODULES
 
 
 def _run_without_codegen(bsr_pass: SparseLinearPass):
@@ -248,7 +314,12 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
             stats["dense_layers"] += 1
             stats[f"dense_{_reason_key(layer)}"] += 1
             log.debug("%s (%s): dense, %s", layer.name, size, layer.reason)
-    log.info(graph_report.summary())
+    if not graph_report.layers:
+        stats["graphs_without_linear"] += 1
+    if graph_report.linears_hidden:
+        log.warning(graph_report.summary())
+    else:
+        log.info(graph_report.summary())
 
 
 def _reason_key(layer: LayerRecord) -> str:

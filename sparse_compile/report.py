@@ -72,6 +72,11 @@ class GraphReport:
     # Set when Inductor could not compile the graph and the backend worked around it.
     fallback: str = ""
     training: bool = False  # compiled with grad enabled: linears run masked, not BSR
+    # Why the pass found no linear layer at all (set when it found none): a compile that does
+    # nothing must say why.
+    no_linear: str = ""
+    # True when linears may have been there but the pass could not see them (logged as a warning).
+    linears_hidden: bool = False
     # Weak references to the parameters and buffers the graph read, to tell which model it
     # belongs to without keeping the model alive.
     _tensor_refs: list[weakref.ref] = dataclasses.field(default_factory=list, repr=False)
@@ -85,6 +90,11 @@ class GraphReport:
     def summary(self) -> str:
         if self.note:
             return f"sparse backend, graph {self.graph_id}: {self.note}"
+        if not self.layers and self.no_linear:
+            return (
+                f"sparse backend, graph {self.graph_id}: no linear layer found: {self.no_linear}"
+                + (f"; {self.fallback}" if self.fallback else "")
+            )
         sparse = [layer for layer in self.layers if layer.format != "dense"]
         fused = [layer for layer in self.layers if layer.fused_op]
         how = "run masked (training graph)" if self.training else _how_sparse(sparse)
