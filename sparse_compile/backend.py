@@ -40,6 +40,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from sparse_compile import measure
 from sparse_compile.formats import get as get_format
 from sparse_compile.formats import supported_dtypes
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
@@ -103,6 +104,7 @@ def sparse_backend(
         }
     )
     compiled = _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass, config_patches)
+    compiled = _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass, sparse_options, mode)
     if not bsr_pass.ran:
         graph_report.no_linear = "the sparse pass did not run on this graph (Inductor did not call it)"
         graph_report.linears_hidden = True
@@ -259,6 +261,88 @@ def _run_without_codegen(bsr_pass: SparseLinearPass):
     return inner_compile
 
 
+def _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass, options: SparseOptions, mode):
+    """``compiled`` (the rewritten graph), or the graph as Inductor alone compiles it when the
+    whole-graph check measured the rewrite no faster (``measure.check_graph``).
+
+    Runs under ``density_threshold="auto"`` when some layer runs sparse and ``check_graph`` is on.
+    The plain graph is ``frozen_gm`` compiled with the user's Inductor settings, ``mode`` and
+    freezing: what ``backend="inductor"`` with freezing makes of it. Both run on the traced inputs;
+    a graph that writes to its inputs (BatchNorm statistics in train mode) is not run again, and
+    the random number generators' state is restored after timing.
+    """
+    graph_report = bsr_pass.graph_report
+    stats = counters["sparse_compile"]
+    if not options.measured or not any(layer.format != "dense" for layer in graph_report.layers):
+        return compiled
+    if not options.check_graph:
+        stats["graph_checks_off"] += 1
+        return compiled
+    plain_patches = {**inductor_config_for_mode(mode), "freezing": True}
+    why_not = _why_not_run_again(plain_patches)
+    if why_not:
+        stats["graph_checks_skipped"] += 1
+        graph_report.graph_check_skipped = why_not
+        return compiled
+    device = _graph_device(frozen_gm, runtime_inputs)
+    key = measure.graph_key(device, _graph_structure(frozen_gm, runtime_inputs, graph_report, mode))
+
+    def compile_dense():
+        return compile_fx(_copy_graph_module(frozen_gm), runtime_inputs, config_patches=plain_patches)
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            verdict, plain = measure.check_graph(key, compiled, compile_dense, runtime_inputs, device)
+    except Exception as error:  # noqa: BLE001 - a failed check keeps the rewrite that compiled
+        stats["graph_checks_failed"] += 1
+        graph_report.graph_check_skipped = f"it failed ({_first_line(error)}), the rewrite is kept"
+        return compiled
+    stats["graph_checks"] += 1
+    stats["graph_checks_cached"] += verdict.from_cache
+    if verdict.keep:
+        stats["graphs_kept_sparse"] += 1
+        graph_report.graph_check = verdict
+        return compiled
+    stats["graphs_kept_dense"] += 1
+    graph_report.fall_back_to_dense(verdict)
+    bsr_pass.weights_converted = {}
+    return plain
+
+
+def _why_not_run_again(plain_patches: dict[str, Any]) -> str:
+    """Why the compiled graph must not be run at compile time, or ``""``."""
+    if plain_patches.get("triton.cudagraphs"):
+        return "CUDA graphs (mode='reduce-overhead') record on the first calls"
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    if metadata is not None and any(info.mutates_data or info.mutates_metadata for info in metadata.input_info):
+        return "the graph writes to its inputs (e.g. BatchNorm statistics), so it is not run at compile time"
+    return ""
+
+
+def _graph_device(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> torch.device:
+    tensors = [t for t in itertools.chain(inputs, gm.buffers()) if isinstance(t, torch.Tensor)]
+    cuda = [t.device for t in tensors if t.device.type == "cuda"]
+    return cuda[0] if cuda else (tensors[0].device if tensors else torch.device("cpu"))
+
+
+def _graph_structure(gm: torch.fx.GraphModule, inputs: Sequence[Any], graph_report: GraphReport, mode) -> str:
+    """What a whole-graph verdict depends on besides the device: the graph's code, the shapes
+    of its inputs and constants, the mode, and each layer's decision (format, block, density)."""
+    parts = [gm.code, f"mode {mode}"]
+    for value in itertools.chain(inputs, gm.buffers()):
+        if isinstance(value, torch.Tensor):
+            parts.append(f"{tuple(value.shape)} {tuple(value.stride())} {value.dtype}")
+        else:
+            parts.append(repr(value))
+    for layer in graph_report.layers:
+        density = measure.density_bucket(layer.density) if layer.density is not None else "-"
+        parts.append(f"{layer.name} {layer.out_features}x{layer.in_features} {layer.dtype} {layer.format} {layer.blocksize} {density}")
+    return "\n".join(parts)
+
+
 def _is_cpp_compile_error(error: BaseException) -> bool:
     """Whether Inductor's C++ compiler failed (the exception or one it was raised from)."""
     while error is not None:
@@ -326,6 +410,8 @@ def _reason_key(layer: LayerRecord) -> str:
     """A short, stable name for why ``layer`` stayed dense (the reason text has numbers in it)."""
     if layer.fused_op:
         return "fused_fast_path"
+    if layer.reason.startswith("whole graph measured"):
+        return "whole_graph_slower"
     if "not a constant" in layer.reason:
         return "runtime_weight"
     if "no Triton kernel" in layer.reason or "no BSR kernel for device" in layer.reason:

@@ -19,8 +19,17 @@ one measurement. Writes take a file lock, merge with what is on disk and replace
 atomically, so processes compiling at once (DDP ranks) keep each other's entries; a file that
 cannot be read is ignored with a warning and rewritten.
 
-Tests replace :data:`timer` (module attribute, looked up at every call): no test depends on a
-real timing.
+The whole-graph check (:func:`check_graph`): per-layer times say little where a layer takes
+0.1 ms (per-call overhead, not arithmetic) and time neither the way Inductor runs a dense layer
+(its ``mm``/``addmm`` with the fused epilogue) nor our op's call from the compiled graph. So when
+some layer runs sparse, the backend also times the compiled graph against the same graph compiled
+by Inductor alone, round-robin on the traced inputs, and keeps the rewrite only when it is faster
+by more than the measured spread (and at least :data:`GRAPH_MIN_GAIN`). The verdict is cached in
+the same file, keyed by the graph's structure, shapes, the layers' decisions (format, block size,
+density bucket) and the device.
+
+Tests replace :data:`timer` and :data:`graph_timer` (module attributes, looked up at every call):
+no test depends on a real timing.
 """
 
 from __future__ import annotations
@@ -71,6 +80,17 @@ CPU_HOPELESS = 3.0
 CUDA_WARMUP_MS = 25
 CUDA_REP_MS = 100
 
+# Whole-graph check: GRAPH_WARMUP calls of each graph, then round-robin rounds (one call of each)
+# for about GRAPH_BUDGET_S, between GRAPH_MIN_ROUNDS and GRAPH_MAX_ROUNDS. The rewrite is kept
+# when its fastest call beats dense's by more than the spread of the calls (the larger of the two
+# graphs' gaps between the fastest call and the lower quartile: jitter near the floor, not the
+# load from other processes) and by at least GRAPH_MIN_GAIN.
+GRAPH_WARMUP = 2
+GRAPH_MIN_ROUNDS = 5
+GRAPH_MAX_ROUNDS = 30
+GRAPH_BUDGET_S = 1.0
+GRAPH_MIN_GAIN = 0.03
+
 
 # --------------------------------------------------------------------------------------------
 # What is timed
@@ -120,6 +140,8 @@ class Spent:
     candidates_timed: int = 0
     seconds: float = 0.0  # timing, the wait below included
     waiting_seconds: float = 0.0  # of which waiting for Inductor's compile workers to start
+    graphs_timed: int = 0  # whole-graph checks that timed (not read from the cache)
+    graph_check_seconds: float = 0.0  # whole-graph checks: Inductor's compile of the plain graph and the timing
 
 
 spent = Spent()
@@ -204,6 +226,142 @@ def _time_cuda(fns: Sequence[Callable[[], object]], device: torch.device) -> lis
         torch.cuda.synchronize(device)
         results.append(float(do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median")))
     return results
+
+
+def time_graphs(fns: Sequence[Callable[[], object]], device: torch.device) -> list[list[float]]:
+    """ms of every timed call of each of ``fns`` (whole compiled graphs), called round-robin.
+
+    CPU: ``time.perf_counter`` around each call. CUDA: CUDA events around each call, synchronized
+    once per round (the first calls, outside the timing, autotune our Triton kernels).
+    """
+    cuda = device.type == "cuda"
+    if not cuda:
+        wait_for_compile_workers()
+    for _ in range(GRAPH_WARMUP):
+        for fn in fns:
+            fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    samples: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    for done in range(GRAPH_MAX_ROUNDS):
+        if done >= GRAPH_MIN_ROUNDS and time.perf_counter() - start > GRAPH_BUDGET_S:
+            break
+        if cuda:
+            events = []
+            for fn in fns:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                events.append((begin, end))
+            torch.cuda.synchronize(device)
+            for times, (begin, end) in zip(samples, events):
+                times.append(begin.elapsed_time(end))
+        else:
+            for times, fn in zip(samples, fns):
+                times.append(1e3 * _seconds(fn))
+    return samples
+
+
+#: The timer :func:`check_graph` calls with ``[rewritten graph, plain graph]`` calls and the
+#: device; returns the ms of every timed call of each. Tests replace it.
+graph_timer: Callable[[Sequence[Callable[[], object]], torch.device], list[list[float]]] = time_graphs
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphVerdict:
+    """The whole-graph check's outcome: fastest call of the rewritten graph and of the plain one
+    (ms), the spread the rewrite had to beat (fraction), whether it is kept, whether read from the cache."""
+
+    sparse_ms: float
+    dense_ms: float
+    spread: float
+    keep: bool
+    from_cache: bool = False
+    seconds: float = 0.0  # what the check cost this compile (plain compile + timing)
+
+    @property
+    def band(self) -> float:
+        """How much faster (fraction) the rewrite had to be to be kept."""
+        return max(self.spread, GRAPH_MIN_GAIN)
+
+    @property
+    def speedup(self) -> float:
+        """Plain graph's time / rewritten graph's time (above 1: the rewrite is faster)."""
+        return self.dense_ms / self.sparse_ms if self.sparse_ms > 0 else float("inf")
+
+
+def judge(sparse_samples: Sequence[float], dense_samples: Sequence[float]) -> GraphVerdict:
+    """Keeps the rewrite when its fastest call beats the plain graph's by more than the spread."""
+    sparse_ms, dense_ms = min(sparse_samples), min(dense_samples)
+    spread = max(_floor_spread(sparse_samples), _floor_spread(dense_samples))
+    verdict = GraphVerdict(sparse_ms, dense_ms, spread, keep=False)
+    return dataclasses.replace(verdict, keep=sparse_ms < dense_ms * (1.0 - verdict.band))
+
+
+def _floor_spread(samples: Sequence[float]) -> float:
+    """(lower quartile - fastest) / fastest: how far apart calls near the floor are."""
+    ordered = sorted(samples)
+    fastest = ordered[0]
+    if fastest <= 0:
+        return 0.0
+    quartile = ordered[(len(ordered) - 1) // 4]
+    return (quartile - fastest) / fastest
+
+
+def check_graph(
+    key: str,
+    sparse_fn: Callable[..., object],
+    compile_dense: Callable[[], Callable[..., object]],
+    inputs: Sequence[object],
+    device: torch.device,
+) -> tuple[GraphVerdict, Callable[..., object] | None]:
+    """The whole-graph verdict for the graph ``key`` names, from the cache or timed now.
+
+    ``sparse_fn`` is the rewritten graph compiled; ``compile_dense`` compiles the plain graph
+    (Inductor alone) when needed: always when timing, and on a cached verdict only when that
+    verdict is dense. Both are called with ``inputs``. Returns the verdict and the plain graph's
+    compiled function (None when it was not compiled).
+    """
+    cache = current_cache()
+    keys = {part: f"{key} | {part}" for part in ("sparse ms", "dense ms", "spread", "keep")}
+    cached = {part: cache.get(k) for part, k in keys.items()}
+    start = time.perf_counter()
+    if all(value is not None for value in cached.values()):
+        keep = bool(cached["keep"])
+        dense_fn = None if keep else compile_dense()
+        verdict = GraphVerdict(
+            cached["sparse ms"], cached["dense ms"], cached["spread"], keep, from_cache=True,
+            seconds=time.perf_counter() - start,
+        )
+        spent.graph_check_seconds += verdict.seconds
+        return verdict, dense_fn
+    dense_fn = compile_dense()
+    sparse_samples, dense_samples = graph_timer(
+        [functools.partial(sparse_fn, *inputs), functools.partial(dense_fn, *inputs)], device
+    )
+    verdict = dataclasses.replace(judge(sparse_samples, dense_samples), seconds=time.perf_counter() - start)
+    spent.graphs_timed += 1
+    spent.graph_check_seconds += verdict.seconds
+    log.info(
+        "sparse_compile: whole graph timed with and without the rewrite: %.3g ms vs %.3g ms (spread %.1f%%), "
+        "plain compile and timing %.2f s", verdict.sparse_ms, verdict.dense_ms, 100 * verdict.spread, verdict.seconds,
+    )
+    cache.put({
+        keys["sparse ms"]: verdict.sparse_ms, keys["dense ms"]: verdict.dense_ms,
+        keys["spread"]: verdict.spread, keys["keep"]: float(verdict.keep),
+    })
+    return verdict, dense_fn
+
+
+def graph_key(device: torch.device, structure: str) -> str:
+    """The cache key of a whole-graph verdict: device, versions, and a hash of ``structure``
+    (the graph's code, input and constant shapes, the layers' decisions; see the backend)."""
+    import hashlib
+
+    digest = hashlib.sha256(structure.encode()).hexdigest()[:24]
+    return " | ".join([device_name(device), f"torch {torch.__version__}", f"triton {_triton_version()}", f"graph {digest}"])
 
 
 # --------------------------------------------------------------------------------------------
