@@ -184,3 +184,19 @@ def test_graph_writing_its_inputs_is_not_run_again(monkeypatch):
     assert timer.calls == 0 and int(model[1].num_batches_tracked) == 1
     assert "whole-graph check skipped: the graph writes to its inputs" in str(sparse_compile.report(compiled))
     assert counters["sparse_compile"]["graph_checks_skipped"] == 1
+
+
+def test_graph_timer_runs_round_robin_and_stops_early_when_clear(monkeypatch):
+    monkeypatch.setattr(measure, "GRAPH_BUDGET_S", 0.0)
+    calls = []
+    fns = [lambda: calls.append("sparse"), lambda: calls.append("dense")]
+    # Each timed call "takes" 1 ms for the rewrite and 2 ms for the plain graph: a clear win.
+    monkeypatch.setattr(measure, "_seconds", lambda fn: fn() or {"sparse": 1e-3, "dense": 2e-3}[calls[-1]])
+    samples = measure.time_graphs(fns, torch.device("cpu"))
+    assert [len(s) for s in samples] == [measure.GRAPH_CLEAR_ROUNDS] * 2
+    assert calls[:2] == ["sparse", "dense"] * measure.GRAPH_WARMUP and calls[-2:] == ["sparse", "dense"]
+    # Not clear (a tie): at least GRAPH_MIN_ROUNDS rounds.
+    calls.clear()
+    monkeypatch.setattr(measure, "_seconds", lambda fn: fn() or 1e-3)
+    samples = measure.time_graphs(fns, torch.device("cpu"))
+    assert [len(s) for s in samples] == [measure.GRAPH_MIN_ROUNDS] * 2
