@@ -11,6 +11,10 @@ with Inductor's freezing semantics. Changing a weight after compiling needs a ne
 (``torch._dynamo.reset()`` or a new ``torch.compile`` call): the compiled code keeps the
 weights, and the BSR copies, that it saw on the first call.
 
+With ``density_threshold="auto"``, a graph in which some layer runs sparse is then timed against
+the same graph compiled by Inductor alone, and runs as that one unless the rewrite wins beyond the
+noise (see :func:`_check_whole_graph`, ``options={"check_graph": False}`` to skip it).
+
 Only the model's parameters and buffers become constants (see :func:`_weights_as_attributes`);
 when Inductor cannot compile a graph the backend falls back (see :func:`_compile_or_fall_back`);
 it logs each layer's decision on the ``sparse_compile`` logger and counts what it did in
@@ -280,6 +284,8 @@ def _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass: SparseLine
         return compiled
     plain_patches = {**inductor_config_for_mode(mode), "freezing": True}
     why_not = _why_not_run_again(plain_patches)
+    if graph_report.fallback:  # Inductor failed on this graph: the plain compile would too
+        why_not = "Inductor could not compile this graph as configured"
     if why_not:
         stats["graph_checks_skipped"] += 1
         graph_report.graph_check_skipped = why_not
