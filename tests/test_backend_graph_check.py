@@ -200,3 +200,24 @@ def test_graph_timer_runs_round_robin_and_stops_early_when_clear(monkeypatch):
     monkeypatch.setattr(measure, "_seconds", lambda fn: fn() or 1e-3)
     samples = measure.time_graphs(fns, torch.device("cpu"))
     assert [len(s) for s in samples] == [measure.GRAPH_MIN_ROUNDS] * 2
+
+
+def test_no_check_after_inductor_failed(monkeypatch):
+    # The plain compile would fail the same way: the check is skipped, the report says why.
+    from torch._inductor.graph import GraphLowering
+
+    from sparse_compile import backend
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Inductor failed (stand-in)")
+
+    monkeypatch.setattr(GraphLowering, "compile_to_module", fail)
+    monkeypatch.setattr(backend, "_warned", set())  # it warns once per process
+    timer = GraphTimer(sparse_ms=5.0, dense_ms=1.0)
+    monkeypatch.setattr(measure, "graph_timer", timer)
+    model, x = ThreeLinears().eval(), torch.randn(2, 64)
+    with pytest.warns(RuntimeWarning):
+        compiled, out = compile_and_run(model, x)
+    assert timer.calls == 0 and counters["sparse_compile"]["bsr_layers"] == 2
+    assert "whole-graph check skipped: Inductor could not compile this graph" in str(sparse_compile.report(compiled))
+    torch.testing.assert_close(out.double(), reference(model, x), atol=1e-4, rtol=1e-4)
