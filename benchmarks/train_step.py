@@ -19,6 +19,13 @@ and after: steps are tens of ms, launch overhead is part of a step). Medians are
 
 Check: the first step of every variant starts from the same weights and batch; its loss and the
 gradients of every parameter (weights, scores) are compared with eager on the same masked model.
+
+Bi-Mask (``--bimask 2:4``; ``--no-supermask`` leaves out the Supermask rows): the same encoder
+linears (and in_proj with ``--attention-in-proj``) get a bidirectional
+:class:`~sparse_compile.training.NMMask` (``apply_nm``; forward mask, backward mask and SR-STE
+decay every step), run eager, ``torch.compile`` and ``backend="sparse"``; "vs dense compile" is
+the issue's ratio (the dense model under ``backend="inductor"`` over the row). The permutation
+search (every 100 steps) does not fall in the timed steps.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from torch import nn
 
 import sparse_compile
 from benchmarks import common
-from sparse_compile.training import apply_supermask
+from sparse_compile.training import apply_nm, apply_supermask
+from sparse_compile.training.cli_args import parse_nm
 
 CPU_SMALL = dict(image_size=64, patch_size=8, num_layers=6, hidden_dim=384, mlp_dim=1536, num_heads=6)
 SMALL_FLAGS = ("patch_size", "num_layers", "hidden_dim", "mlp_dim", "num_heads")
@@ -48,6 +56,8 @@ VARIANTS = {
     "dense-compile": "dense model, torch.compile",
     "supermask-compile": "Supermask, torch.compile",
     "sparse": 'Supermask, backend="sparse"',
+    "bimask-compile": "Bi-Mask N:M, torch.compile (with --bimask)",
+    "bimask-sparse": 'Bi-Mask N:M, backend="sparse" (with --bimask)',
 }
 
 DEFAULTS = {
@@ -83,6 +93,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                             help=f"--model small only (default {CPU_SMALL[flag]})")
     parser.add_argument("--attention-in-proj", action="store_true",
                         help="also mask each attention's packed q/k/v projection (apply_supermask(..., attention_in_proj=True))")
+    parser.add_argument("--bimask", action="append", type=common.comma_list(parse_nm), metavar="N:M",
+                        help="also time Bi-Mask (bidirectional N:M, apply_nm) rows for each N:M, e.g. 2:4")
+    parser.add_argument("--supermask", action=argparse.BooleanOptionalAction, default=True,
+                        help="the Supermask rows (--no-supermask: dense and Bi-Mask rows only)")
     parser.add_argument("--variants", action="append", type=common.comma_list(_variant),
                         help="compiled rows to run, comma list (default: all; the eager rows always run): "
                         + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
@@ -125,6 +139,14 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model.train()
 
 
+def bimask_model(model: nn.Module, n: int, m: int, in_proj: bool = False) -> tuple[nn.Module, int]:
+    """A copy of ``model`` whose encoder linears (and in_proj with ``in_proj``) get Bi-Mask ``n:m``."""
+    masked = copy.deepcopy(model)
+    torch.manual_seed(1)  # the same permutation seeds for every variant
+    names = apply_nm(masked, n, m, filter_fn=lambda name, _m: name.startswith("encoder"), attention_in_proj=in_proj)
+    return masked, len(names)
+
+
 def masked_model(model: nn.Module, sparsity: float, tile: int, in_proj: bool = False) -> tuple[nn.Module, int]:
     masked = copy.deepcopy(model)
     torch.manual_seed(1)  # the same scores for every variant of one (sparsity, tile)
@@ -137,7 +159,7 @@ def masked_model(model: nn.Module, sparsity: float, tile: int, in_proj: bool = F
 class Variant:
     label: str
     sparsity: float | None
-    tile: int | None
+    tile: int | str | None  # Supermask tile, or "N:M" for Bi-Mask rows
     model: nn.Module
     compiled: nn.Module
     optimizer: torch.optim.Optimizer
@@ -208,9 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = common.environment(device, args.tf32) + [
         ("model", f"{args.model}: image {args.image_size}, patch {model.patch_size}, layers "
                   f"{len(model.encoder.layers)}, hidden {model.hidden_dim}, mlp {model.mlp_dim}, batch {args.batch_size}"),
-        ("masks", "Supermask on every encoder nn.Linear (MLP and attention out-projection)"
+        ("masks", ("Supermask" if args.supermask else "Bi-Mask") + " on every encoder nn.Linear (MLP and attention out-projection)"
                   + (" and every attention in_proj" if args.attention_in_proj else "")
-                  + "; sparsity = fraction of tiles dropped"),
+                  + ("; sparsity = fraction of tiles dropped" if args.supermask else "")
+                  + ("; Bi-Mask rows: bidirectional N:M (apply_nm), tile = N:M" if args.bimask else "")),
         ("step", "forward + cross-entropy backward + SGD(momentum) step; model compiled, optimizer eager"
                  + ("; forward and loss under torch.autocast(bfloat16), fp32 weights" if args.amp else "")),
         ("timing", f"median of {args.reps} steps per variant, round-robin over all variants, "
@@ -250,7 +273,7 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
         *([make_variant("dense model, torch.compile", model, "inductor", device, dtype, autocast=autocast)]
           if wanted("dense-compile") else []),
     ]]
-    for sparsity in args.sparsity:
+    for sparsity in args.sparsity if args.supermask else []:
         for tile in args.blocksize:
             masked, total = masked_model(model, sparsity, tile, args.attention_in_proj)
             label = dict(sparsity=sparsity, tile=tile, masked_total=total, autocast=autocast)
@@ -261,6 +284,16 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 *([make_variant('Supermask, backend="sparse"', masked, "sparse", device, dtype, **label)]
                   if wanted("sparse") else []),
             ])
+    for n, m in args.bimask or []:
+        masked, total = bimask_model(model, n, m, args.attention_in_proj)
+        label = dict(sparsity=1 - n / m, tile=f"{n}:{m}", masked_total=total, autocast=autocast)
+        groups.append([
+            make_variant(f"Bi-Mask {n}:{m}, eager", masked, "eager", device, dtype, **label),
+            *([make_variant(f"Bi-Mask {n}:{m}, torch.compile", masked, "inductor", device, dtype, **label)]
+              if wanted("bimask-compile") else []),
+            *([make_variant(f'Bi-Mask {n}:{m}, backend="sparse"', masked, "sparse", device, dtype, **label)]
+              if wanted("bimask-sparse") else []),
+        ])
 
     with torch._inductor.config.patch(fx_graph_cache=False):
         for group in groups:
@@ -273,7 +306,7 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                     variant.grad_err, variant.tol = grad_error(grads, ref), tol
                     if variant.label.endswith('"sparse"'):
                         report = sparse_compile.report(variant.compiled)
-                        variant.masked_layers = f"{sum(r.format == 'masked' for r in report.layers)}/{variant.masked_total}"
+                        variant.masked_layers = f"{sum(r.format != 'dense' for r in report.layers)}/{variant.masked_total}"
                     for _ in range(args.warmup):
                         train_step(variant, x, y)
                     progress(f"{variant.label} {variant.sparsity} {variant.tile}: first step {seconds:.1f} s")

@@ -2,8 +2,11 @@
 
 ``torch.ops.sparse_compile.bsr_linear(x, values, crow_indices, col_indices, bias, out_features,
 in_features)`` is a ``torch.library.triton_op``: on CUDA its body launches the Triton kernel
-through ``wrap_triton`` (so Inductor sees the kernel), on every other device it computes with
-torch ops (see ``_bsr_linear_torch`` for why that way). Importing this module registers the op.
+through ``wrap_triton``; on CPU it runs the compiled tile kernel, gathered block matmuls or a
+dense rebuild (``_bsr_linear_cpu``). The ``sparse`` backend inserts the op after AOTAutograd,
+where a ``triton_op`` is no longer decomposed: in the compiled graph it is an external call that
+Inductor does not fuse around (``wrap_triton`` would let Inductor see the kernel only where the
+op is traced before that). Importing this module registers the op.
 
 Triton is optional: where torch comes without it (CPU-only wheels, some platforms), the op is a
 plain ``torch.library.custom_op`` with the same schema, the CPU path works as before, and CUDA
@@ -222,7 +225,7 @@ def _bsr_linear_torch(x2d, values, crow_indices, col_indices, bias, out_features
     CPU sees when a user's own model calls the op (AOTAutograd decomposes a triton_op); with
     frozen weights Inductor then folds the rebuild into a constant. The ``sparse`` backend
     inserts the op after AOTAutograd instead, so there it stays an op call. Eager CPU calls
-    pick between this and ``_bsr_linear_gather_bmm`` by block density (``_bsr_linear_cpu``).
+    pick between this, the tile kernel and ``_bsr_linear_gather_bmm`` (``_bsr_linear_cpu``).
     fp16/bf16: computed in fp32 (fp32 accumulation, as on the GPU), returned in x.dtype.
     """
     xc, values, bias = _to_compute_dtype(x2d, values, bias)
@@ -279,8 +282,14 @@ def _bsr_linear_gather_bmm(x2d, values, crow_indices, col_indices, bias, out_fea
 
 def _bsr_linear_tiles(x2d, values, crow_indices, col_indices, bias, out_features: int) -> Tensor:
     """Sparse CPU path: the compiled tile kernel of ``cpu_tile_mm.cpp`` (the masked op's), which
-    takes the BSR tensors as they are: stored blocks are its kept tiles, crow/col its tile lists."""
-    xc, values, bias = _to_compute_dtype(x2d, values, bias)
+    takes the BSR tensors as they are: stored blocks are its kept tiles, crow/col its tile lists.
+
+    Half values go to the kernel as they are: it converts them to fp32 while packing them, once
+    per values tensor (a converted layer's values are the same graph constant at every call;
+    converting here made a new tensor, and a new packing, per call).
+    """
+    xc = x2d if x2d.dtype == torch.float32 else x2d.float()
+    bias = None if bias is None else bias.float()
     return cpu_tile_mm.bsr_mm(xc, values, crow_indices, col_indices, bias, out_features).to(x2d.dtype)
 
 

@@ -199,7 +199,8 @@ def tile_mm(
 
 def bsr_mm(a: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
     """``a [M, K] @ W^T + bias`` -> ``[M, out_features]`` fp32 for a BSR weight (the ``bsr_linear``
-    op's tensors: ``values [blocks, b, b]``, ``crow_indices``, ``col_indices``), fp32 CPU tensors."""
+    op's tensors: ``values [blocks, b, b]``, ``crow_indices``, ``col_indices``), CPU tensors; ``a``
+    and ``bias`` fp32, ``values`` fp32, fp16 or bf16 (converted to fp32 as they are packed)."""
     lib = _loaded()
     blocks, t = values.shape[0], values.shape[1]
     packed = _packed_bsr_blocks(lib, values)
@@ -211,7 +212,8 @@ def bsr_mm(a: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
 # Packed blocks per BSR values tensor, made at its first call and reused while the tensor lives
 # unchanged: at inference the op's values are graph constants, the same tensor every call, and
 # packing costs a third of a ViT-B MLP's call at 50 rows (0.16 of 0.49 ms; 2 threads, 90% sparse
-# blocks of 32). Costs one more copy of the stored blocks. Keyed by id; an entry is used only for
+# blocks of 32). Costs one more copy of the stored blocks (fp32: twice the bytes of half values,
+# which are converted here, once, rather than on every call). Keyed by id; an entry is used only for
 # the same live tensor at the same version (an in-place change packs again) and dropped with it.
 _packed_bsr: dict[int, tuple["weakref.ref[Tensor]", int, Tensor]] = {}
 
@@ -226,7 +228,7 @@ def _packed_bsr_blocks(lib: ctypes.CDLL, values: Tensor) -> Tensor:
         return entry[2]
     blocks, t = values.shape[0], values.shape[1]
     padded = _padded(t)
-    source = values.detach().contiguous()
+    source = values.detach().to(torch.float32).contiguous()
     packed = torch.empty((max(blocks, 1), t, padded), dtype=torch.float32)
     lib.sc_pack_bsr_blocks(source.data_ptr(), blocks, t, padded, packed.data_ptr())
     counters["sparse_compile"]["cpu_bsr_blocks_packed"] += 1

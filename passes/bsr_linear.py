@@ -71,6 +71,7 @@ class SparseLinearPass(CustomGraphPass):
         self.formats = options.sparse_formats()
         # Converted copies made by the last run, per format name (tied weights share one).
         self.weights_converted: dict[str, int] = {}
+        self.ran = False  # whether Inductor ran the pass (the backend says so when it did not)
 
     @property
     def bsr_weights_converted(self) -> int:
@@ -81,6 +82,7 @@ class SparseLinearPass(CustomGraphPass):
         return hashlib.sha256(f"SparseLinearPass-v3-{self.options}".encode()).hexdigest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        self.ran = True
         gm = graph.owning_module
         names = _LayerNamer(gm, self.weight_names)
         constants = _ConstantEvaluator(gm)
@@ -110,6 +112,9 @@ class SparseLinearPass(CustomGraphPass):
         self.weights_converted = {}
         for constants in converted.values():
             self.weights_converted[constants.format] = self.weights_converted.get(constants.format, 0) + 1
+        if not self.graph_report.layers:
+            why, hidden = why_no_linear(graph)
+            self.graph_report.no_linear, self.graph_report.linears_hidden = why, hidden
         graph.eliminate_dead_code()
         gm.recompile()
 
@@ -172,6 +177,33 @@ _FUSED_FAST_PATH_WEIGHTS = {
         (16, "linear2"),
     ),
 }
+
+
+def why_no_linear(graph: torch.fx.Graph) -> tuple[str, bool]:
+    """Why a graph in which the pass matched no linear has none, in the report's words, and
+    whether linears were there but hidden from the pass (a bug, logged as a warning)."""
+    packed = [node for node in graph.nodes if node.op == "call_function" and _is_packed_linear(node.target)]
+    if packed:
+        ops = sorted({str(node.target) for node in packed})
+        return (
+            f"{len(packed)} linear layer(s) reached the pass already packed by Inductor's freezing "
+            f"for oneDNN/MKL ({', '.join(ops)}), so they run dense. This is a bug of the backend "
+            "(it hides Inductor's weight packing from its pass): please report it",
+            True,
+        )
+    matmuls = [node for node in graph.nodes if node.op == "call_function" and node.target in _MATMULS]
+    if matmuls:
+        return f"its {len(matmuls)} matmul(s) multiply activations, none a weight", False
+    return "the graph has no matmul", False
+
+
+_MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+
+
+def _is_packed_linear(target) -> bool:
+    """oneDNN/MKL linear ops with a prepacked weight, as Inductor's freezing makes them on CPU."""
+    name = str(target)
+    return any(part in name for part in ("_mkl_linear", "_linear_pointwise", "qlinear"))
 
 
 def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:

@@ -11,6 +11,10 @@ with Inductor's freezing semantics. Changing a weight after compiling needs a ne
 (``torch._dynamo.reset()`` or a new ``torch.compile`` call): the compiled code keeps the
 weights, and the BSR copies, that it saw on the first call.
 
+With ``density_threshold="auto"``, a graph in which some layer runs sparse is then timed against
+the same graph compiled by Inductor alone, and runs as that one unless the rewrite wins beyond the
+noise (see :func:`_check_whole_graph`, ``options={"check_graph": False}`` to skip it).
+
 Only the model's parameters and buffers become constants (see :func:`_weights_as_attributes`);
 when Inductor cannot compile a graph the backend falls back (see :func:`_compile_or_fall_back`);
 it logs each layer's decision on the ``sparse_compile`` logger and counts what it did in
@@ -24,6 +28,8 @@ compiles exactly as with ``backend="inductor"``.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import logging
 import re
@@ -38,6 +44,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from sparse_compile import measure
 from sparse_compile.formats import get as get_format
 from sparse_compile.formats import supported_dtypes
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
@@ -81,6 +88,9 @@ def sparse_backend(
         log.info(graph_report.summary())
         return compile_fx(gm, example_inputs, config_patches=config_patches)
 
+    # Before any setting of ours applies: the freezing patterns are registered once per process,
+    # under the settings of the first compile that freezes (see _freezing_patterns_without_packing).
+    _register_freezing_patterns()
     frozen_gm, runtime_indices, weight_names = _weights_as_attributes(gm, example_inputs)
     runtime_inputs = [example_inputs[i] for i in runtime_indices]
     bsr_pass = SparseLinearPass(sparse_options, graph_report, weight_names)
@@ -98,6 +108,10 @@ def sparse_backend(
         }
     )
     compiled = _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass, config_patches)
+    compiled = _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass, sparse_options, mode)
+    if not bsr_pass.ran:
+        graph_report.no_linear = "the sparse pass did not run on this graph (Inductor did not call it)"
+        graph_report.linears_hidden = True
     _log_and_count(graph_report, bsr_pass)
     return _drop_constant_arguments(compiled, runtime_indices)
 
@@ -161,14 +175,72 @@ def _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches, **comp
     becomes plain ops, so the pass sees its linears.
     """
     bsr_pass.graph_report.layers.clear()
+    bsr_pass.graph_report.no_linear = ""
+    bsr_pass.graph_report.linears_hidden = False
+    bsr_pass.ran = False
     decompositions = {**select_decomp_table(), **FUSED_TRANSFORMER_DECOMPOSITIONS}
-    return compile_fx(
-        _copy_graph_module(frozen_gm),
-        runtime_inputs,
-        config_patches=config_patches,
-        decompositions=decompositions,
-        **compile_fx_kwargs,
-    )
+    with _freezing_patterns_without_packing():
+        return compile_fx(
+            _copy_graph_module(frozen_gm),
+            runtime_inputs,
+            config_patches=config_patches,
+            decompositions=decompositions,
+            **compile_fx_kwargs,
+        )
+
+
+def _register_freezing_patterns() -> None:
+    """Registers Inductor's freezing patterns as Inductor itself would, under the user's settings.
+
+    Inductor registers them once per process (``freezing_patterns.lazy_init``, cached), reading
+    ``cpp.weight_prepack`` only then. If our compile, which sets it to False, came first, every
+    later ``backend="inductor"`` compile with freezing in the process would lose its oneDNN/MKL
+    weight packing. Registering them first, outside our settings, keeps the user's baseline as
+    it would be without us (0.14 s, once per process).
+    """
+    from torch._inductor.fx_passes import freezing_patterns
+
+    freezing_patterns.lazy_init()
+
+
+#: Modules whose freezing patterns Inductor registers only under ``cpp.weight_prepack``: they
+#: replace a linear with a constant weight by a packed oneDNN/MKL op (``mkl._mkl_linear``,
+#: ``mkldnn._linear_pointwise``), and quantized layers likewise.
+_WEIGHT_PACKING_MODULES = ("torch._inductor.fx_passes.mkldnn_fusion", "torch._inductor.fx_passes.quantization")
+
+
+@contextlib.contextmanager
+def _freezing_patterns_without_packing():
+    """Inductor's freezing patterns without the weight-packing ones, for the duration of one compile.
+
+    ``cpp.weight_prepack=False`` alone does not stop them: Inductor reads that setting only when
+    it registers the patterns, once per process (``freezing_patterns.lazy_init``), and the
+    linear-packing pattern's own check does not read it. So after any freezing compile with
+    packing on (``backend="inductor"`` with freezing, say) every linear with a constant weight was
+    packed before our pass ran, and the pass found "0 of 0 linear layers" (issue 21, item 5).
+    Hidden here are the entries those registrations add (:data:`_WEIGHT_PACKING_MODULES`), which
+    leaves what a process that never packed has; they are put back afterwards.
+    """
+    from torch._inductor.fx_passes import freezing_patterns
+
+    saved = [pattern_pass.patterns for pattern_pass in freezing_patterns.pass_patterns]
+    for pattern_pass, patterns in zip(freezing_patterns.pass_patterns, saved):
+        kept = collections.defaultdict(list)
+        for key, entries in patterns.items():
+            entries = [entry for entry in entries if not _packs_weights(entry)]
+            if entries:
+                kept[key] = entries
+        pattern_pass.patterns = kept
+    try:
+        yield
+    finally:
+        for pattern_pass, patterns in zip(freezing_patterns.pass_patterns, saved):
+            pattern_pass.patterns = patterns
+
+
+def _packs_weights(entry) -> bool:
+    handler = getattr(entry, "handler", None)
+    return getattr(handler, "__module__", None) in _WEIGHT_PACKING_MODULES
 
 
 def _run_without_codegen(bsr_pass: SparseLinearPass):
@@ -191,6 +263,90 @@ def _run_without_codegen(bsr_pass: SparseLinearPass):
         return run
 
     return inner_compile
+
+
+def _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass, options: SparseOptions, mode):
+    """``compiled`` (the rewritten graph), or the graph as Inductor alone compiles it when the
+    whole-graph check measured the rewrite no faster (``measure.check_graph``).
+
+    Runs under ``density_threshold="auto"`` when some layer runs sparse and ``check_graph`` is on.
+    The plain graph is ``frozen_gm`` compiled with the user's Inductor settings, ``mode`` and
+    freezing: what ``backend="inductor"`` with freezing makes of it. Both run on the traced inputs;
+    a graph that writes to its inputs (BatchNorm statistics in train mode) is not run again, and
+    the random number generators' state is restored after timing.
+    """
+    graph_report = bsr_pass.graph_report
+    stats = counters["sparse_compile"]
+    if not options.measured or not any(layer.format != "dense" for layer in graph_report.layers):
+        return compiled
+    if not options.check_graph:
+        stats["graph_checks_off"] += 1
+        return compiled
+    plain_patches = {**inductor_config_for_mode(mode), "freezing": True}
+    why_not = _why_not_run_again(plain_patches)
+    if graph_report.fallback:  # Inductor failed on this graph: the plain compile would too
+        why_not = "Inductor could not compile this graph as configured"
+    if why_not:
+        stats["graph_checks_skipped"] += 1
+        graph_report.graph_check_skipped = why_not
+        return compiled
+    device = _graph_device(frozen_gm, runtime_inputs)
+    key = measure.graph_key(device, _graph_structure(frozen_gm, runtime_inputs, graph_report, mode))
+
+    def compile_dense():
+        return compile_fx(_copy_graph_module(frozen_gm), runtime_inputs, config_patches=plain_patches)
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            verdict, plain = measure.check_graph(key, compiled, compile_dense, runtime_inputs, device)
+    except Exception as error:  # noqa: BLE001 - a failed check keeps the rewrite that compiled
+        stats["graph_checks_failed"] += 1
+        graph_report.graph_check_skipped = f"it failed ({_first_line(error)}), the rewrite is kept"
+        return compiled
+    stats["graph_checks"] += 1
+    stats["graph_checks_cached"] += verdict.from_cache
+    if verdict.keep:
+        stats["graphs_kept_sparse"] += 1
+        graph_report.graph_check = verdict
+        return compiled
+    stats["graphs_kept_dense"] += 1
+    graph_report.fall_back_to_dense(verdict)
+    bsr_pass.weights_converted = {}
+    return plain
+
+
+def _why_not_run_again(plain_patches: dict[str, Any]) -> str:
+    """Why the compiled graph must not be run at compile time, or ``""``."""
+    if plain_patches.get("triton.cudagraphs"):
+        return "CUDA graphs (mode='reduce-overhead') record on the first calls"
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    if metadata is not None and any(info.mutates_data or info.mutates_metadata for info in metadata.input_info):
+        return "the graph writes to its inputs (e.g. BatchNorm statistics), so it is not run at compile time"
+    return ""
+
+
+def _graph_device(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> torch.device:
+    tensors = [t for t in itertools.chain(inputs, gm.buffers()) if isinstance(t, torch.Tensor)]
+    cuda = [t.device for t in tensors if t.device.type == "cuda"]
+    return cuda[0] if cuda else (tensors[0].device if tensors else torch.device("cpu"))
+
+
+def _graph_structure(gm: torch.fx.GraphModule, inputs: Sequence[Any], graph_report: GraphReport, mode) -> str:
+    """What a whole-graph verdict depends on besides the device: the graph's code, the shapes
+    of its inputs and constants, the mode, and each layer's decision (format, block, density)."""
+    parts = [gm.code, f"mode {mode}"]
+    for value in itertools.chain(inputs, gm.buffers()):
+        if isinstance(value, torch.Tensor):
+            parts.append(f"{tuple(value.shape)} {tuple(value.stride())} {value.dtype}")
+        else:
+            parts.append(repr(value))
+    for layer in graph_report.layers:
+        density = measure.density_bucket(layer.density) if layer.density is not None else "-"
+        parts.append(f"{layer.name} {layer.out_features}x{layer.in_features} {layer.dtype} {layer.format} {layer.blocksize} {density}")
+    return "\n".join(parts)
 
 
 def _is_cpp_compile_error(error: BaseException) -> bool:
@@ -248,13 +404,20 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
             stats["dense_layers"] += 1
             stats[f"dense_{_reason_key(layer)}"] += 1
             log.debug("%s (%s): dense, %s", layer.name, size, layer.reason)
-    log.info(graph_report.summary())
+    if not graph_report.layers:
+        stats["graphs_without_linear"] += 1
+    if graph_report.linears_hidden:
+        log.warning(graph_report.summary())
+    else:
+        log.info(graph_report.summary())
 
 
 def _reason_key(layer: LayerRecord) -> str:
     """A short, stable name for why ``layer`` stayed dense (the reason text has numbers in it)."""
     if layer.fused_op:
         return "fused_fast_path"
+    if layer.reason.startswith("whole graph measured"):
+        return "whole_graph_slower"
     if "not a constant" in layer.reason:
         return "runtime_weight"
     if "no Triton kernel" in layer.reason or "no BSR kernel for device" in layer.reason:

@@ -54,14 +54,24 @@ class SparseOptions:
         formats: the sparse formats the backend may use (default: all, see
             ``sparse_compile.formats.FORMATS``); e.g. ``("bsr",)`` switches the others off. Under a
             numeric threshold they are tried in the order of ``FORMATS``, whatever the order here.
+        check_graph: with ``density_threshold="auto"``, when some layer runs sparse, time the
+            compiled graph against the same graph compiled by Inductor alone (with freezing) on
+            the traced inputs, and keep the rewrite only where it wins beyond the noise; else
+            the graph runs as Inductor alone compiles it (``sparse_compile.measure``: the
+            whole-graph check). ``False`` skips the check (one Inductor compile less).
     """
 
     blocksize: int | str = AUTO
     density_threshold: float | str = DEFAULT_DENSITY_THRESHOLD
     formats: tuple[str, ...] | None = None
+    check_graph: bool = True
 
     def __post_init__(self) -> None:
         self._check_formats()
+        if not isinstance(self.check_graph, bool):
+            raise TypeError(
+                f"sparse backend: check_graph must be True or False, got {self.check_graph!r}"
+            )
         blocksize = self.blocksize
         if isinstance(blocksize, str):
             if blocksize != "auto":

@@ -72,6 +72,18 @@ class GraphReport:
     # Set when Inductor could not compile the graph and the backend worked around it.
     fallback: str = ""
     training: bool = False  # compiled with grad enabled: linears run masked, not BSR
+    # Why the pass found no linear layer at all (set when it found none): a compile that does
+    # nothing must say why.
+    no_linear: str = ""
+    # True when linears may have been there but the pass could not see them (logged as a warning).
+    linears_hidden: bool = False
+    # The whole-graph check (``sparse_compile.measure.GraphVerdict``), or why it did not run.
+    graph_check: object | None = None
+    graph_check_skipped: str = ""
+    # Layers the per-layer measurement chose sparse, and how ("run as BSR"), when the whole graph
+    # then measured slower and runs dense: their records say dense, with both verdicts.
+    sparse_before_check: int = 0
+    how_before_check: str = ""
     # Weak references to the parameters and buffers the graph read, to tell which model it
     # belongs to without keeping the model alive.
     _tensor_refs: list[weakref.ref] = dataclasses.field(default_factory=list, repr=False)
@@ -85,16 +97,64 @@ class GraphReport:
     def summary(self) -> str:
         if self.note:
             return f"sparse backend, graph {self.graph_id}: {self.note}"
+        if not self.layers and self.no_linear:
+            return (
+                f"sparse backend, graph {self.graph_id}: no linear layer found: {self.no_linear}"
+                + (f"; {self.fallback}" if self.fallback else "")
+            )
         sparse = [layer for layer in self.layers if layer.format != "dense"]
         fused = [layer for layer in self.layers if layer.fused_op]
         how = "run masked (training graph)" if self.training else _how_sparse(sparse)
+        verdict = self.graph_check
+        if verdict is not None and not verdict.keep:
+            return (
+                f"sparse backend, graph {self.graph_id}: kept dense: the whole graph measured "
+                f"{verdict.speedup:.2f}x with {self.sparse_before_check} of {len(self.layers)} linear "
+                f"layers {self.how_before_check} ({_verdict_numbers(verdict)}; per layer"
+                f"{_expected_speedup(self.layers).removeprefix(';')}), so it runs as Inductor alone "
+                "compiles it (call sparse_compile.report(model) for details)"
+                + (f"; {self.fallback}" if self.fallback else "")
+            )
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers {how}" + _expected_speedup(self.layers)
+            f"layers {how}" + _expected_speedup(self.layers) + self._graph_check_text()
             + (f", {len(fused)} inside PyTorch's fused transformer fast path" if fused else "")
             + (" (call sparse_compile.report(model) for details)" if self.layers else "")
             + (f"; {self.fallback}" if self.fallback else "")
         )
+
+
+    def fall_back_to_dense(self, verdict) -> None:
+        """The whole graph measured slower with the rewrite: it runs as Inductor alone compiles it,
+        so every layer's record says dense, with the per-layer verdict in its reason."""
+        sparse = [layer for layer in self.layers if layer.format != "dense"]
+        self.graph_check = verdict
+        self.sparse_before_check, self.how_before_check = len(sparse), _how_sparse(sparse)
+        self.layers = [
+            layer if layer.format == "dense" else dataclasses.replace(
+                layer, format="dense", sparse_kernel="",
+                reason=(
+                    f"whole graph measured {verdict.speedup:.2f}x with the rewrite, so the graph runs "
+                    f"dense; per layer {layer.format} measured {_ms(layer.time_ms)} ms vs "
+                    f"{_ms(layer.dense_ms)} ms dense"
+                ),
+            )
+            for layer in self.layers
+        ]
+
+    def _graph_check_text(self) -> str:
+        if self.graph_check is None:
+            return f"; whole-graph check skipped: {self.graph_check_skipped}" if self.graph_check_skipped else ""
+        return f"; whole graph {self.graph_check.speedup:.2f}x over Inductor alone ({_verdict_numbers(self.graph_check)})"
+
+
+def _verdict_numbers(verdict) -> str:
+    """``"2.2 ms vs 1.71 ms for Inductor alone (medians), measured, needed 3% faster"``."""
+    source = "cached" if verdict.from_cache else "measured"
+    return (
+        f"{verdict.sparse_ms:.3g} ms vs {verdict.dense_ms:.3g} ms for Inductor alone (medians), {source}, "
+        f"needed {verdict.band:.0%} faster"
+    )
 
 
 def _how_sparse(sparse: list[LayerRecord]) -> str:

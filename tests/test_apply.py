@@ -77,10 +77,49 @@ def test_vit_skips_and_attention():
 def test_vit_bimask_trains():
     model = tiny_vit()
     names = apply_nm(model, 2, 4, skip_last_layer=True, perm_candidates=4)
-    assert "heads.head" not in names and "conv_proj" in names
+    assert "heads.head" not in names and "conv_proj" not in names
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     w = model.encoder.layers.encoder_layer_0.mlp[0].parametrizations.weight.original
     assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "forward"])
+def test_apply_nm_leaves_the_patch_embedding_dense_unless_asked(mode):
+    # The reference DeiT masks only its blocks' qkv/proj/fc1/fc2 (NMConv); PatchEmbed.proj is a
+    # plain nn.Conv2d. conv_proj's 3x16x16 = 768 holds 2:4, so the shape rule alone would mask it.
+    model = tiny_vit()
+    names = apply_nm(model, 2, 4, mode=mode, perm_candidates=2, skip_last_layer=True)
+    assert "conv_proj" not in names and type(model.conv_proj) is nn.Conv2d
+    assert "encoder.layers.encoder_layer_0.mlp.0" in names
+    row = next(r for r in sparsity_summary(model) if r["name"] == "conv_proj")
+    assert row["method"].startswith("dense: patch embedding") and row["sparsity"] == 0.0
+    flagged = tiny_vit()
+    names = apply_nm(flagged, 2, 4, mode=mode, perm_candidates=2, skip_last_layer=True, patch_embedding=True)
+    assert "conv_proj" in names and parametrize.is_parametrized(flagged.conv_proj, "weight")
+    flagged(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert flagged.conv_proj.parametrizations.weight.original.grad is not None
+    # no attention module, no patch embedding: a ResNet's convs are candidates as before
+    from sparse_compile.training.apply import patch_embeddings
+
+    assert patch_embeddings(tiny_vit()) == ["conv_proj"] and patch_embeddings(tiny_resnet()) == []
+    assert apply_nm(tiny_resnet(), 2, 4, mode=mode, filter_fn=lambda n, m: n == "layer1.0.conv1") == ["layer1.0.conv1"]
+
+
+def test_cli_flags_reach_apply_nm():
+    # The N:M flags of the train/evaluate programs: --nm-patch-embedding, --nm-decay-per-sample.
+    import argparse
+
+    from sparse_compile.training import cli_args
+
+    parser = argparse.ArgumentParser()
+    cli_args.add_sparsity_args(parser)
+    for flags, masked, per_sample in (([], False, False), (["--nm-patch-embedding", "--nm-decay-per-sample"], True, True)):
+        args = parser.parse_args(["--nm", "2:4"] + flags)
+        cli_args.check_sparsity_args(args, parser)
+        model = tiny_vit()
+        names = cli_args.apply_sparsity(model, args)
+        assert ("conv_proj" in names) is masked
+        assert model.encoder.layers.encoder_layer_0.mlp[0].parametrizations.weight[0].decay_per_sample is per_sample
 
 
 def test_resnet_skip_last_and_kinds():

@@ -172,3 +172,29 @@ def test_at_most_the_configs_the_environment_allows(monkeypatch, hook):
     with pytest.raises(ValueError, match="SPARSE_COMPILE_MAX_AUTOTUNE_CONFIGS='all'"):
         prune(monkeypatch, (9, 0), 227 * 1024, 2, 64, hook=hook)
 
+
+
+def test_fp32_master_weights_count_four_bytes_and_the_tf32_register_bound():
+    # The masked kernel under autocast: x in bf16, weight fp32. The weight block's shared memory
+    # is counted at 4 bytes and its registers at the fp32 (TF32) path's bound, so the set is a
+    # subset of the all-half one, and every config kept fits the mixed estimate. On a 99 KiB
+    # device at block 64 the 4-byte weight drops one config; at block 128 the register bound
+    # drops all (the hook's fallback runs there).
+    capability, smem, b = (8, 6), 99 * 1024, 64
+    half = ac.autotune_set(capability, smem, 2, b, "ieee", "masked_linear")
+    mixed = ac.autotune_set(capability, smem, 2, b, "ieee", "masked_linear", weight_elem_bytes=4)
+    assert {key(c) for c in mixed} < {key(c) for c in half}
+    assert ac.autotune_set((9, 0), ac.SMEM_PER_BLOCK_FALLBACK[(9, 0)], 2, 128, "ieee", "masked_linear", weight_elem_bytes=4) == []
+    for c in mixed:
+        need = c.num_stages * (c.kwargs["BLOCK_M"] * b * 2 + b * b * 4)
+        assert need <= smem and b * b // (32 * c.num_warps) <= 64, key(c)
+    dropped = [c for c in half if key(c) not in {key(m) for m in mixed}]
+    reasons = {ac.pruned_reason(c, capability, smem, 2, b, "ieee", "masked_linear", 4) for c in dropped}
+    assert all(r.startswith(("shared memory", "registers")) for r in reasons), reasons
+
+
+def test_mixed_dtype_inspection_cases_are_the_masked_kernels_only():
+    from benchmarks import inspect_kernels as ik
+
+    cases = ik.all_cases(["sm80"], dtypes=["bf16-w32"])
+    assert cases and {c.kernel for c in cases} == set(ik.MIXED_DTYPE_KERNELS)

@@ -330,3 +330,115 @@ def test_mutated_buffers_still_update_the_model():
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
     assert int(model[1].num_batches_tracked) == 2
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr"]
+
+
+# --- Issue 21, item 5: a freezing compile with backend="inductor" must not hide the linears from
+# the pass (Inductor registers its freezing patterns, weight packing included, once per process).
+
+PACKS_LINEARS = torch._C._has_mkldnn and torch.backends.mkldnn.is_available() and torch._C.has_mkl
+needs_packing = pytest.mark.skipif(not PACKS_LINEARS, reason="Inductor packs CPU linears only with oneDNN and MKL")
+
+
+def two_sparse_linears():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    for layer in (model[0], model[2]):
+        prune_blocks_(layer.weight.data, 0.9, 32)
+    return model
+
+
+def inductor_with_freezing(model, x):
+    """The fair dense baseline: freezing on while Dynamo traces (``options={"freezing": True}``
+    would freeze nothing: Dynamo passes the parameters as inputs then)."""
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        return torch.compile(model, backend="inductor")(x)
+
+
+@needs_packing
+def test_freezing_compile_before_does_not_hide_the_linears():
+    model, x = two_sparse_linears(), torch.randn(4, 256)
+    counters["inductor"].clear()
+    inductor_with_freezing(copy.deepcopy(model), x)
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] == 2  # Inductor packed its linears
+
+    compiled, out, code = compile_and_run(model, x, options={"density_threshold": 1.0})
+    assert "2 of 2 linear layers run as BSR" in str(sparse_compile.report(compiled))
+    assert counters["sparse_compile"]["bsr_layers"] == 2 and code.count(OP_NAME) >= 2
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+
+    # ... and the patterns are back for Inductor's own compiles.
+    torch._dynamo.reset()
+    counters["inductor"].clear()
+    inductor_with_freezing(copy.deepcopy(model), x)
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] == 2
+
+
+ORDER_SCRIPT = """
+import sys, torch
+from torch import nn
+from torch._dynamo.utils import counters
+import sparse_compile
+from sparse_compile.pruning import prune_blocks_
+model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+for layer in (model[0], model[2]):
+    prune_blocks_(layer.weight.data, 0.9, 32)
+x = torch.randn(4, 256)
+sparse = torch.compile(model, backend="sparse", options={"density_threshold": 1.0})
+with torch.no_grad():
+    if sys.argv[1] == "sparse_first":
+        sparse(x)
+    with torch._inductor.config.patch(freezing=True):
+        torch.compile(nn.Sequential(*model), backend="inductor")(x)
+    packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
+    if sys.argv[1] == "inductor_first":
+        sparse(x)
+print("packed", packed, "bsr", counters["sparse_compile"]["bsr_layers"])
+print(sparse_compile.report(sparse).graphs[0].summary())
+"""
+
+
+@needs_packing
+@pytest.mark.parametrize("order", ["inductor_first", "sparse_first"])
+def test_either_order_in_a_new_process(order):
+    # Which compile registers Inductor's freezing patterns decides for the whole process: only a
+    # fresh process tests both orders.
+    result = subprocess.run(
+        [sys.executable, "-c", ORDER_SCRIPT, order], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "packed 2 bsr 2" in result.stdout, result.stdout + result.stderr
+    assert "2 of 2 linear layers run as BSR" in result.stdout
+
+
+def test_graph_without_linear_says_why(caplog):
+    class NoLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.randn(16))
+
+        def forward(self, x):
+            return torch.tanh(x * self.scale)
+
+    x = torch.randn(3, 16)
+    with caplog.at_level("INFO", logger="sparse_compile"):
+        compiled, out, _ = compile_and_run(NoLinear().eval(), x)
+    summary = "no linear layer found: the graph has no matmul"
+    assert summary in str(sparse_compile.report(compiled))
+    assert any(summary in record.getMessage() and record.levelname == "INFO" for record in caplog.records)
+    assert counters["sparse_compile"]["graphs_without_linear"] == 1
+
+
+@needs_packing
+def test_packed_linears_are_named_as_a_bug(monkeypatch, caplog):
+    # Were Inductor's packing to reach the pass again, the report and the log must say so.
+    import contextlib
+
+    from sparse_compile import backend
+
+    monkeypatch.setattr(backend, "_freezing_patterns_without_packing", contextlib.nullcontext)
+    model, x = two_sparse_linears(), torch.randn(4, 256)
+    with caplog.at_level("INFO", logger="sparse_compile"):
+        compiled, out, _ = compile_and_run(model, x, options={"density_threshold": 1.0})
+    text = str(sparse_compile.report(compiled))
+    assert "no linear layer found: 2 linear layer(s) reached the pass already packed" in text
+    assert any("already packed" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)

@@ -678,3 +678,28 @@ def test_train_step_runs_only_the_compiled_rows_picked(tmp_path):
     sparse = [cell.strip() for cell in rows[-1].strip(" |").split("|")]
     assert sparse[train_step.HEADERS.index("vs eager")].endswith("x") and sparse[-1] == "ok", rows[-1]
     assert sparse[train_step.HEADERS.index("vs inductor")] == "-"
+
+
+def test_train_step_bimask_rows(tmp_path):
+    # Issue 20's rows: Bi-Mask 2:4 bidirectional eager, torch.compile and backend="sparse" against
+    # the dense model; --no-supermask leaves the Supermask rows out. Gradients must match eager.
+    from benchmarks import train_step
+
+    output = tmp_path / "train.md"
+    argv = CPU[:2] + [
+        "--warmup", "0", "--reps", "1", "--model", "small", "--image-size", "16", "--patch-size", "8",
+        "--num-layers", "1", "--hidden-dim", "64", "--mlp-dim", "128", "--num-heads", "2", "--batch-size", "2",
+        "--bimask", "2:4", "--no-supermask", "--attention-in-proj", "--output", str(output),
+    ]
+    assert train_step.main(argv) == 0
+    text = output.read_text()
+    rows = table_lines(text, "|")
+    labels = ("dense model, eager", "dense model, torch.compile", "Bi-Mask 2:4, eager", "Bi-Mask 2:4, torch.compile",
+              'Bi-Mask 2:4, backend="sparse"')
+    for label in labels:
+        matching = [row for row in rows if row.startswith(f"| {label} ")]
+        assert len(matching) == 1 and matching[0].rstrip(" |").endswith("ok"), (label, text)
+        if label.startswith("Bi-Mask"):
+            assert "| 2:4 " in matching[0] and "| 50% " in matching[0], matching[0]
+    assert not any(row.startswith("| Supermask") for row in rows)
+    assert "Bi-Mask rows: bidirectional N:M" in text

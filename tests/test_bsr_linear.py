@@ -157,6 +157,22 @@ def test_cpu_tile_path_packs_the_blocks_once_per_weight():
     assert key not in tile_mm._packed_bsr
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float16, 1e-2, 1e-2), (torch.bfloat16, 2e-2, 2e-2)])
+def test_cpu_tile_path_converts_half_blocks_once(dtype, atol, rtol):
+    # Half values are converted to fp32 while they are packed, once per values tensor: before,
+    # each call converted them into a new tensor, which the packed-blocks cache never matched.
+    from torch._dynamo.utils import counters
+
+    x, w, bw, bias = _case(10, 96, 160, 32, 0.3, True, dtype)
+    args = (bw.values, bw.crow_indices, bw.col_indices, bias, 96)
+    counters.clear()
+    for _ in range(3):
+        out = bsr_linear_module._bsr_linear_tiles(x, *args)
+        assert out.dtype == dtype
+        _check(out, x, w, bias, atol, rtol)
+    assert counters["sparse_compile"]["cpu_bsr_blocks_packed"] == 1
+
+
 def test_cpu_gather_path_chunks(monkeypatch):
     # A tiny chunk budget forces several row chunks, including a ragged last one.
     monkeypatch.setattr(bsr_linear_module, "_GATHER_CHUNK_ELEMS", 700)

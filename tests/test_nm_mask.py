@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from sparse_compile.training import NMMask, finalize, post_step_projection
-from sparse_compile.training.nm_mask import _BiMaskConv2d, _BiMaskLinear, backward_kept_counts
+from sparse_compile.training.nm_mask import (
+    _BiMaskConv2d,
+    _BiMaskLinear,
+    _top_n_pairwise,
+    _top_n_pointwise,
+    backward_kept_counts,
+    bimask_backward_mask,
+    inverse_permutation,
+    nm_mask,
+)
 
 NM = [(1, 4), (2, 4), (2, 8), (4, 8), (1, 16)]
 
@@ -54,6 +63,75 @@ def test_mask_invariants(n, m, shape):
     kept_min = torch.where(gp_b.bool(), awp, torch.inf).amin(1)
     other_max = torch.where(gp_b.bool(), -torch.inf, awp).amax(1)
     assert bool((kept_min > other_max).all())
+
+
+def reference_forward_mask(w2, n, m):
+    """The reference's get_n_m_sparse_matrix: in each group of M, zero the M - N smallest |W| (argsort)."""
+    rows, k = w2.shape
+    g = w2.abs().reshape(rows, k // m, m)
+    drop = torch.argsort(g, dim=-1)[..., : m - n]
+    return torch.ones_like(g).scatter_(-1, drop, 0.0).reshape(rows, k)
+
+
+def reference_backward_mask(w2, mf, perm, n, m):
+    """The reference's get_n_m_backward_matrix, in [out, K] layout: permute the rows, zero the M - N
+    smallest |W * Mf| of each group of M rows, intersect with Mf, scatter the rows back."""
+    out, k = w2.shape
+    g = (w2 * mf)[perm].abs().reshape(out // m, m, k)
+    drop = torch.argsort(g, dim=1)[:, : m - n]
+    mb_p = torch.ones_like(g).scatter_(1, drop, 0.0).reshape(out, k) * mf[perm]
+    return torch.zeros_like(mb_p).index_copy_(0, perm, mb_p)
+
+
+@pytest.mark.parametrize("n,m", NM + [(3, 8), (5, 16)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masks_are_the_references(n, m, dtype):
+    # Comparisons instead of topk (issue 20): on weights without ties, the very masks of the
+    # reference's argsort formulas, for every N:M and a random permutation.
+    torch.manual_seed(n * 100 + m)
+    out, k = 4 * m, 3 * m
+    w = rand_weight(out, k).to(dtype)
+    perm = torch.randperm(out)
+    mf = nm_mask(w, n, m)
+    assert mf.dtype == dtype and torch.equal(mf, reference_forward_mask(w, n, m))
+    mb = bimask_backward_mask(w, mf, perm, n, m)
+    assert torch.equal(mb, reference_backward_mask(w, mf, perm, n, m))
+    assert torch.equal(inverse_permutation(perm), torch.argsort(perm))
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+@pytest.mark.parametrize("dim", [1, 2])
+def test_top_n_ties_go_to_the_lower_index_in_both_evaluation_orders(m, dim):
+    # Integer values in 0..2: mostly ties. Kept: the first n of a stable descending sort, in the
+    # pairwise form (eager) and the pointwise form (torch.compile) alike.
+    torch.manual_seed(m + dim)
+    shape = [5, 7, 3]
+    shape[dim] = m
+    a = torch.randint(0, 3, shape).float()
+    for n in range(1, m):
+        first = torch.sort(-a, dim=dim, stable=True).indices.narrow(dim, 0, n)
+        want = torch.zeros_like(a, dtype=torch.bool).scatter_(dim, first, True)
+        assert torch.equal(_top_n_pairwise(a, n, dim), want), n
+        assert torch.equal(_top_n_pointwise(a, n, dim), want), n
+
+
+def test_compiled_masks_equal_eager():
+    # Under torch.compile the masks take the pointwise form, fused by Inductor into one loop
+    # (and the search hook is not traced): the same bits as eager.
+    torch._dynamo.reset()
+    w = torch.randn(16, 24)
+    nm = NMMask(2, 4, seed=0)
+    nm.right_inverse(w)
+    nm.search_permutation(w)
+
+    def masks(w):
+        mf, mb = nm.keep_masks(w)
+        return mf, mb, torch.where(mb, w, 0.0)
+
+    got = torch.compile(masks, backend="inductor", fullgraph=True)(w)
+    for a, b in zip(got, masks(w)):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
 
 
 def test_unstructured_and_target():
@@ -108,6 +186,82 @@ def test_bimask_linear_gradients(n, m):
     dy2, x2 = dy.reshape(-1, 24), x.detach().reshape(-1, 16)
     torch.testing.assert_close(w.grad, dy2.T @ x2 + lam * (1 - mf) * wd)
     torch.testing.assert_close(lin.bias.grad, dy2.sum(0))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_decay_once_or_per_sample_as_the_references(per_sample):
+    # The reference DeiT layer (MyConv2d_Lay), transcribed: W_t = W^T is [in, out]; the per-sample
+    # gradient x_b^T g_b is [B, in, out]; the decay is added to it, broadcast over the batch;
+    # autograd then sums the batch (the returned gradient is bigger than W_t). The CNN layer sums
+    # first and adds the decay once. float64, batch 3.
+    lam, batch = 2e-4, 3
+    lin = nn.Linear(16, 24).double()
+    with torch.no_grad():
+        lin.weight.copy_(rand_weight(24, 16))
+    w = param(lin, NMMask(2, 4, decay=lam, seed=3, decay_per_sample=per_sample))
+    nm = lin.parametrizations.weight[0]
+    x = torch.randn(batch, 5, 16, dtype=torch.float64)
+    dy = torch.randn(batch, 5, 24, dtype=torch.float64)
+    lin(x).backward(dy)
+    mf, _ = nm.masks(w)
+    wt, mft = w.detach().t(), mf.t()
+    per_sample_grad = x.transpose(1, 2).matmul(dy)  # [B, in, out]
+    if per_sample:  # DeiT: g_w_s = x^T g + decay (1 - mask) W_t, then summed over B by autograd
+        want_t = (per_sample_grad + lam * (1 - mft) * wt).sum(0)
+    else:  # CNN: .sum(0), then + decay (1 - mask) W_t
+        want_t = per_sample_grad.sum(0) + lam * (1 - mft) * wt
+    torch.testing.assert_close(w.grad, want_t.t(), rtol=0, atol=1e-12)
+    # the two differ by (B - 1) λ (1 - Mf) W: up to 4.4e-4 here (|W| <= 1.1)
+    other = (per_sample_grad.sum(0) + (lam if per_sample else batch * lam) * (1 - mft) * wt).t()
+    sign = 1 if per_sample else -1
+    torch.testing.assert_close(w.grad - other, sign * (batch - 1) * lam * (1 - mf) * w.detach(), rtol=0, atol=1e-12)
+    assert (w.grad - other).abs().max() > 1e-4
+    assert ("decay_per_sample=True" in repr(nm)) is per_sample
+
+
+def test_decay_per_sample_on_2d_inputs_attention_and_convs():
+    lam = 0.01
+    torch.manual_seed(0)
+    # a 2-D input is one matrix: decay once, as without the option
+    lin, lin1 = nn.Linear(8, 8).double(), nn.Linear(8, 8).double()
+    lin1.load_state_dict(lin.state_dict())
+    w = param(lin, NMMask(2, 4, decay=lam, seed=1, decay_per_sample=True))
+    w1 = param(lin1, NMMask(2, 4, decay=lam, seed=1))
+    x = torch.randn(6, 8, dtype=torch.float64)
+    lin(x).sum().backward()
+    lin1(x).sum().backward()
+    assert torch.equal(w.grad, w1.grad)
+    # attention projections (in_proj and out_proj, batch-first or not): decay x batch
+    for batch_first in (True, False):
+        grads = []
+        for per_sample in (False, True):
+            torch.manual_seed(1)
+            mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double()
+            param_in = NMMask(2, 4, decay=lam, seed=2, decay_per_sample=per_sample)
+            parametrize.register_parametrization(mha, "in_proj_weight", param_in)
+            parametrize.register_parametrization(mha.out_proj, "weight", NMMask(2, 4, decay=lam, seed=3, decay_per_sample=per_sample))
+            torch.manual_seed(2)
+            q = torch.randn(4, 5, 8, dtype=torch.float64)  # batch 4 (dim 0 or 1)
+            mha(q, q, q, need_weights=False)[0].sum().backward()
+            grads.append([
+                (mha.parametrizations.in_proj_weight.original, param_in),
+                (mha.out_proj.parametrizations.weight.original, mha.out_proj.parametrizations.weight[0]),
+            ])
+        batch = 4 if batch_first else 5
+        for (w0, _), (w1_, nm1) in zip(*grads):
+            mf = nm1.masks(w1_)[0]
+            torch.testing.assert_close(w1_.grad - w0.grad, (batch - 1) * lam * (1 - mf) * w1_.detach())
+    # a Conv2d adds it once (the reference CNN layer), with or without the option
+    conv, conv1 = nn.Conv2d(4, 8, 3).double(), nn.Conv2d(4, 8, 3).double()
+    conv1.load_state_dict(conv.state_dict())
+    wc = param(conv, NMMask(2, 4, decay=lam, seed=1, decay_per_sample=True))
+    wc1 = param(conv1, NMMask(2, 4, decay=lam, seed=1))
+    xc = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    conv(xc).sum().backward()
+    conv1(xc).sum().backward()
+    assert torch.equal(wc.grad, wc1.grad)
+    with pytest.raises(ValueError, match="decay_per_sample applies to mode 'bidirectional'"):
+        NMMask(2, 4, mode="forward", decay_per_sample=True)
 
 
 @pytest.mark.parametrize(

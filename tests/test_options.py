@@ -17,6 +17,7 @@ def test_defaults():
     assert options.blocksizes == CANDIDATE_BLOCKSIZES
     assert options.density_threshold == DEFAULT_DENSITY_THRESHOLD == "auto"
     assert options.measured
+    assert options.check_graph is True
 
 
 @pytest.mark.parametrize("threshold", [0, 0.4, 1])
@@ -31,7 +32,7 @@ def test_fixed_blocksize(blocksize):
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\].*\['blocksize', 'density_threshold', 'formats'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\].*\['blocksize', 'density_threshold', 'formats', 'check_graph'\]"):
         SparseOptions.from_user({"block_size": 32})
 
 
@@ -48,6 +49,8 @@ def test_unknown_key_lists_valid_ones():
         ({"density_threshold": -0.1}, ValueError, r"outside \[0, 1\]"),
         ({"density_threshold": "0.3"}, ValueError, r"'auto' \(measure each layer\) or a number"),
         ({"density_threshold": None}, TypeError, "'auto' or a number"),
+        ({"check_graph": "no"}, TypeError, "check_graph must be True or False"),
+        ({"check_graph": 0}, TypeError, "check_graph must be True or False"),
     ],
 )
 def test_bad_values(options, error, match):

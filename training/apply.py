@@ -26,10 +26,17 @@ Which layers (both :func:`apply_supermask` and :func:`apply_nm`):
   No block found -> ValueError.
 - ``filter_fn(name, module) -> bool``: when given, only layers for which it returns True are
   masked (on top of the rules above).
+- :func:`apply_nm` only: a transformer's patch embedding stays dense unless
+  ``patch_embedding=True``, as in the reference DeiT (``zyxxmu/Bi-Mask``, whose ``PatchEmbed.proj``
+  is a plain ``nn.Conv2d``; only the blocks' qkv, proj, fc1, fc2 are its ``NMConv``). A patch
+  embedding is an ``nn.Conv2d`` with ``kernel_size == stride`` (non-overlapping patches) larger
+  than 1x1, in a model that has an attention module (torchvision ViT: ``conv_proj``, 3x16x16 = 768
+  holds 2:4 but is not masked by default; timm: ``patch_embed.proj``). :func:`sparsity_summary`
+  lists it as dense with the reason.
 - :func:`apply_nm` only: a layer whose weight cannot hold the N:M pattern (a reduction dim not
   divisible by M, such as a ResNet stem's ``3 * 7 * 7 = 147``; or, for the bidirectional
   backward mask, an output dim not divisible by M, such as a 1000- or 3-class head with M = 8
-  or 4) stays dense, as the reference keeps its stem and patch embedding dense: one warning
+  or 4) stays dense, as the reference keeps a ResNet's stem dense: one warning
   names every such layer, and :func:`sparsity_summary` lists it with the reason.
   ``on_incompatible="error"`` raises instead, before the model is changed.
 - ``filter_fn`` for an input projection gets ``"<attention>.in_proj"`` and the attention module.
@@ -82,6 +89,7 @@ __all__ = [
     "post_step_projection",
     "layer_kind",
     "first_transformer_block",
+    "patch_embeddings",
 ]
 
 OURS = (Supermask, NMMask)
@@ -147,6 +155,19 @@ def _in_proj_candidates(model, skip_first_transformer, filter_fn):
             raise ValueError(f"layer {layer!r} already has a parametrization on in_proj_weight; finalize() it first")
         out.append((layer, mod))
     return out
+
+
+def patch_embeddings(model: nn.Module) -> list[str]:
+    """Names of the patch embeddings :func:`apply_nm` leaves dense by default (rule in the module docstring)."""
+    if not _contains_attention(model):
+        return []
+    return [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Conv2d)
+        and tuple(mod.kernel_size) == tuple(mod.stride)
+        and tuple(mod.kernel_size) != (1, 1)
+    ]
 
 
 def _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
@@ -246,8 +267,15 @@ def apply_nm(
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     on_incompatible: str = "dense",
     attention_in_proj: bool = False,
+    patch_embedding: bool = False,
+    decay_per_sample: bool = False,
 ) -> list[str]:
     """Register an :class:`NMMask` on the weight of every selected Linear/Conv2d; returns their names.
+
+    ``patch_embedding=True`` also masks a transformer's patch embedding (a ViT's ``conv_proj``),
+    which stays dense by default as in the reference DeiT (module docstring).
+    ``decay_per_sample=True``: the SR-STE decay of linear layers scales with the batch, as the
+    reference DeiT's layer does it (:class:`NMMask`; mode "bidirectional" only).
 
     ``on_incompatible``: ``"dense"`` (default) leaves layers whose shape cannot hold N:M dense,
     with a warning and a line in :func:`sparsity_summary`; ``"error"`` raises ValueError before
@@ -258,7 +286,10 @@ def apply_nm(
     """
     if on_incompatible not in ("dense", "error"):
         raise ValueError(f"on_incompatible must be 'dense' or 'error', got {on_incompatible!r}")
-    kw = dict(mode=mode, perm_every=perm_every, perm_candidates=perm_candidates, decay=decay, keep_ratio=keep_ratio)
+    kw = dict(
+        mode=mode, perm_every=perm_every, perm_candidates=perm_candidates, decay=decay, keep_ratio=keep_ratio,
+        decay_per_sample=decay_per_sample,
+    )
     NMMask(n, m, **kw, seed=0)  # validate the arguments
     # Input projections were asked for explicitly: checked first, so an error leaves the model untouched.
     in_projs = _in_proj_candidates(model, skip_first_transformer, filter_fn) if attention_in_proj else []
@@ -273,8 +304,12 @@ def apply_nm(
             NMMask(n, m, **kw, seed=0).right_inverse(attn.in_proj_weight.detach())
         except ValueError as e:
             raise ValueError(f"layer {layer!r}: {e}") from None
-    chosen, misfits = [], []
+    chosen, misfits, embeddings = [], [], []
+    patches = set() if patch_embedding else set(patch_embeddings(model))
     for name, mod, _ in _candidates(model, skip_first_transformer, skip_last_layer, filter_fn):
+        if name in patches:
+            embeddings.append(mod)
+            continue
         reason = _nm_misfit(tuple(mod.weight.shape), m, mode)
         if reason is None:
             chosen.append((name, mod))
@@ -294,6 +329,8 @@ def apply_nm(
         )
     for name, mod, reason in misfits:
         setattr(mod, _LEFT_DENSE, f"{n}:{m} does not fit: {reason}")
+    for mod in embeddings:
+        setattr(mod, _LEFT_DENSE, "patch embedding (as the reference DeiT; apply_nm(..., patch_embedding=True) masks it)")
     names = []
     for name, mod in chosen:
         parametrize.register_parametrization(mod, "weight", NMMask(n, m, **kw))

@@ -2,7 +2,8 @@
 
 Supermask flags are the SuperBlock seed's, spelled exactly as there (``--sparsity-linear``,
 ``--sp-linear-tile-size``, ...). N:M (Bi-Mask) flags: ``--nm N:M``, ``--mask-mode``,
-``--perm-every``, ``--perm-candidates``, ``--nm-decay``, ``--keep-ratio``. The two families
+``--perm-every``, ``--perm-candidates``, ``--nm-decay``, ``--keep-ratio``, ``--nm-decay-per-sample``,
+``--nm-patch-embedding``. The two families
 are exclusive: a layer gets one mask parametrization.
 
 ``evaluate`` must be given the flags the checkpoint was trained with, so that the model it
@@ -85,6 +86,15 @@ def add_sparsity_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--perm-every", type=int, default=100, help="steps between permutation searches (bidirectional)")
     g.add_argument("--perm-candidates", type=int, default=100, help="random permutations tried per search")
     g.add_argument("--nm-decay", type=float, default=2e-4, help="SR-STE decay on pruned weights")
+    g.add_argument(
+        "--nm-decay-per-sample",
+        action="store_true",
+        help="add the SR-STE decay of linear layers once per sample, as the reference DeiT (effective decay: "
+        "per-process batch x --nm-decay; bidirectional only)",
+    )
+    g.add_argument(
+        "--nm-patch-embedding", action="store_true", help="also mask a transformer's patch embedding (dense by default, as the reference DeiT)"
+    )
     g.add_argument("--keep-ratio", type=float, default=None, help="fraction kept by --mask-mode unstructured")
 
 
@@ -185,6 +195,8 @@ def apply_sparsity(model: nn.Module, args: argparse.Namespace) -> list[str]:
             skip_first_transformer=args.skip_first_transformer_sparsity,
             skip_last_layer=args.skip_last_layer_sparsity,
             attention_in_proj=getattr(args, "attention_in_proj", False),
+            patch_embedding=getattr(args, "nm_patch_embedding", False),
+            decay_per_sample=getattr(args, "nm_decay_per_sample", False),
         )
     if uses_supermask(args):
         return apply_supermask(

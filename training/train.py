@@ -9,6 +9,12 @@ Several processes (one per GPU, or CPU processes with gloo)::
 
     torchrun --nproc_per_node=8 -m sparse_compile.training.train ...same flags...
 
+``--compile`` compiles the model with ``torch.compile(model, backend="sparse")`` (then wraps it in
+DDP under torchrun, in that order): every linear whose weight is a Supermask of tiles >= 16 runs
+through the masked op, which skips the dropped tiles. After the first step the compile report is
+printed (rank 0): how many linears run masked, and why the others stay dense.
+``--compile-backend inductor`` compiles with Inductor alone, the dense comparison.
+
 ``--batch-size`` is per process, as in the references. Every epoch writes
 ``<output-dir>/checkpoint.pth`` (model, optimizer, lr_scheduler, epoch, args as a dict, and
 ``model_ema`` with ``--model-ema``) atomically: to a temporary file first, then renamed, so a
@@ -32,14 +38,15 @@ The references' recipe flags (the SuperBlock ViT command runs as written)::
         --model-ema-decay 0.99998    adjusted for batch, world size, steps, epochs (``ema.py``);
                                      evaluated every epoch ("Test: EMA Acc@1 ...")
 
-Example, the SuperBlock ``vit_b_16`` recipe with 90% Supermask sparsity in 32x32 tiles::
+Example, the SuperBlock ``vit_b_16`` recipe with 90% Supermask sparsity in 32x32 tiles, trained
+with the sparse backend::
 
     torchrun --nproc_per_node=8 -m sparse_compile.training.train \\
         --model vit_b_16 --epochs 300 --batch-size 512 --opt adamw --lr 0.003 --wd 0.3 \\
         --lr-scheduler cosineannealinglr --lr-warmup-method linear --lr-warmup-epochs 30 \\
         --lr-warmup-decay 0.033 --amp --label-smoothing 0.11 --mixup-alpha 0.2 --auto-augment ra \\
         --clip-grad-norm 1 --ra-sampler --cutmix-alpha 1.0 --model-ema \\
-        --sparsity-linear 0.9 --sp-linear-tile-size 32 --data-path /data/imagenet
+        --sparsity-linear 0.9 --sp-linear-tile-size 32 --data-path /data/imagenet --compile
 """
 
 from __future__ import annotations
@@ -57,6 +64,10 @@ from sparse_compile.training import distributed as D
 from sparse_compile.training.checkpoint import load_checkpoint_file, model_state_dict
 from sparse_compile.training.ema import ExponentialMovingAverage, adjusted_decay
 from sparse_compile.training.evaluate import evaluate
+
+
+#: ``--compile`` without ``--compile-backend``: the project's backend, so a compiled run trains sparse.
+DEFAULT_COMPILE_BACKEND = "sparse"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -91,7 +102,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--start-epoch", default=0, type=int, help="first epoch (overridden by --resume)")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (default backend)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model with --compile-backend (default sparse: Supermask linears run masked)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default=None,
+        metavar="NAME",
+        help=f"backend for --compile (default {DEFAULT_COMPILE_BACKEND}; inductor: the dense comparison)",
+    )
     parser.add_argument("--use-deterministic-algorithms", action="store_true")
     parser.add_argument("--test-only", action="store_true", help="only evaluate (with --resume)")
     add_recipe_args(parser)
@@ -129,6 +150,28 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file")
     check_recipe_args(args, parser)
+    check_compile_args(args, parser)
+
+
+def check_compile_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--compile-backend`` needs ``--compile`` and a backend ``torch.compile`` can find: found
+    here, before any data is read (a missing ``sparse`` backend is an error, not a dense run)."""
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    if args.compile_backend is not None and not args.compile:
+        parser.error(f"--compile-backend {args.compile_backend} only applies with --compile")
+    if not args.compile:
+        return
+    args.compile_backend = args.compile_backend or DEFAULT_COMPILE_BACKEND
+    try:
+        lookup_backend(args.compile_backend)
+    except Exception as e:  # not registered, or its entry point does not import
+        hint = (
+            "install sparse_compile (pip install -e .) so that its entry point registers it"
+            if args.compile_backend == DEFAULT_COMPILE_BACKEND
+            else f"choose one of: {', '.join(list_backends())}"
+        )
+        parser.error(f"--compile-backend {args.compile_backend}: not available ({e}); {hint}")
 
 
 def check_recipe_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -262,13 +305,40 @@ def evaluate_ema(model_ema: ExponentialMovingAverage, val_loader, device: torch.
     return evaluate(model_ema, val_loader, device, args.print_freq, amp=args.amp, header="Test: EMA")
 
 
+def evaluation_model(model: nn.Module, model_without_ddp: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """What the end-of-epoch evaluation runs: ``model`` (compiled, DDP-wrapped), except with the
+    ``sparse`` backend, whose inference graphs (``torch.no_grad()``) take the weights as constants
+    on their first call (Inductor freezing, BSR conversion): the weights change every epoch, so
+    evaluating that graph after the next epoch would score the first epoch's weights. The plain
+    model evaluates there (online masks, dense; evaluation is a small part of an epoch)."""
+    if args.compile and args.compile_backend == DEFAULT_COMPILE_BACKEND:
+        return model_without_ddp
+    return model
+
+
+def print_compile_report(model: nn.Module, args: argparse.Namespace) -> int | None:
+    """Prints (rank 0) what the ``sparse`` backend did to ``model``'s linears: the report's
+    summary line per graph (how many run masked), then its per-layer table. Returns the number of
+    linears that run sparse (masked in training graphs), None for another backend."""
+    if args.compile_backend != DEFAULT_COMPILE_BACKEND:
+        D.print_main(f"Compiled with --compile-backend {args.compile_backend}: every linear runs dense")
+        return None
+    import sparse_compile
+
+    report = sparse_compile.report(model)
+    D.print_main(report)
+    return len(report.sparse_layers)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (console script, ``python -m``, ``torchrun -m``)."""
     run(argv)
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` and run; returns ``{"acc1", "acc5", "epoch", "loss"}`` (for tests and scripts).
+    """Parse ``argv`` and run; returns ``{"acc1", "acc5", "epoch", "loss", "masked_layers"}`` (for
+    tests and scripts). ``masked_layers``: with ``--compile`` (sparse backend), how many linears
+    the compile report shows running masked after the first step; None otherwise.
 
     With ``--model-ema`` also ``"ema_acc1"`` and ``"ema_acc5"``.
     """
@@ -343,20 +413,32 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
             D.print_main(f"{args.resume} has no model_ema: the EMA starts from the resumed weights")
 
     model_without_ddp = model
+    if args.compile:
+        # Compile first, then wrap: torch.compile(DDP(model)) graph-breaks in DDP's forward, so
+        # only the masks would get compiled and no linear would run masked.
+        model = torch.compile(model, backend=args.compile_backend)
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+    eval_model = evaluation_model(model, model_without_ddp, args)
 
-    after_step = None
-    if args.nm is not None and args.mask_mode == "post":
-        def after_step():
+    steps = 0
+
+    def after_step():
+        nonlocal steps
+        if args.nm is not None and args.mask_mode == "post":
             post_step_projection(model_without_ddp)
+        steps += 1
+        if steps == 1 and args.compile:
+            result["masked_layers"] = print_compile_report(model_without_ddp, args)
 
-    result: dict = {"epoch": args.start_epoch - 1, "acc1": None, "acc5": None, "loss": None}
+    result: dict = {"epoch": args.start_epoch - 1, "acc1": None, "acc5": None, "loss": None, "masked_layers": None}
     if args.test_only:
+        # The weights stay as they are: the compiled model evaluates (with the sparse backend,
+        # frozen weights and BSR where measured faster), and its report says what ran sparse.
         acc1, acc5 = evaluate(model, val_loader, device, args.print_freq, amp=args.amp)
         result = {**result, "acc1": acc1, "acc5": acc5}
+        if args.compile:
+            print_compile_report(model_without_ddp, args)
         if model_ema is not None:
             result.update(zip(("ema_acc1", "ema_acc5"), evaluate_ema(model_ema, val_loader, device, args)))
         return result
@@ -373,8 +455,8 @@ def _run(args: argparse.Namespace, info: D.DistInfo) -> dict:
             model, criterion, optimizer, train_loader, device, epoch, args, after_step, model_ema, model_without_ddp
         )
         lr_scheduler.step()
-        acc1, acc5 = evaluate(model, val_loader, device, args.print_freq, amp=args.amp)
-        result = {"epoch": epoch, "acc1": acc1, "acc5": acc5, "loss": loss}
+        acc1, acc5 = evaluate(eval_model, val_loader, device, args.print_freq, amp=args.amp)
+        result.update(epoch=epoch, acc1=acc1, acc5=acc5, loss=loss)
         if model_ema is not None:
             result.update(zip(("ema_acc1", "ema_acc5"), evaluate_ema(model_ema, val_loader, device, args)))
         if args.output_dir:
