@@ -429,9 +429,11 @@ def test_benchmark_supermask_layout_rows_count_in_proj():
     ])  # fmt: skip
     torch.manual_seed(1)
     setup = vit.Setup(args, torch.device("cpu"), torch.float32, torch.randn(2, 3, 32, 32))
-    incl, excl = vit.supermask_rows(setup, vit.build_model(args), sparsity=0.75, blocksize=16)
+    jobs = vit.supermask_rows(setup, vit.build_model(args), sparsity=0.75, blocksize=16)
+    incl, excl = (vit.build_row(setup, job, i, len(jobs)) for i, job in enumerate(jobs))
     assert incl.variant == "Supermask layout incl. in_proj" and excl.variant == "Supermask layout excl. in_proj"
-    assert incl.ok and excl.ok, (incl.note, excl.note)  # equal to eager of the same weights
+    for row in (incl, excl):  # built and checked (not timed here): equal to eager of the same weights
+        assert row.note == "" and row.rel_err <= row.tol, (row.note, row.rel_err)
     # one encoder block: in_proj, out_proj, two MLP linears (+ the dense head)
     assert (incl.sparse_layers, excl.sparse_layers) == ("4/5", "3/5")
 
