@@ -620,6 +620,19 @@ def test_gpu_defaults_are_the_seed_setting():
     assert kernels.DEFAULTS["cuda"]["shapes"] == [(768, 3072), (3072, 768), (768, 2304), (768, 768)]
 
 
+def train_step_rows_ok(rows, text, masked):
+    """The dense rows and the three rows of the ``masked`` model (eager, torch.compile,
+    backend="sparse") appear once each and end "ok"; returns them by label."""
+    labels = ("dense model, eager", "dense model, torch.compile", f"{masked}, eager", f"{masked}, torch.compile",
+              f'{masked}, backend="sparse"')
+    found = {}
+    for label in labels:
+        matching = [row for row in rows if row.startswith(f"| {label} ")]
+        assert len(matching) == 1 and matching[0].rstrip(" |").endswith("ok"), (label, text)
+        found[label] = matching[0]
+    return found
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_path, amp):
     # One encoder block, every linear masked (MLP, out_proj and, with the flag, in_proj): the
@@ -637,11 +650,7 @@ def test_train_step_runs_every_variant_with_the_attention_masked(capsys, tmp_pat
     assert (", autocast bfloat16" in output.read_text()) == amp
     text = output.read_text()
     rows = table_lines(text, "|")
-    labels = ("dense model, eager", "dense model, torch.compile", "Supermask, eager", "Supermask, torch.compile",
-              'Supermask, backend="sparse"')
-    for label in labels:
-        matching = [row for row in rows if row.startswith(f"| {label} ")]
-        assert len(matching) == 1 and matching[0].rstrip(" |").endswith("ok"), (label, text)
+    train_step_rows_ok(rows, text, "Supermask")
     sparse_row = next(row for row in rows if 'backend="sparse"' in row)
     assert "| 4/4 " in sparse_row, sparse_row
     assert "attention in_proj" in text
@@ -694,12 +703,8 @@ def test_train_step_bimask_rows(tmp_path):
     assert train_step.main(argv) == 0
     text = output.read_text()
     rows = table_lines(text, "|")
-    labels = ("dense model, eager", "dense model, torch.compile", "Bi-Mask 2:4, eager", "Bi-Mask 2:4, torch.compile",
-              'Bi-Mask 2:4, backend="sparse"')
-    for label in labels:
-        matching = [row for row in rows if row.startswith(f"| {label} ")]
-        assert len(matching) == 1 and matching[0].rstrip(" |").endswith("ok"), (label, text)
+    for label, row in train_step_rows_ok(rows, text, "Bi-Mask 2:4").items():
         if label.startswith("Bi-Mask"):
-            assert "| 2:4 " in matching[0] and "| 50% " in matching[0], matching[0]
+            assert "| 2:4 " in row and "| 50% " in row, row
     assert not any(row.startswith("| Supermask") for row in rows)
     assert "Bi-Mask rows: bidirectional N:M" in text
