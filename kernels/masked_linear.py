@@ -312,6 +312,10 @@ def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional
     bias_c = bias.detach().to(a.dtype).to(compute) if bias is not None else None
     if kept > _CPU_MAX_DENSITY * tile_mask_nk.numel() or no_kernel is not None:
         counters["sparse_compile"]["masked_mm_cpu_dense"] += 1
+        if a.dtype == torch.bfloat16:
+            # What eager autocast runs: a bf16 matmul (oneDNN accumulates in fp32).
+            w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size).to(a.dtype)
+            return F.linear(a, w_masked, bias.detach().to(a.dtype) if bias is not None else None)
         w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size).to(a.dtype).to(compute)
         a_c = a.to(compute)
         out = a_c @ w_masked.t() if bias_c is None else torch.addmm(bias_c, a_c, w_masked.t())
