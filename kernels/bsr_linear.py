@@ -284,11 +284,13 @@ def _bsr_linear_tiles(x2d, values, crow_indices, col_indices, bias, out_features
     """Sparse CPU path: the compiled tile kernel of ``cpu_tile_mm.cpp`` (the masked op's), which
     takes the BSR tensors as they are: stored blocks are its kept tiles, crow/col its tile lists.
 
-    Half values go to the kernel as they are: it converts them to fp32 while packing them, once
-    per values tensor (a converted layer's values are the same graph constant at every call;
-    converting here made a new tensor, and a new packing, per call).
+    Values go to the kernel as they are: it packs them once per values tensor (a converted layer's
+    values are the same graph constant at every call), fp16 converted to fp32 there. bf16
+    activations with bf16 values run in bf16 (the CPU's bf16 dot products where it has them, fp32
+    accumulation) without converting the activations; fp16 activations are converted to fp32.
     """
-    xc = x2d if x2d.dtype == torch.float32 else x2d.float()
+    bf16 = x2d.dtype == torch.bfloat16 and values.dtype == torch.bfloat16
+    xc = x2d if x2d.dtype == torch.float32 or bf16 else x2d.float()
     bias = None if bias is None else bias.float()
     return cpu_tile_mm.bsr_mm(xc, values, crow_indices, col_indices, bias, out_features).to(x2d.dtype)
 

@@ -1,13 +1,24 @@
-// The masked op's CPU matmul: out[M, N] = a[M, K] @ (W ⊙ expand(mask))^T (+ bias), fp32,
-// reading only the kept tiles of W. Built at first use by cpu_tile_mm.py (plain C ABI, no
-// torch headers: it compiles in about a second) and called through ctypes.
+// The masked op's CPU matmul: out[M, N] = a[M, K] @ (W ⊙ expand(mask))^T (+ bias), accumulated in
+// fp32, reading only the kept tiles of W. Built at first use by cpu_tile_mm.py (plain C ABI, no
+// torch headers: it compiles in a few seconds) and called through ctypes.
 //
 // Why a kernel of our own: at 90% tile sparsity one torch addmm_ per kept tile (a 2080x32 by
 // 32x32 matmul) ran at about a third of dense throughput: each call streams its slice of `a`
 // and its output slice through memory for very little arithmetic, and each ends in an OpenMP
 // barrier. Here a block of rows stays in cache while every kept tile of every output tile is
-// applied to it, each 6-row x 16-column piece of the output lives in registers across all its
-// kept tiles, and the rows are split over threads in one OpenMP region per call.
+// applied to it, each 6-row x 16- (or 32-) column piece of the output lives in registers across
+// all its kept tiles, and the rows are split over threads in one OpenMP region per call.
+//
+// Two packed layouts of the kept tiles, two arithmetic paths:
+//  - FP32: packed[p][kk][nn] fp32, fp32 multiply-adds (GCC vector extensions: AVX2, AVX-512,
+//    NEON, whatever -march gives). `a` and `out` may be fp32 or bfloat16 (converted in registers,
+//    so a bf16 call needs no fp32 copies of its activations or its result).
+//  - BF16 pairs: packed[p][kk / 2][nn][kk % 2] bfloat16, consumed by the CPU's bf16 dot products
+//    (AVX-512 BF16 `vdpbf16ps`: two bf16 products added into an fp32 lane per instruction, twice
+//    the multiply-adds of an fp32 FMA per instruction and half the bytes). Only where the
+//    compiler targets a CPU with AVX-512 BF16 (-march=native on such a host):
+//    sc_native_bf16() says whether this build has it. Like the instruction, it flushes bf16
+//    denormals (below 1e-38) to zero.
 //
 // Threads: built with -fopenmp, this library uses the OpenMP runtime torch already loaded
 // (libgomp.so.1, matched by soname), i.e. torch's own thread pool. That matters on a small
@@ -18,22 +29,78 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SC_NATIVE_BF16 1
+#else
+#define SC_NATIVE_BF16 0
+#endif
+
 namespace {
 
 // 8 floats: one AVX register (two SSE/NEON registers where that is what the target has).
 // aligned(4): loads and stores at any float address.
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef uint32_t v8u __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
 
-constexpr int ROWS = 6;    // output rows per register block: 6 x 16 floats = 12 accumulators
-constexpr int COLS = 16;   // output columns per register block (two v8)
+constexpr int ROWS = 6;    // output rows per register block
+constexpr int COLS = 16;   // output columns per fp32 register block (two v8): 12 accumulators
 constexpr int64_t ROW_CHUNK = 96;  // rows kept in cache while every output tile is computed
 
+// Packed layouts (the `format` argument of the entry points).
+constexpr int32_t PACKED_FP32 = 0;
+constexpr int32_t PACKED_BF16_PAIRS = 1;
+
+// ---- bfloat16 <-> fp32 ----------------------------------------------------------------------
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// fp32 -> the bits of the nearest bfloat16 (ties to even): what `tensor.to(torch.bfloat16)` does
+// to each element (NaN becomes torch's NaN, 0x7fc0).
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return (uint16_t)(bits >> 16);
+}
+
+// The same rounding returned as fp32: autocast rounds a linear's fp32 weight this way before a
+// bf16 matmul; the packing below does the same to the kept tiles only.
+inline float round_to_bfloat16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+// Eight at once, for the fp32 path's bf16 output: same rounding, same NaN.
+inline void store_bf16x8(uint16_t* out, v8 value) {
+  v8u bits;
+  memcpy(&bits, &value, sizeof bits);
+  const v8u nan = (bits & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
+  const v8u rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const v8u chosen = (nan & 0x7fc0u) | (~nan & rounded);
+  const v8h half = __builtin_convertvector(chosen, v8h);
+  memcpy(out, &half, sizeof half);
+}
+
+inline float load_element(const float* p) { return *p; }
+inline float load_element(const uint16_t* p) { return bf16_to_float(*p); }
+inline void store_element(float* p, float value) { *p = value; }
+inline void store_element(uint16_t* p, float value) { *p = float_to_bf16(value); }
+inline void store_v8(float* p, v8 value) { *(v8*)p = value; }
+inline void store_v8(uint16_t* p, v8 value) { store_bf16x8(p, value); }
+
+// ---- the fp32 path ----------------------------------------------------------------------------
+
 // One ROWS x COLS register block (R <= ROWS rows, `cols` <= COLS valid columns) of the
-// output tile whose kept tiles are packed[p0..p1).
-template <int R>
-inline void register_block(const float* a, int64_t lda, const float* packed, const int32_t* col_idx,
+// output tile whose kept tiles are packed[p0..p1). A is float or bfloat16 (uint16_t), so is O.
+template <int R, typename A, typename O>
+inline void register_block(const A* a, int64_t lda, const float* packed, const int32_t* col_idx,
                            int32_t p0, int32_t p1, int64_t k, int64_t t, int64_t tp, int64_t col0,
-                           const float* bias, int cols, float* out, int64_t ldo) {
+                           const float* bias, int cols, O* out, int64_t ldo) {
   // Start from the bias (or zero): whole vectors where the block is whole, the common case.
   v8 start[2] = {{0}, {0}};
   if (bias && cols == COLS) {
@@ -50,25 +117,25 @@ inline void register_block(const float* a, int64_t lda, const float* packed, con
   for (int32_t p = p0; p < p1; p++) {
     const int64_t k0 = col_idx[p] * t;
     const int64_t depth = k - k0 < t ? k - k0 : t;  // an edge tile is cut at K
-    const float* a_tile = a + k0;
+    const A* a_tile = a + k0;
     const float* w_tile = packed + p * t * tp + col0;
     for (int64_t kk = 0; kk < depth; kk++) {
       const v8 w0 = *(const v8*)(w_tile + kk * tp);
       const v8 w1 = *(const v8*)(w_tile + kk * tp + 8);
       for (int r = 0; r < R; r++) {
-        const float x = a_tile[r * lda + kk];
+        const float x = load_element(a_tile + r * lda + kk);
         acc[r][0] += x * w0;
         acc[r][1] += x * w1;
       }
     }
   }
   for (int r = 0; r < R; r++) {
-    float* o = out + r * ldo;
+    O* o = out + r * ldo;
     if (cols == COLS) {
-      *(v8*)o = acc[r][0];
-      *(v8*)(o + 8) = acc[r][1];
+      store_v8(o, acc[r][0]);
+      store_v8(o + 8, acc[r][1]);
     } else {
-      for (int c = 0; c < cols; c++) o[c] = c < 8 ? acc[r][0][c] : acc[r][1][c - 8];
+      for (int c = 0; c < cols; c++) store_element(o + c, c < 8 ? acc[r][0][c] : acc[r][1][c - 8]);
     }
   }
 }
@@ -76,8 +143,9 @@ inline void register_block(const float* a, int64_t lda, const float* packed, con
 // Rows [begin, end) of the output: every output tile, each as register blocks over all its kept
 // tiles. Its own function, arguments by value: inside the OpenMP region's outlined body the
 // loops read the captured variables through a pointer on every use (~15% slower, measured).
-void row_chunk(const float* a, int64_t lda, const float* packed, const int32_t* row_ptr, const int32_t* col_idx,
-               int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp, const float* bias, float* out,
+template <typename A, typename O>
+void row_chunk(const A* a, int64_t lda, const float* packed, const int32_t* row_ptr, const int32_t* col_idx,
+               int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp, const float* bias, O* out,
                int64_t ldo, int64_t begin, int64_t end) {
   for (int64_t i = 0; i < nb; i++) {
     const int64_t tile_cols = n - i * t < t ? n - i * t : t;
@@ -86,8 +154,8 @@ void row_chunk(const float* a, int64_t lda, const float* packed, const int32_t* 
       const int cols = tile_cols - col0 < COLS ? (int)(tile_cols - col0) : COLS;
       const float* bias_block = bias ? bias + i * t + col0 : nullptr;
       for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
-        const float* a_rows = a + r0 * lda;
-        float* out_block = out + r0 * ldo + i * t + col0;
+        const A* a_rows = a + r0 * lda;
+        O* out_block = out + r0 * ldo + i * t + col0;
 #define SC_BLOCK(R) register_block<R>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo)
         switch (end - r0 < ROWS ? end - r0 : ROWS) {
           case 6: SC_BLOCK(6); break;
@@ -103,53 +171,132 @@ void row_chunk(const float* a, int64_t lda, const float* packed, const int32_t* 
   }
 }
 
-// fp32 -> the nearest bfloat16 (ties to even), returned as fp32: what `tensor.to(torch.bfloat16)`
-// does to each element (NaN stays NaN). Autocast rounds a linear's fp32 weight this way before
-// a bf16 matmul; the packing below does the same to the kept tiles only.
-inline float round_to_bfloat16(float value) {
-  uint32_t bits;
-  memcpy(&bits, &value, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return value;
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  bits &= 0xffff0000u;
-  memcpy(&value, &bits, sizeof bits);
-  return value;
+// ---- the bf16 pairs path (AVX-512 BF16) --------------------------------------------------------
+
+#if SC_NATIVE_BF16
+constexpr int ROWS_BF16 = 6;  // x 2 vectors of 16 columns: 12 fp32 accumulators, as the fp32 path
+
+// One R x (16 * NV) register block of bf16 output from bf16 `a` and the kept tiles' bf16 pairs.
+template <int R, int NV>
+inline void register_block_bf16(const uint16_t* a, int64_t lda, const uint16_t* packed, const int32_t* col_idx,
+                                int32_t p0, int32_t p1, int64_t k, int64_t t, int64_t tp, int64_t col0,
+                                const float* bias, int cols, uint16_t* out, int64_t ldo) {
+  const int64_t pair_rows = (t + 1) / 2;
+  __mmask16 lanes[NV];
+  for (int v = 0; v < NV; v++) {
+    const int valid = cols - 16 * v >= 16 ? 16 : (cols - 16 * v > 0 ? cols - 16 * v : 0);
+    lanes[v] = (__mmask16)((1u << valid) - 1u);
+  }
+  __m512 acc[R][NV];
+  for (int v = 0; v < NV; v++) {
+    const __m512 start = bias ? _mm512_maskz_loadu_ps(lanes[v], bias + 16 * v) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) acc[r][v] = start;
+  }
+  for (int32_t p = p0; p < p1; p++) {
+    const int64_t k0 = col_idx[p] * t;
+    const int64_t depth = k - k0 < t ? k - k0 : t;  // an edge tile is cut at K
+    const uint16_t* a_tile = a + k0;
+    const uint16_t* w_tile = packed + (p * pair_rows * tp + col0) * 2;
+    int64_t kk = 0;
+    for (; kk + 1 < depth; kk += 2) {
+      const uint16_t* w_pairs = w_tile + kk * tp;  // pair row kk / 2, tp pairs long
+      __m512bh w[NV];
+      for (int v = 0; v < NV; v++) w[v] = (__m512bh)_mm512_loadu_si512(w_pairs + 32 * v);
+      for (int r = 0; r < R; r++) {
+        int32_t pair;  // a[r, kk] in the low half, a[r, kk + 1] in the high half: as packed
+        memcpy(&pair, a_tile + r * lda + kk, sizeof pair);
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, w[v]);
+      }
+    }
+    if (kk < depth) {  // odd depth: the last element paired with zero, never reading past it
+      const uint16_t* w_pairs = w_tile + kk * tp;
+      __m512bh w[NV];
+      for (int v = 0; v < NV; v++) w[v] = (__m512bh)_mm512_loadu_si512(w_pairs + 32 * v);
+      for (int r = 0; r < R; r++) {
+        const __m512bh x = (__m512bh)_mm512_set1_epi32((int32_t)a_tile[r * lda + kk]);
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, w[v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    uint16_t* o = out + r * ldo;
+    for (int v = 0; v < NV; v++) {
+      const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);  // to nearest even
+      if (lanes[v] == 0xffff)
+        _mm256_storeu_si256((__m256i*)(o + 16 * v), rounded);
+      else
+        _mm256_mask_storeu_epi16(o + 16 * v, lanes[v], rounded);
+    }
+  }
 }
 
-}  // namespace
+void row_chunk_bf16(const uint16_t* a, int64_t lda, const uint16_t* packed, const int32_t* row_ptr,
+                    const int32_t* col_idx, int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp,
+                    const float* bias, uint16_t* out, int64_t ldo, int64_t begin, int64_t end) {
+  for (int64_t i = 0; i < nb; i++) {
+    const int64_t tile_cols = n - i * t < t ? n - i * t : t;
+    const int32_t p0 = row_ptr[i], p1 = row_ptr[i + 1];
+    for (int64_t col0 = 0; col0 < tile_cols; col0 += 32) {
+      const int cols = tile_cols - col0 < 32 ? (int)(tile_cols - col0) : 32;
+      const float* bias_block = bias ? bias + i * t + col0 : nullptr;
+      for (int64_t r0 = begin; r0 < end; r0 += ROWS_BF16) {
+        const uint16_t* a_rows = a + r0 * lda;
+        uint16_t* out_block = out + r0 * ldo + i * t + col0;
+        // Two vectors only where the packed row has them (tp is a multiple of 16).
+#define SC_BLOCK(R)                                                                                                   \
+  (cols > 16 ? register_block_bf16<R, 2>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo) \
+             : register_block_bf16<R, 1>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo))
+        switch (end - r0 < ROWS_BF16 ? end - r0 : ROWS_BF16) {
+          case 6: SC_BLOCK(6); break;
+          case 5: SC_BLOCK(5); break;
+          case 4: SC_BLOCK(4); break;
+          case 3: SC_BLOCK(3); break;
+          case 2: SC_BLOCK(2); break;
+          default: SC_BLOCK(1); break;
+        }
+#undef SC_BLOCK
+      }
+    }
+  }
+}
+#endif  // SC_NATIVE_BF16
 
-extern "C" {
+// ---- packing ------------------------------------------------------------------------------------
 
-// Kept tiles, in block-row-major order, as a CSR list (row_ptr[nb + 1], col_idx[kept]) and
-// their weights transposed and scaled by the mask value: packed[p][kk][nn] =
-// mask[i, j] * w[i*t + nn, j*t + kk] for kept tile p = (i, j), rows padded from t to tp
-// columns (a multiple of COLS) with zeros, as is whatever lies past N or K. Strides are in
-// elements, so transposed views (the input gradient's W^T) need no copy. With `round_bf16`
-// each packed value (mask value times weight) is rounded to the nearest bfloat16: the fp32
-// master weight of a layer that runs in bf16 under autocast, rounded where eager autocast
-// rounds it, for the kept tiles only. Returns the number of kept tiles, or -1 if there are
-// more than `capacity`.
-int64_t sc_pack_kept_tiles(const float* w, int64_t n, int64_t k, int64_t w_s0, int64_t w_s1,
-                           const float* mask, int64_t nb, int64_t kb, int64_t mask_s0, int64_t mask_s1,
-                           int64_t t, int64_t tp, int64_t capacity, int32_t round_bf16,
-                           int32_t* row_ptr, int32_t* col_idx, float* packed) {
+// One value into either layout: fp32 (optionally rounded to bf16), or bf16 pairs.
+inline void put_packed(void* packed, int32_t format, int32_t round_bf16, int64_t p, int64_t t, int64_t tp, int64_t kk,
+                       int64_t nn, float value) {
+  if (format == PACKED_FP32) {
+    ((float*)packed)[(p * t + kk) * tp + nn] = round_bf16 ? round_to_bfloat16(value) : value;
+  } else {
+    const int64_t pair_rows = (t + 1) / 2;
+    ((uint16_t*)packed)[((p * pair_rows + kk / 2) * tp + nn) * 2 + (kk & 1)] = float_to_bf16(value);
+  }
+}
+
+inline int64_t packed_depth(int32_t format, int64_t t) { return format == PACKED_FP32 ? t : (t + 1) / 2 * 2; }
+
+template <typename S>
+int64_t pack_kept_tiles(const S* w, int64_t n, int64_t k, int64_t w_s0, int64_t w_s1, const float* mask, int64_t nb,
+                        int64_t kb, int64_t mask_s0, int64_t mask_s1, int64_t t, int64_t tp, int64_t capacity,
+                        int32_t format, int32_t round_bf16, int32_t* row_ptr, int32_t* col_idx, void* packed) {
+  const int64_t depth = packed_depth(format, t);
   int64_t p = 0;
   row_ptr[0] = 0;
   for (int64_t i = 0; i < nb; i++) {
     for (int64_t j = 0; j < kb; j++) {
-      const float value = mask[i * mask_s0 + j * mask_s1];
-      if (value == 0.f) continue;
+      const float scale = mask[i * mask_s0 + j * mask_s1];
+      if (scale == 0.f) continue;
       if (p == capacity) return -1;
       col_idx[p] = (int32_t)j;
-      float* dst = packed + p * t * tp;
-      for (int64_t kk = 0; kk < t; kk++) {
+      for (int64_t kk = 0; kk < depth; kk++) {
         const int64_t col = j * t + kk;
         for (int64_t nn = 0; nn < tp; nn++) {
           const int64_t row = i * t + nn;
-          dst[kk * tp + nn] = (nn < t && row < n && col < k) ? value * w[row * w_s0 + col * w_s1] : 0.f;
+          const bool inside = kk < t && nn < t && row < n && col < k;
+          put_packed(packed, format, round_bf16, p, t, tp, kk, nn, inside ? scale * load_element(w + row * w_s0 + col * w_s1) : 0.f);
         }
-        if (round_bf16)
-          for (int64_t nn = 0; nn < t; nn++) dst[kk * tp + nn] = round_to_bfloat16(dst[kk * tp + nn]);
       }
       p++;
     }
@@ -158,30 +305,102 @@ int64_t sc_pack_kept_tiles(const float* w, int64_t n, int64_t k, int64_t w_s0, i
   return p;
 }
 
-// BSR blocks into the same packed layout: values[p] is block p of W ([t rows of W][t columns],
-// row-major, as torch's BSR values), packed[p][kk][nn] = values[p][nn][kk], rows padded to tp.
-// The BSR op's crow/col indices are the kernel's row_ptr/col_idx as they are.
-void sc_pack_bsr_blocks(const float* values, int64_t blocks, int64_t t, int64_t tp, float* packed) {
+template <typename S>
+void pack_bsr_blocks(const S* values, int64_t blocks, int64_t t, int64_t tp, int32_t format, void* packed) {
+  const int64_t depth = packed_depth(format, t);
   for (int64_t p = 0; p < blocks; p++) {
-    const float* block = values + p * t * t;
-    float* dst = packed + p * t * tp;
-    for (int64_t kk = 0; kk < t; kk++)
-      for (int64_t nn = 0; nn < tp; nn++) dst[kk * tp + nn] = nn < t ? block[nn * t + kk] : 0.f;
+    const S* block = values + p * t * t;
+    for (int64_t kk = 0; kk < depth; kk++)
+      for (int64_t nn = 0; nn < tp; nn++)
+        put_packed(packed, format, 0, p, t, tp, kk, nn, nn < t && kk < t ? load_element(block + nn * t + kk) : 0.f);
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this build has the bf16 pairs path (the CPU's bf16 dot products), else 0.
+int32_t sc_native_bf16(void) { return SC_NATIVE_BF16; }
+
+// Kept tiles, in block-row-major order, as a CSR list (row_ptr[nb + 1], col_idx[kept]) and
+// their weights transposed and scaled by the mask value: for kept tile p = (i, j), the value
+// mask[i, j] * w[i*t + nn, j*t + kk] goes to packed[p][kk][nn] (format 0, fp32) or to
+// packed[p][kk / 2][nn][kk % 2] (format 1, bf16 pairs, rounded to the nearest bf16), rows padded
+// from t to tp columns (a multiple of 16) with zeros, as is whatever lies past N or K (and the
+// odd element of the last pair when t is odd). `w` is fp32, or bf16 bits with w_bf16. Strides
+// are in elements, so transposed views (the input gradient's W^T) need no copy. With
+// `round_bf16` the fp32 format's values are rounded to bf16 too: the fp32 master weight of a
+// layer that runs in bf16 under autocast, rounded where eager autocast rounds it, kept tiles
+// only. Returns the number of kept tiles, or -1 if there are more than `capacity`.
+int64_t sc_pack_kept_tiles(const void* w, int32_t w_bf16, int64_t n, int64_t k, int64_t w_s0, int64_t w_s1,
+                           const float* mask, int64_t nb, int64_t kb, int64_t mask_s0, int64_t mask_s1, int64_t t,
+                           int64_t tp, int64_t capacity, int32_t format, int32_t round_bf16, int32_t* row_ptr,
+                           int32_t* col_idx, void* packed) {
+  if (w_bf16)
+    return pack_kept_tiles((const uint16_t*)w, n, k, w_s0, w_s1, mask, nb, kb, mask_s0, mask_s1, t, tp, capacity,
+                           format, round_bf16, row_ptr, col_idx, packed);
+  return pack_kept_tiles((const float*)w, n, k, w_s0, w_s1, mask, nb, kb, mask_s0, mask_s1, t, tp, capacity, format,
+                         round_bf16, row_ptr, col_idx, packed);
+}
+
+// BSR blocks into the same packed layouts: values[p] is block p of W ([t rows of W][t columns],
+// row-major, as torch's BSR values; fp32, or bf16 bits with values_bf16). The BSR op's crow/col
+// indices are the kernel's row_ptr/col_idx as they are.
+void sc_pack_bsr_blocks(const void* values, int32_t values_bf16, int64_t blocks, int64_t t, int64_t tp,
+                        int32_t format, void* packed) {
+  if (values_bf16)
+    pack_bsr_blocks((const uint16_t*)values, blocks, t, tp, format, packed);
+  else
+    pack_bsr_blocks((const float*)values, blocks, t, tp, format, packed);
 }
 
 // out (row stride ldo) from a [m, k] (row stride lda, unit column stride) and the packed kept
 // tiles, on `threads` OpenMP threads. Every output element is written (the bias or zero where a
-// block row keeps no tile).
-void sc_tile_mm(const float* a, int64_t lda, int64_t m, const float* packed, const int32_t* row_ptr,
-                const int32_t* col_idx, int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp,
-                const float* bias, float* out, int64_t ldo, int threads) {
+// block row keeps no tile). `a` and `out` are fp32, or bf16 bits with a_bf16 / out_bf16; the
+// bias is fp32. Format 1 (bf16 pairs) needs a build with sc_native_bf16() and bf16 `a` and
+// `out`. Returns 0, or -1 for a combination this build cannot run (nothing written).
+int32_t sc_tile_mm(const void* a, int32_t a_bf16, int64_t lda, int64_t m, const void* packed, int32_t format,
+                   const int32_t* row_ptr, const int32_t* col_idx, int64_t nb, int64_t n, int64_t k, int64_t t,
+                   int64_t tp, const float* bias, void* out, int32_t out_bf16, int64_t ldo, int threads) {
+  if (format != PACKED_FP32 && !(SC_NATIVE_BF16 && format == PACKED_BF16_PAIRS && a_bf16 && out_bf16)) return -1;
   const int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t c = 0; c < chunks; c++) {
-    const int64_t end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
-    row_chunk(a, lda, packed, row_ptr, col_idx, nb, n, k, t, tp, bias, out, ldo, c * ROW_CHUNK, end);
+#pragma omp parallel num_threads(threads)
+  {
+    // bf16 `a` on the fp32 path: each chunk's rows converted once into this thread's buffer
+    // (converting in the inner loop repeated it for every 16 output columns: 3x slower at half
+    // density than converting the whole tensor in torch first).
+    float* a_fp32 = (a_bf16 && format == PACKED_FP32) ? new float[ROW_CHUNK * k] : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+      const int64_t begin = c * ROW_CHUNK, end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
+      const float* fp = (const float*)packed;
+#if SC_NATIVE_BF16
+      if (format == PACKED_BF16_PAIRS) {
+        row_chunk_bf16((const uint16_t*)a, lda, (const uint16_t*)packed, row_ptr, col_idx, nb, n, k, t, tp, bias,
+                       (uint16_t*)out, ldo, begin, end);
+        continue;
+      }
+#endif
+      if (a_fp32) {
+        const uint16_t* a_rows = (const uint16_t*)a + begin * lda;
+        for (int64_t r = 0; r < end - begin; r++)
+          for (int64_t kk = 0; kk < k; kk++) a_fp32[r * k + kk] = bf16_to_float(a_rows[r * lda + kk]);
+        // The buffer holds rows begin..end as rows 0..: the output pointer moves along.
+        const int64_t rows = end - begin;
+        if (out_bf16)
+          row_chunk(a_fp32, k, fp, row_ptr, col_idx, nb, n, k, t, tp, bias, (uint16_t*)out + begin * ldo, ldo, 0, rows);
+        else
+          row_chunk(a_fp32, k, fp, row_ptr, col_idx, nb, n, k, t, tp, bias, (float*)out + begin * ldo, ldo, 0, rows);
+      } else if (out_bf16) {
+        row_chunk((const float*)a, lda, fp, row_ptr, col_idx, nb, n, k, t, tp, bias, (uint16_t*)out, ldo, begin, end);
+      } else {
+        row_chunk((const float*)a, lda, fp, row_ptr, col_idx, nb, n, k, t, tp, bias, (float*)out, ldo, begin, end);
+      }
+    }
+    delete[] a_fp32;
   }
+  return 0;
 }
 
 }  // extern "C"

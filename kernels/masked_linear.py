@@ -312,20 +312,25 @@ def _masked_mm_cpu(a: Tensor, w_nk: Tensor, tile_mask_nk: Tensor, bias: Optional
     bias_c = bias.detach().to(a.dtype).to(compute) if bias is not None else None
     if kept > _CPU_MAX_DENSITY * tile_mask_nk.numel() or no_kernel is not None:
         counters["sparse_compile"]["masked_mm_cpu_dense"] += 1
+        if a.dtype == torch.bfloat16:
+            # What eager autocast runs: a bf16 matmul (oneDNN accumulates in fp32).
+            w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size).to(a.dtype)
+            return F.linear(a, w_masked, bias.detach().to(a.dtype) if bias is not None else None)
         w_masked = _masked_weight(w_nk, tile_mask_nk, tile_size).to(a.dtype).to(compute)
         a_c = a.to(compute)
         out = a_c @ w_masked.t() if bias_c is None else torch.addmm(bias_c, a_c, w_masked.t())
         return out.to(a.dtype)
     counters["sparse_compile"]["masked_mm_cpu_tiles"] += 1
     w_c = w_nk.detach()
-    # Master weights: bf16 rounding happens in the kernel's packing, kept tiles only; fp16
-    # autocast on CPU is rare, and rounds the whole weight here.
-    round_bf16 = a.dtype == torch.bfloat16 and w_c.dtype == torch.float32
+    if a.dtype == torch.bfloat16:
+        # bf16 in and out, no fp32 copies: the kernel rounds the kept tiles of an fp32 master
+        # weight to bf16 as it packs them (where eager autocast rounds the whole weight) and
+        # multiplies with the CPU's bf16 dot products where it has them.
+        return cpu_tile_mm.tile_mm(a.detach(), w_c, tile_mask_nk, bias_c, tile_size, kept)
+    # fp16 on CPU is rare: the weight rounded to fp16 first, computed in fp32.
     if a.dtype == torch.float16 and w_c.dtype == torch.float32:
         w_c = w_c.to(torch.float16)
-    out = cpu_tile_mm.tile_mm(
-        a.detach().to(compute), w_c.to(compute), tile_mask_nk, bias_c, tile_size, kept, round_weight_to_bfloat16=round_bf16
-    )
+    out = cpu_tile_mm.tile_mm(a.detach().to(compute), w_c.to(compute), tile_mask_nk, bias_c, tile_size, kept)
     return out.to(a.dtype)
 
 

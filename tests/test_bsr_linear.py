@@ -150,7 +150,7 @@ def test_cpu_tile_path_packs_the_blocks_once_per_weight():
         values.mul_(2)
     _check(bsr_linear_module._bsr_linear_tiles(x, *args), x, 2 * w, bias, 1e-5, 1e-5)
     assert counters["sparse_compile"]["cpu_bsr_blocks_packed"] == 2
-    key = id(values)
+    key = (id(values), tile_mm._FP32)
     assert key in tile_mm._packed_bsr
     del values, args, bw
     gc.collect()
