@@ -1,4 +1,5 @@
-"""The code blocks of README.md and docs/*.md that claim to run, run (issue 24).
+"""The code blocks of README.md and docs/*.md that claim to run, run; the README's first screen
+holds what a newcomer needs; links between the pages resolve (issue 24).
 
 Convention: a fenced block whose opening line comes right after a line ``<!-- runs -->`` (text may
 follow ``runs``: ``<!-- runs: why -->``) runs; other blocks are illustrations (``...train...``,
@@ -7,6 +8,10 @@ as a reader pasting them one after another would run them, here in the test proc
 suite's modelled timer (``conftest.py``) stands in for the backend's measurements, so what a
 block asserts does not hang on how busy the machine is. Blocks run as written: the examples
 themselves are CPU-sized, nothing here shrinks them.
+
+The README's first screen (at most 60 lines before its first link into ``docs/``) holds the two
+set-up commands, the runnable example and the measured result; its test command is the one CI
+runs (``.ci/run``).
 """
 
 import pathlib
@@ -16,6 +21,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+FIRST_SCREEN_LINES = 60
 MARK = re.compile(r"^<!--\s*runs\b.*-->\s*$")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -64,3 +70,54 @@ def test_marked_examples_run(path, fresh_compiler, capsys):
         # Tracebacks name the file and its line: compile() with the line offset.
         exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)  # noqa: S102 - our own docs
     assert "linear layers run as BSR" in capsys.readouterr().out or path.name != "README.md"
+
+
+def _first_docs_link(lines: list[str]) -> int:
+    """Index of the first README line that links into docs/."""
+    return next(i for i, line in enumerate(lines) if re.search(r"\]\(docs/", line))
+
+
+def test_the_readme_first_screen_holds_the_commands_the_example_and_the_result():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    first_link = _first_docs_link(lines)
+    assert first_link <= FIRST_SCREEN_LINES, f"{first_link} lines before the first link to docs/"
+    screen = lines[:first_link]
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command.endswith("-m pytest") and ci_command in screen  # CI runs the README's test command
+    assert ci_command.replace("-m pytest", "-m benchmarks.vit") in screen  # the main job, same set-up
+    example = runnable_blocks("\n".join(lines))[0]
+    assert example[0] <= first_link
+    assert "2.37x" in "\n".join(screen)  # the measured result on the CPU machine kind
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+    in_code, anchors = False, set()
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            anchors.add(_slug(line.lstrip("#")))
+    return anchors
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not checked here
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{path.name}: link to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{path.name}: link to {target}, no such heading"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in readme, f"docs/{page.name} is not linked from the README"
