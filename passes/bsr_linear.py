@@ -41,7 +41,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile import formats as _formats
-from sparse_compile.analysis import LayerDecision, decide
+from sparse_compile.analysis import decide
+from sparse_compile.formats.base import LayerDecision
 from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
 from sparse_compile.report import GraphReport, LayerRecord

@@ -19,51 +19,17 @@ A dense decision says, for every format, why it was not taken.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
 
 from sparse_compile import formats as _formats
 from sparse_compile import measure
+from sparse_compile.formats.base import DENSE, Candidate, LayerDecision
 from sparse_compile.formats.bsr import BLOCK_OVERHEAD, block_density, candidate_blocksizes
 from sparse_compile.options import SparseOptions
 
-__all__ = ["BLOCK_OVERHEAD", "LayerDecision", "block_density", "candidate_blocksizes", "decide"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerDecision:
-    """What the pass does with one linear weight, and why.
-
-    Attributes:
-        format: a format's name (``"bsr"``, ...) or ``"dense"``.
-        blocksize: the BSR block size measured (and used, for BSR); ``None`` when none was.
-        density: stored blocks / all blocks at ``blocksize`` (``None`` when not measured).
-        reason: for dense layers, why (every format's reason); empty for sparse layers.
-        time_ms: measured time of the chosen way (``None`` with a numeric threshold).
-        dense_ms: measured time of dense ``F.linear`` for the same layer.
-        from_cache: True when no timing ran for this layer (cache hit, or a layer of the same
-            shape and density measured before); ``None`` when nothing was timed.
-        timings: ``(candidate label, ms)`` of every candidate timed, e.g. ``("bsr32", 0.41)``.
-        candidate: the chosen :class:`~sparse_compile.measure.Candidate` (sparse layers).
-        kernel: what runs the layer when sparse (the format's kernel on the weight's device).
-    """
-
-    format: str
-    blocksize: int | None
-    density: float | None
-    reason: str = ""
-    time_ms: float | None = None
-    dense_ms: float | None = None
-    from_cache: bool | None = None
-    timings: tuple[tuple[str, float], ...] = ()
-    candidate: measure.Candidate | None = None
-    kernel: str = ""
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.format != "dense"
+__all__ = ["BLOCK_OVERHEAD", "block_density", "candidate_blocksizes", "decide"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -96,7 +62,7 @@ def decide(
     if weight.numel() == 0:
         return LayerDecision("dense", None, None, f"weight {tuple(weight.shape)} is empty")
 
-    proposals: list[tuple[_formats.SparseFormat, list[measure.Candidate]]] = []
+    proposals: list[tuple[_formats.SparseFormat, list[Candidate]]] = []
     reasons: dict[str, str] = {fmt.name: "" for fmt in formats}  # why each format was not taken
     for fmt in formats:
         why = fmt.unavailable_reason(weight.device.type)
@@ -115,7 +81,7 @@ def decide(
     return _by_threshold(weight, options, proposals, reasons)
 
 
-def _numbers(candidate: measure.Candidate | None) -> dict:
+def _numbers(candidate: Candidate | None) -> dict:
     """The report's block size and density columns for ``candidate``."""
     if candidate is None:
         return {"blocksize": None, "density": None}
@@ -147,8 +113,8 @@ def _joined(reasons: dict[str, str], first: str = "") -> str:
 
 def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
     """Times dense and every candidate worth timing; keeps the fastest (a tie goes to dense)."""
-    timed_candidates: list[measure.Candidate] = []
-    owner: dict[measure.Candidate, _formats.SparseFormat] = {}
+    timed_candidates: list[Candidate] = []
+    owner: dict[Candidate, _formats.SparseFormat] = {}
     order = {}
     for index, (fmt, candidates) in enumerate(proposals):
         worth = fmt.timed_candidates(candidates)
@@ -163,7 +129,7 @@ def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
     fallback = max(first, key=lambda c: c.blocksize or 0) if first else None
     if not timed_candidates:
         return LayerDecision("dense", **_numbers(fallback), reason=_joined(reasons))
-    timed = measure.time_candidates(weight, [measure.DENSE, *timed_candidates], rows)
+    timed = measure.time_candidates(weight, [DENSE, *timed_candidates], rows)
     dense, others = timed[0], timed[1:]
     timings = tuple((t.candidate.label, t.ms) for t in timed)
     from_cache = all(t.from_cache for t in timed)

@@ -11,6 +11,11 @@ to formats through it:
   tensors become graph constants) and calls its op as
   ``op(x, *constants, bias, *static_args)``.
 
+The values that travel between these layers are defined here, below every module that uses them
+(``formats`` imports nothing else of the backend; ``measure``, ``options``, ``analysis`` and the
+pass import this): a :class:`Candidate` (one way to run a layer) and the :class:`LayerDecision`
+made from them.
+
 The dtypes and shapes a format takes are declared once, in its kernel file, and read from there.
 """
 
@@ -21,9 +26,65 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
-if TYPE_CHECKING:
-    from sparse_compile.measure import Candidate
+if TYPE_CHECKING:  # options imports the formats (to check format names): for annotations only
     from sparse_compile.options import SparseOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run a layer. ``kind`` is ``"dense"`` or a format's name (:attr:`SparseFormat.name`);
+    ``blocksize`` and ``density`` are the BSR block size and block density (None for other kinds)."""
+
+    kind: str
+    blocksize: int | None = None
+    density: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.blocksize is None else f"{self.kind}{self.blocksize}"
+
+
+#: Dense ``F.linear``, the candidate every sparse one is timed against.
+DENSE = Candidate("dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDecision:
+    """What the pass does with one linear weight, and why (made by ``sparse_compile.analysis.decide``).
+
+    Attributes:
+        format: a format's name (``"bsr"``, ...) or ``"dense"``.
+        blocksize: the BSR block size measured (and used, for BSR); ``None`` when none was.
+        density: stored blocks / all blocks at ``blocksize`` (``None`` when not measured).
+        reason: for dense layers, why (every format's reason); empty for sparse layers.
+        time_ms: measured time of the chosen way (``None`` with a numeric threshold).
+        dense_ms: measured time of dense ``F.linear`` for the same layer.
+        from_cache: True when no timing ran for this layer (cache hit, or a layer of the same
+            shape and density measured before); ``None`` when nothing was timed.
+        timings: ``(candidate label, ms)`` of every candidate timed, e.g. ``("bsr32", 0.41)``.
+        candidate: the chosen :class:`Candidate` (sparse layers).
+        kernel: what runs the layer when sparse (the format's kernel on the weight's device).
+    """
+
+    format: str
+    blocksize: int | None
+    density: float | None
+    reason: str = ""
+    time_ms: float | None = None
+    dense_ms: float | None = None
+    from_cache: bool | None = None
+    timings: tuple[tuple[str, float], ...] = ()
+    candidate: Candidate | None = None
+    kernel: str = ""
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.format != "dense"
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +115,8 @@ class ThresholdChoice:
     the candidate the numbers in the report describe (the best one, chosen or not).
     """
 
-    chosen: "Candidate | None"
-    considered: "Candidate | None"
+    chosen: Candidate | None
+    considered: Candidate | None
     reason: str = ""
 
 
@@ -78,7 +139,7 @@ class SparseFormat:
         """Why this format cannot run on ``device_type`` in this process, or ``""``."""
         raise NotImplementedError
 
-    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list["Candidate"], str]:
+    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list[Candidate], str]:
         """The analysis rule: the ways this format could run ``weight`` ``[out, in]``, or why none.
 
         Called with a 2-D, non-empty weight of a dtype in :attr:`dtypes`, on a device the format
@@ -87,20 +148,20 @@ class SparseFormat:
         raise NotImplementedError
 
     def pick_by_threshold(
-        self, weight: torch.Tensor, candidates: Sequence["Candidate"], options: "SparseOptions"
+        self, weight: torch.Tensor, candidates: Sequence[Candidate], options: "SparseOptions"
     ) -> ThresholdChoice:
         """The choice under a numeric ``density_threshold`` (no timing)."""
         raise NotImplementedError
 
-    def timed_candidates(self, candidates: Sequence["Candidate"]) -> list["Candidate"]:
+    def timed_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         """The candidates worth timing under ``density_threshold="auto"`` (default: all)."""
         return list(candidates)
 
-    def nothing_to_time_reason(self, candidates: Sequence["Candidate"]) -> str:
+    def nothing_to_time_reason(self, candidates: Sequence[Candidate]) -> str:
         """Why none of ``candidates`` was worth timing (when :meth:`timed_candidates` kept none)."""
         return f"no {self.name} candidate worth timing"
 
-    def describe(self, candidate: "Candidate") -> str:
+    def describe(self, candidate: Candidate) -> str:
         """``"BSR at block 32 (density 0.40)"``: the candidate in a reason's words."""
         return candidate.label
 
@@ -108,12 +169,12 @@ class SparseFormat:
         """What runs a converted layer on ``device_type`` (the report's kernel column)."""
         raise NotImplementedError
 
-    def convert(self, weight: torch.Tensor, candidate: "Candidate") -> ConvertedWeight:
+    def convert(self, weight: torch.Tensor, candidate: Candidate) -> ConvertedWeight:
         """Compresses ``weight`` once, for the graph's constants."""
         raise NotImplementedError
 
     def timing_run(
-        self, weight: torch.Tensor, candidate: "Candidate", x: torch.Tensor, bias: torch.Tensor
+        self, weight: torch.Tensor, candidate: Candidate, x: torch.Tensor, bias: torch.Tensor
     ) -> Callable[[], object]:
         """A call computing the layer on ``x`` as the converted layer would (timed by ``measure``)."""
         converted = self.convert(weight, candidate)
@@ -125,7 +186,7 @@ class SparseFormat:
 
         return run
 
-    def after_measured_choice(self, weight: torch.Tensor, candidate: "Candidate") -> None:
+    def after_measured_choice(self, weight: torch.Tensor, candidate: Candidate) -> None:
         """Called when timing chose ``candidate`` for ``weight`` (a format may remember what it timed)."""
 
     def __repr__(self) -> str:
