@@ -363,11 +363,6 @@ def sparse_cpu_variant() -> str:
     return "tiles" if cpu_tile_mm.unavailable_reason() is None else "gather"
 
 
-def cpu_kernel_name() -> str:
-    """What runs a converted BSR layer on CPU, as the compile report names it."""
-    return "tile kernel (cpu)" if sparse_cpu_variant() == "tiles" else "torch ops (cpu)"
-
-
 def _cpu_variant_key(dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int) -> tuple:
     return (dtype, out_features, in_features, blocksize, nnz_blocks)
 

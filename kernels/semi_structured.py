@@ -117,13 +117,6 @@ def unavailable_reason(device_type: str) -> str:
     return f"no 2:4 kernel for device {device_type!r} (cpu and cuda only)"
 
 
-def kernel_for(device_type: str) -> str:
-    """The report's kernel column: what a converted layer runs on ``device_type``."""
-    if device_type == "cuda":
-        return cuda_kernel() or "none"
-    return "reference (cpu)"
-
-
 def shape_reason(out_features: int, in_features: int, dtype: torch.dtype, device_type: str) -> str:
     """Why a weight ``[out_features, in_features]`` cannot be compressed for the kernel that
     would run it, or ``""``. Such layers stay dense (no padding: a padded weight would add

@@ -42,10 +42,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile import formats as _formats
 from sparse_compile.analysis import decide
-from sparse_compile.formats.base import LayerDecision
+from sparse_compile.formats.base import LayerDecision, ReasonCode
 from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
-from sparse_compile.report import GraphReport, LayerRecord
+from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 aten = torch.ops.aten
 
@@ -134,6 +134,7 @@ class SparseLinearPass(CustomGraphPass):
                 blocksize=None,
                 density=None,
                 reason="weight is not a constant of the graph (computed from a runtime input)",
+                reason_code=ReasonCode.RUNTIME_WEIGHT,
                 device=weight_t_node.meta["val"].device.type,
             )
         )
@@ -162,7 +163,9 @@ class SparseLinearPass(CustomGraphPass):
                 )
             else:
                 reason = f"{inside}; {decision.reason}"
-            dense = dataclasses.replace(decision, format="dense", reason=reason, kernel="")
+            dense = dataclasses.replace(
+                decision, format="dense", reason=reason, reason_code=ReasonCode.FUSED_FAST_PATH, kernel=op_name
+            )
             record = _record(names.for_fused_weight(node, weight_node, suffix), weight, dense)
             self.graph_report.layers.append(dataclasses.replace(record, fused_op=op_name))
 
@@ -207,7 +210,7 @@ def _is_packed_linear(target) -> bool:
     return any(part in name for part in ("_mkl_linear", "_linear_pointwise", "qlinear"))
 
 
-def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
+def _record(name: str, weight: torch.Tensor, decision: LayerDecision) -> LayerRecord:
     return LayerRecord(
         name=name,
         out_features=weight.shape[0],
@@ -217,11 +220,12 @@ def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
         blocksize=decision.blocksize,
         density=decision.density,
         reason=decision.reason,
+        reason_code=decision.reason_code,
         device=weight.device.type,
         time_ms=decision.time_ms,
         dense_ms=decision.dense_ms,
         from_cache=decision.from_cache,
-        sparse_kernel=decision.kernel,
+        kernel=decision.kernel or DENSE_KERNEL,
     )
 
 

@@ -46,12 +46,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from sparse_compile import measure
 from sparse_compile.formats import get as get_format
-from sparse_compile.formats import supported_dtypes
+from sparse_compile.formats.base import ReasonCode
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
 from sparse_compile.passes.bsr_linear import SparseLinearPass, chain_passes
 from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
 from sparse_compile.passes.masked_linear import MaskedLinearPass
-from sparse_compile.report import GraphReport, LayerRecord, new_graph_report
+from sparse_compile.report import GraphReport, new_graph_report
 
 log = logging.getLogger("sparse_compile")
 
@@ -384,7 +384,8 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
     DEBUG ones too. Counters go to ``torch._dynamo.utils.counters["sparse_compile"]``:
     ``<format>_layers`` and ``<format>_weights`` per sparse format (``bsr_layers``,
     ``bsr_weights``: BSR copies made, tied weights share one), ``dense_layers`` and
-    ``dense_<reason>`` per reason, ``inductor_failures`` and ``fallback_*``.
+    ``dense_<code>`` per reason code (``formats.base.ReasonCode``), ``inductor_failures`` and
+    ``fallback_*``.
     """
     stats = counters["sparse_compile"]
     for fmt in bsr_pass.formats:
@@ -402,7 +403,7 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
             log.debug("%s (%s): %s, %s", layer.name, size, layer.format, layer.kernel)
         else:
             stats["dense_layers"] += 1
-            stats[f"dense_{_reason_key(layer)}"] += 1
+            stats[f"dense_{(layer.reason_code or ReasonCode.OTHER).value}"] += 1
             log.debug("%s (%s): dense, %s", layer.name, size, layer.reason)
     if not graph_report.layers:
         stats["graphs_without_linear"] += 1
@@ -410,34 +411,6 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
         log.warning(graph_report.summary())
     else:
         log.info(graph_report.summary())
-
-
-def _reason_key(layer: LayerRecord) -> str:
-    """A short, stable name for why ``layer`` stayed dense (the reason text has numbers in it)."""
-    if layer.fused_op:
-        return "fused_fast_path"
-    if layer.reason.startswith("whole graph measured"):
-        return "whole_graph_slower"
-    if "not a constant" in layer.reason:
-        return "runtime_weight"
-    if "no Triton kernel" in layer.reason or "no BSR kernel for device" in layer.reason:
-        return "no_kernel_for_device"
-    if layer.dtype not in _SUPPORTED_DTYPE_NAMES:
-        return "unsupported_dtype"
-    if layer.density is not None and "threshold" in layer.reason:
-        return "above_threshold"
-    if "dense measured faster" in layer.reason:
-        return "measured_faster"
-    if "no block to skip" in layer.reason:
-        return "no_block_to_skip"
-    if "smaller than" in layer.reason:
-        return "smaller_than_block"
-    if layer.reason.startswith("not 2:4"):  # only 2:4 was asked for (options formats=["2:4"])
-        return "not_2_4"
-    return "other"
-
-
-_SUPPORTED_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in supported_dtypes()}
 
 
 def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
