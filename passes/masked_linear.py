@@ -1,8 +1,8 @@
 """Training-graph rewrite: linears whose weight is a Supermask tile mask -> ``sparse_compile::masked_linear``.
 
 Runs on the graph Dynamo captured (torch-level IR), before AOTAutograd, when grad is enabled.
-Why there and not as an Inductor post-grad pass like the BSR one: the masked layer changes three
-matmuls of the joint graph (forward, input gradient, weight gradient) and the STE gradient to the
+Why there and not as an Inductor post-grad pass like ``passes/sparse_linear.py``: the masked
+layer changes three matmuls of the joint graph (forward, input gradient, weight gradient) and the STE gradient to the
 scores, and after AOTAutograd they are scattered over the forward and the backward graph as
 ``mm``s of ``W * expand(mask)``, transposes and reductions whose exact shape depends on the
 partitioner. Before AOTAutograd the layer is two calls:
@@ -48,7 +48,7 @@ from torch._dynamo.utils import counters
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile.formats.base import Reason, ReasonCode
 from sparse_compile.kernels.masked_linear import SUPPORTED_DTYPES, cpu_kernel_name, triton_tile_size_ok
-from sparse_compile.passes.bsr_linear import _LayerNamer
+from sparse_compile.passes.sparse_linear import _LayerNamer
 from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)

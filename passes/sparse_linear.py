@@ -74,13 +74,18 @@ class SparseLinearPass(CustomGraphPass):
         self.weights_converted: dict[str, int] = {}
         self.ran = False  # whether Inductor ran the pass (the backend says so when it did not)
 
-    @property
-    def bsr_weights_converted(self) -> int:
-        return self.weights_converted.get("bsr", 0)
+    def uuid(self) -> None:
+        """None: Inductor must not cache a graph this pass rewrote (it then bypasses its FX graph
+        cache for the compile: torch 2.11 ``FxGraphCache._check_can_cache``).
 
-    def uuid(self) -> str:
-        # Inductor keys its caches on this: same options -> same rewrite.
-        return hashlib.sha256(f"SparseLinearPass-v3-{self.options}".encode()).hexdigest()
+        The rewrite depends on more than the graph and the options: on the weights' values
+        (which blocks are zero: a frozen constant's value is not in Inductor's cache key) and,
+        under ``density_threshold="auto"``, on timings taken on this machine. A key from the
+        options alone would let a cached graph run another model's BSR copies. The backend also
+        switches the cache off (``fx_graph_cache=False``), since a cached graph would skip the
+        pass and so the report.
+        """
+        return None
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.ran = True
@@ -483,11 +488,10 @@ def chain_passes(*passes: Callable[[torch.fx.Graph], None] | None):
                 p(graph)
 
         def uuid(self):
-            parts = [p.uuid() if hasattr(p, "uuid") else repr(p) for p in present]
+            # Cacheable only when every pass is: a None (or a pass without uuid) means "do not cache".
+            parts = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in present]
+            if any(part is None for part in parts):
+                return None
             return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
     return _Chained()
-
-
-#: The name this pass had while BSR was its only format.
-BsrLinearPass = SparseLinearPass
