@@ -314,8 +314,10 @@ _GATHER_MAX_DENSITY = 0.25
 _GATHER_MIN_BLOCKSIZE = 32
 
 
-# triton_op lets Inductor see the Triton kernel inside the op; without triton the same schema is
-# a plain custom op (CPU and fake implementations only).
+# triton_op: where the op is traced before AOTAutograd (a user's model calling it under
+# torch.compile) Inductor can see the Triton kernel inside it; the sparse backend inserts it after,
+# where it is an external call (see the module docstring). Without triton the same schema is a
+# plain custom op (CPU and fake implementations only).
 _define_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 
 

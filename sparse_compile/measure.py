@@ -72,7 +72,8 @@ DENSITY_BUCKET = 0.05
 # CPU_BUDGET_S of work per layer shape (between CPU_MIN_REPS and CPU_MAX_REPS calls each); the
 # fastest call counts. A candidate whose best warm-up call took CPU_HOPELESS times the fastest
 # candidate's is not timed further (its warm-up time is kept): on ViT-B's MLP (2 cores) the
-# gather path at 50% density, block 32, took 3.5x dense (kernels/bsr_linear.py).
+# gathered block matmuls (BSR's CPU path where no C++ compiler builds the tile kernel) at 50%
+# density, block 32, took 3.5x dense (kernels/bsr_linear.py).
 CPU_WARMUP = 2
 CPU_MIN_REPS = 5
 CPU_MIN_ROUNDS_UNDER_LOAD = 3
