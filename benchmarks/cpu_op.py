@@ -10,21 +10,19 @@ for fp32 at a few block sizes and sparsities. ``--op masked``: what the masked o
 chooses between (``kernels/masked_linear.py``: W ⊙ M rebuilt + addmm, or the compiled tile
 kernel of ``kernels/cpu_tile_mm.cpp``), the kernel on a transposed weight view as the input
 gradient calls it too. Every candidate is checked against float64 first,
-then timed round-robin (one call of each in turn, ``--reps`` rounds) so that load from other
-processes on a shared machine hits every candidate alike.
+then timed round-robin (``common.time_round_robin``: one call of each in turn, ``--reps`` rounds)
+so that load from other processes on a shared machine hits every candidate alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import warnings
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 from benchmarks import common
 from sparse_compile.kernels.bsr_format import BsrWeight
@@ -72,24 +70,6 @@ def masked_candidates(x2d, w, tile_mask, bias, tile_size) -> dict[str, Callable[
     }
 
 
-def time_round_robin(fns: dict[str, Callable[[], torch.Tensor]], warmup: int, reps: int) -> dict[str, list[float]]:
-    """Per-call ms of every candidate: ``warmup`` untimed rounds, then ``reps`` timed rounds,
-    each round one ``Timer`` call of every candidate in turn."""
-    timers = {
-        name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()
-    }
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, timer in timers.items():
-            # timeit(1) runs 2 untimed calls before the timed one: the candidate is warm in cache
-            # whichever ran before it.
-            times[name].append(timer.timeit(number=1).raw_times[0] * 1e3)
-    return times
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.cpu_op", description=__doc__.split("\n\n")[0],
@@ -115,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     m, k, n = args.m, args.k, args.n
     print(f"M={m} K={k} N={n} fp32 threads={torch.get_num_threads()}; median ms of {args.reps} round-robin "
-          f"calls after {args.warmup} warm-up rounds (each timed call after Timer's 2 untimed ones)")
+          f"calls after {args.warmup} warm-up calls each (each timed call after Timer's 2 untimed ones)")
     rows, names = [], []
     for b in args.blocksize:
         for sparsity in args.sparsity:
@@ -132,10 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fns = candidates(x, bw.values, bw.crow_indices, bw.col_indices, bias, n)
             for name, fn in fns.items():
                 torch.testing.assert_close(fn().double(), ref, atol=1e-3, rtol=1e-3, msg=lambda s, name=name: f"{name}: {s}")
-            times = time_round_robin(fns, args.warmup, args.reps)
+            timings, errors = common.time_round_robin(fns, torch.device("cpu"), args.warmup, args.reps)
+            if errors:  # every candidate was checked above: an error here is a bug, not a row
+                raise next(iter(errors.values()))
             names = list(fns)
             rows.append([f"b={b}, {sparsity:.0%} sparse", f"{density:.2f}"]
-                        + [f"{statistics.median(t):.1f}" for t in times.values()])
+                        + [f"{timings[name].median_ms:.1f}" for name in names])
     print(common.Table(f"CPU {args.op} op candidates", ["ms", "density", *names], rows).text())
     return 0
 

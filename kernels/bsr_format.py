@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .common import block_view
+
 __all__ = ["BsrWeight", "block_mask", "check_blocksize"]
 
 
@@ -43,12 +45,7 @@ def _check_weight(weight: Tensor) -> None:
 
 def _padded_blocks(weight: Tensor, blocksize: int) -> Tensor:
     """``weight`` zero-padded to whole blocks, viewed as ``[N/b, K/b, b, b]`` (block (i, j) at [i, j])."""
-    n, k = weight.shape
-    b = blocksize
-    nb, kb = -(-n // b), -(-k // b)
-    if (nb * b, kb * b) != (n, k):
-        weight = torch.nn.functional.pad(weight, (0, kb * b - k, 0, nb * b - n))
-    return weight.reshape(nb, b, kb, b).transpose(1, 2)
+    return block_view(weight, blocksize).transpose(1, 2)
 
 
 def block_mask(weight: Tensor, blocksize: int) -> Tensor:
@@ -116,9 +113,8 @@ class BsrWeight:
         kb = -(-self.in_features // b)
         counts = self.crow_indices.diff().long()
         rows = torch.repeat_interleave(torch.arange(nb, device=counts.device), counts)
-        blocks = self.values.new_zeros(nb, kb, b, b)
-        blocks[rows, self.col_indices.long()] = self.values
-        dense = blocks.transpose(1, 2).reshape(nb * b, kb * b)
+        dense = self.values.new_zeros(nb * b, kb * b)
+        _padded_blocks(dense, b)[rows, self.col_indices.long()] = self.values  # a view: fills dense
         return dense[: self.out_features, : self.in_features].contiguous()
 
     @property

@@ -24,6 +24,7 @@ from torch.library import wrap_triton  # called by bare name: triton_op's kernel
 
 from . import cpu_tile_mm
 from .bsr_format import BsrWeight
+from .common import SUPPORTED_DTYPES, block_view
 
 try:
     import triton
@@ -37,10 +38,6 @@ else:
     _TRITON_IMPORT_ERROR = ""
 
 __all__ = ["bsr_linear", "bsr_linear_triton", "kernel_unavailable_reason", "HAS_TRITON", "SUPPORTED_DTYPES", "BLOCKSIZES"]
-
-#: Weight/input dtypes the kernel takes (fp32 accumulation for all of them); the one list the
-#: backend, the options and the benchmarks read.
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Block sizes the kernel is written and autotuned for (``options.CANDIDATE_BLOCKSIZES``,
 #: ``benchmarks.common.BLOCKSIZES``). Smaller blocks waste the tensor cores, larger ones rarely
@@ -250,7 +247,7 @@ def _dense_weight(values, crow_indices, col_indices, out_features: int, k: int) 
     rows = torch.repeat_interleave(torch.arange(nb, device=values.device), counts, output_size=values.shape[0])
     w = values.new_zeros((nb * b, kb * b))
     # Scatter the blocks straight into the [nb, b, kb, b] view: one pass, no extra copy.
-    w.view(nb, b, kb, b).permute(0, 2, 1, 3).index_put_((rows, col_indices.long()), values)
+    block_view(w, b).transpose(1, 2).index_put_((rows, col_indices.long()), values)
     return w[:out_features, :k]
 
 
@@ -319,8 +316,10 @@ _GATHER_MAX_DENSITY = 0.25
 _GATHER_MIN_BLOCKSIZE = 32
 
 
-# triton_op lets Inductor see the Triton kernel inside the op; without triton the same schema is
-# a plain custom op (CPU and fake implementations only).
+# triton_op: where the op is traced before AOTAutograd (a user's model calling it under
+# torch.compile) Inductor can see the Triton kernel inside it; the sparse backend inserts it after,
+# where it is an external call (see the module docstring). Without triton the same schema is a
+# plain custom op (CPU and fake implementations only).
 _define_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 
 
@@ -363,11 +362,6 @@ def sparse_cpu_variant() -> str:
     """The CPU path that skips the dropped blocks: the compiled tile kernel, or, where no compiler
     could build it, the gathered block matmuls."""
     return "tiles" if cpu_tile_mm.unavailable_reason() is None else "gather"
-
-
-def cpu_kernel_name() -> str:
-    """What runs a converted BSR layer on CPU, as the compile report names it."""
-    return "tile kernel (cpu)" if sparse_cpu_variant() == "tiles" else "torch ops (cpu)"
 
 
 def _cpu_variant_key(dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int) -> tuple:

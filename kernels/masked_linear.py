@@ -65,7 +65,7 @@ __all__ = [
     "triton_tile_size_ok",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .common import SUPPORTED_DTYPES  # noqa: E402  (the one list, kernels/common.py)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 _INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)

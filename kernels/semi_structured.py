@@ -41,6 +41,8 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass,
 )
 
+from .common import SUPPORTED_DTYPES
+
 __all__ = [
     "CUDA_DTYPES",
     "GROUP",
@@ -60,9 +62,8 @@ __all__ = [
 GROUP = 4
 KEEP = 2
 
-#: Dtypes the op takes on some device: the CPU reference takes all three.
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Dtypes torch's CUDA 2:4 kernels take (of the project's float dtypes).
+#: Dtypes the op takes on some device: ``common.SUPPORTED_DTYPES`` (the CPU reference takes all of
+#: them); torch's CUDA 2:4 kernels take these of them:
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 #: Values of the op's ``kernel`` argument.
@@ -115,13 +116,6 @@ def unavailable_reason(device_type: str) -> str:
             f"(cuSPARSELt available: {torch.backends.cusparselt.is_available()}), CUTLASS sm80"
         )
     return f"no 2:4 kernel for device {device_type!r} (cpu and cuda only)"
-
-
-def kernel_for(device_type: str) -> str:
-    """The report's kernel column: what a converted layer runs on ``device_type``."""
-    if device_type == "cuda":
-        return cuda_kernel() or "none"
-    return "reference (cpu)"
 
 
 def shape_reason(out_features: int, in_features: int, dtype: torch.dtype, device_type: str) -> str:

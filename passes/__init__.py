@@ -1,6 +1,6 @@
 """FX graph passes of the ``sparse`` backend (``sparse_compile.passes``).
 
-- :class:`~sparse_compile.passes.bsr_linear.SparseLinearPass` (alias ``BsrLinearPass``): Inductor
+- :class:`~sparse_compile.passes.sparse_linear.SparseLinearPass`: Inductor
   post-grad pass that runs linear layers with sparse constant weights through the op of their
   sparse format (``sparse_compile.formats``: ``bsr_linear``, ...).
 - :mod:`~sparse_compile.passes.fused_transformer`: a decomposition of PyTorch's fused
@@ -21,7 +21,7 @@ if __name__ != "sparse_compile.passes":
         name=__name__,
     )
 
-from sparse_compile.passes.bsr_linear import BsrLinearPass, SparseLinearPass
 from sparse_compile.passes.masked_linear import MaskedLinearPass
+from sparse_compile.passes.sparse_linear import SparseLinearPass
 
-__all__ = ["BsrLinearPass", "MaskedLinearPass", "SparseLinearPass"]
+__all__ = ["MaskedLinearPass", "SparseLinearPass"]

@@ -2,8 +2,8 @@
 
 In eval mode under no_grad, ``nn.TransformerEncoderLayer`` runs as one native op,
 ``aten._transformer_encoder_layer_fwd``, with its four linear weights as arguments: the
-BSR pass cannot see the projections inside it. Given to AOTAutograd as a decomposition, this
-function traces the same computation (the layer's non-fused forward: linears, scaled dot-product
+sparse-linear pass cannot see the projections inside it. Given to AOTAutograd as a
+decomposition, this function traces the same computation (the layer's non-fused forward: linears, scaled dot-product
 attention, layer norms) so the projections become ``mm``/``addmm`` like any other linear.
 
 Only the unmasked case is decomposed; with a mask (whose encoding differs by ``mask_type``) the

@@ -1,8 +1,8 @@
 """Training-graph rewrite: linears whose weight is a Supermask tile mask -> ``sparse_compile::masked_linear``.
 
 Runs on the graph Dynamo captured (torch-level IR), before AOTAutograd, when grad is enabled.
-Why there and not as an Inductor post-grad pass like the BSR one: the masked layer changes three
-matmuls of the joint graph (forward, input gradient, weight gradient) and the STE gradient to the
+Why there and not as an Inductor post-grad pass like ``passes/sparse_linear.py``: the masked
+layer changes three matmuls of the joint graph (forward, input gradient, weight gradient) and the STE gradient to the
 scores, and after AOTAutograd they are scattered over the forward and the backward graph as
 ``mm``s of ``W * expand(mask)``, transposes and reductions whose exact shape depends on the
 partitioner. Before AOTAutograd the layer is two calls:
@@ -46,16 +46,19 @@ import torch.fx
 from torch._dynamo.utils import counters
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
-from sparse_compile.kernels.masked_linear import SUPPORTED_DTYPES, triton_tile_size_ok
-from sparse_compile.passes.bsr_linear import _LayerNamer
-from sparse_compile.report import GraphReport, LayerRecord
+from sparse_compile.formats.base import Reason, ReasonCode
+from sparse_compile.kernels.masked_linear import SUPPORTED_DTYPES, cpu_kernel_name, triton_tile_size_ok
+from sparse_compile.passes.sparse_linear import _LayerNamer
+from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 _TILE_MASKED_WEIGHT = (torch.ops.sparse_compile.tile_masked_weight, torch.ops.sparse_compile.tile_masked_weight.default)
 _MHA = (torch.nn.functional.multi_head_attention_forward,)
 _HALF = (torch.float16, torch.bfloat16)
 
-_NOT_TILE_MASKED = "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
+_NOT_TILE_MASKED = Reason(
+    ReasonCode.NOT_TILE_MASKED, "weight is not a Supermask tile mask (no sparse_compile::tile_masked_weight)"
+)
 
 #: Smallest tile the rewrite takes: below it the per-tile work is too small to beat a dense matmul.
 MIN_TILE_SIZE = 16
@@ -107,9 +110,14 @@ class MaskedLinearPass:
         return 1
 
     def _record(
-        self, name: str, weight: torch.Tensor, tile_size: int | None, reason: str, result: torch.Tensor | None = None
+        self,
+        name: str,
+        weight: torch.Tensor,
+        tile_size: int | None,
+        reason: Reason | None,
+        result: torch.Tensor | None = None,
     ) -> None:
-        """One linear in the report: masked when ``reason`` is empty, else dense with it. ``result``
+        """One linear in the report: masked when ``reason`` is None, else dense with it. ``result``
         (the traced output) tells the matmul's dtype when autocast makes it differ from the weight's."""
         dtype = _name(weight.dtype)
         if result is not None and result.dtype != weight.dtype and weight.dtype == torch.float32:
@@ -123,36 +131,39 @@ class MaskedLinearPass:
                 format="dense" if reason else "masked",
                 blocksize=tile_size,
                 density=None,  # the mask changes every step
-                reason=reason,
+                reason=reason.text if reason else "",
+                reason_code=reason.code if reason else None,
                 device=weight.device.type,
+                kernel=DENSE_KERNEL if reason else _masked_kernel(weight.device.type),
             )
         )
 
-    def _why_dense(self, x, weight, bias, result: torch.Tensor | None, tile_size: int) -> str:
-        """Empty when the masked op can take the layer, else the reason it stays dense.
+    def _why_dense(self, x, weight, bias, result: torch.Tensor | None, tile_size: int) -> Reason | None:
+        """None when the masked op can take the layer, else the reason it stays dense.
 
         ``result`` is the layer's output as traced: its dtype is the one the matmul runs in (the
         autocast dtype under autocast, where ``x`` may come in fp32 and the weights are fp32).
         """
         values = [_value(n) for n in (x, weight)] + ([_value(bias)] if bias is not None else [])
         if result is None or any(v is None for v in values):
-            return "no example values to check the layer against (left to Inductor)"
+            return Reason(ReasonCode.OTHER, "no example values to check the layer against (left to Inductor)")
         dtype = result.dtype
         if dtype not in SUPPORTED_DTYPES:
-            return f"dtype {_name(dtype)}: the masked op takes float32, float16, bfloat16"
+            return Reason(ReasonCode.UNSUPPORTED_DTYPE, f"dtype {_name(dtype)}: the masked op takes float32, float16, bfloat16")
         for what, value in zip(("weight", "bias"), values[1:]):
             if value.dtype != dtype and not (value.dtype == torch.float32 and dtype in _HALF):
-                return (
+                return Reason(
+                    ReasonCode.UNSUPPORTED_DTYPE,
                     f"{what} {_name(value.dtype)} in a {_name(dtype)} matmul: the masked op takes weights in the "
-                    "matmul's dtype, or float32 master weights of a float16/bfloat16 matmul (autocast)"
+                    "matmul's dtype, or float32 master weights of a float16/bfloat16 matmul (autocast)",
                 )
         if not values[0].is_floating_point():
-            return f"input dtype {_name(values[0].dtype)} is not a float"
+            return Reason(ReasonCode.UNSUPPORTED_DTYPE, f"input dtype {_name(values[0].dtype)} is not a float")
         if tile_size < MIN_TILE_SIZE:
-            return f"tile {tile_size} < {MIN_TILE_SIZE}: too many tiny tiles for skipping them to pay"
+            return Reason(ReasonCode.OTHER, f"tile {tile_size} < {MIN_TILE_SIZE}: too many tiny tiles for skipping them to pay")
         if values[1].device.type == "cuda" and not triton_tile_size_ok(tile_size):
-            return f"tile {tile_size} is not a power of two (the Triton kernel's tile)"
-        return ""
+            return Reason(ReasonCode.NO_KERNEL_FOR_DEVICE, f"tile {tile_size} is not a power of two (the Triton kernel's tile)")
+        return None
 
     def _attention(self, gm: torch.fx.GraphModule, node: torch.fx.Node, names: _LayerNamer) -> int:
         """An ``F.multi_head_attention_forward`` call: rewritten to :func:`masked_self_attention`
@@ -174,7 +185,7 @@ class MaskedLinearPass:
             if tile is None:
                 reasons[suffix] = _NOT_TILE_MASKED
             elif why_whole:
-                reasons[suffix] = f"inside nn.MultiheadAttention, left whole: {why_whole}"
+                reasons[suffix] = Reason(ReasonCode.OTHER, f"inside nn.MultiheadAttention, left whole: {why_whole}")
             else:
                 # Both projections run in the attention output's dtype (autocast's, under autocast).
                 query, bias = args["query"], args.get(f"{suffix}_bias")
@@ -210,6 +221,11 @@ class MaskedLinearPass:
             if isinstance(weight, torch.fx.Node) and not weight.users:
                 gm.graph.erase_node(weight)
         return len(rewrite)
+
+
+def _masked_kernel(device_type: str) -> str:
+    """What runs a masked layer on ``device_type``, in the report's words."""
+    return "triton masked" if device_type == "cuda" else cpu_kernel_name()
 
 
 def _why_attention_stays_whole(args: dict, node: torch.fx.Node) -> str:

@@ -19,51 +19,17 @@ A dense decision says, for every format, why it was not taken.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
 
 from sparse_compile import formats as _formats
 from sparse_compile import measure
+from sparse_compile.formats.base import DENSE, Candidate, LayerDecision, Reason, ReasonCode, combine_reasons
 from sparse_compile.formats.bsr import BLOCK_OVERHEAD, block_density, candidate_blocksizes
 from sparse_compile.options import SparseOptions
 
-__all__ = ["BLOCK_OVERHEAD", "LayerDecision", "block_density", "candidate_blocksizes", "decide"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerDecision:
-    """What the pass does with one linear weight, and why.
-
-    Attributes:
-        format: a format's name (``"bsr"``, ...) or ``"dense"``.
-        blocksize: the BSR block size measured (and used, for BSR); ``None`` when none was.
-        density: stored blocks / all blocks at ``blocksize`` (``None`` when not measured).
-        reason: for dense layers, why (every format's reason); empty for sparse layers.
-        time_ms: measured time of the chosen way (``None`` with a numeric threshold).
-        dense_ms: measured time of dense ``F.linear`` for the same layer.
-        from_cache: True when no timing ran for this layer (cache hit, or a layer of the same
-            shape and density measured before); ``None`` when nothing was timed.
-        timings: ``(candidate label, ms)`` of every candidate timed, e.g. ``("bsr32", 0.41)``.
-        candidate: the chosen :class:`~sparse_compile.measure.Candidate` (sparse layers).
-        kernel: what runs the layer when sparse (the format's kernel on the weight's device).
-    """
-
-    format: str
-    blocksize: int | None
-    density: float | None
-    reason: str = ""
-    time_ms: float | None = None
-    dense_ms: float | None = None
-    from_cache: bool | None = None
-    timings: tuple[tuple[str, float], ...] = ()
-    candidate: measure.Candidate | None = None
-    kernel: str = ""
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.format != "dense"
+__all__ = ["BLOCK_OVERHEAD", "block_density", "candidate_blocksizes", "decide"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -86,45 +52,41 @@ def decide(
     """
     formats = list(formats) if formats is not None else options.sparse_formats()
     if weight.dim() != 2:
-        return LayerDecision("dense", None, None, f"weight is {weight.dim()}-D, not a 2-D linear weight")
+        return LayerDecision.dense(Reason(ReasonCode.OTHER, f"weight is {weight.dim()}-D, not a 2-D linear weight"))
     dtypes = [d for f in formats for d in f.dtypes]
     if weight.dtype not in dtypes:
         supported = ", ".join(dict.fromkeys(_dtype_name(d) for d in dtypes))
-        return LayerDecision(
-            "dense", None, None, f"dtype {_dtype_name(weight.dtype)} has no sparse kernel ({supported} only)"
+        return LayerDecision.dense(
+            Reason(ReasonCode.UNSUPPORTED_DTYPE, f"dtype {_dtype_name(weight.dtype)} has no sparse kernel ({supported} only)")
         )
     if weight.numel() == 0:
-        return LayerDecision("dense", None, None, f"weight {tuple(weight.shape)} is empty")
+        return LayerDecision.dense(Reason(ReasonCode.OTHER, f"weight {tuple(weight.shape)} is empty"))
 
-    proposals: list[tuple[_formats.SparseFormat, list[measure.Candidate]]] = []
-    reasons: dict[str, str] = {fmt.name: "" for fmt in formats}  # why each format was not taken
+    proposals: list[tuple[_formats.SparseFormat, list[Candidate]]] = []
+    reasons: dict[str, Reason | None] = {fmt.name: None for fmt in formats}  # why each format was not taken
     for fmt in formats:
-        why = fmt.unavailable_reason(weight.device.type)
-        if not why and weight.dtype not in fmt.dtypes:
-            why = f"{fmt.name} takes {', '.join(map(_dtype_name, fmt.dtypes))}, not {_dtype_name(weight.dtype)}"
-        if not why:
+        unavailable = fmt.unavailable_reason(weight.device.type)
+        if unavailable:
+            reasons[fmt.name] = Reason(ReasonCode.NO_KERNEL_FOR_DEVICE, unavailable)
+        elif weight.dtype not in fmt.dtypes:
+            reasons[fmt.name] = Reason(
+                ReasonCode.UNSUPPORTED_DTYPE,
+                f"{fmt.name} takes {', '.join(map(_dtype_name, fmt.dtypes))}, not {_dtype_name(weight.dtype)}",
+            )
+        else:
             found = fmt.candidates(weight, options)
-            if isinstance(found, str):
-                why = found
+            if isinstance(found, Reason):
+                reasons[fmt.name] = found
             else:
                 proposals.append((fmt, found))
-                continue
-        reasons[fmt.name] = why
     if options.measured:
         return _fastest(weight, proposals, reasons, rows)
     return _by_threshold(weight, options, proposals, reasons)
 
 
-def _numbers(candidate: measure.Candidate | None) -> dict:
-    """The report's block size and density columns for ``candidate``."""
-    if candidate is None:
-        return {"blocksize": None, "density": None}
-    return {"blocksize": candidate.blocksize, "density": candidate.density}
-
-
 def _sparse(fmt, weight, candidate, **timing) -> LayerDecision:
     return LayerDecision(
-        fmt.name, **_numbers(candidate), candidate=candidate,
+        fmt.name, candidate.blocksize, candidate.density, candidate=candidate,
         kernel=fmt.kernel(weight.device.type, weight.dtype), **timing,
     )
 
@@ -137,18 +99,19 @@ def _by_threshold(weight, options, proposals, reasons) -> LayerDecision:
             return _sparse(fmt, weight, choice.chosen)
         considered = considered or choice.considered
         reasons[fmt.name] = choice.reason
-    return LayerDecision("dense", **_numbers(considered), reason=_joined(reasons))
+    return LayerDecision.dense(_joined(reasons), considered)
 
 
-def _joined(reasons: dict[str, str], first: str = "") -> str:
-    """One reason text: ``first``, then each format's reason in order of preference."""
-    return "; ".join(r for r in (first, *reasons.values()) if r)
+def _joined(reasons: dict[str, Reason | None], first: Reason | None = None) -> Reason | None:
+    """One reason: ``first``, then each format's reason in order of preference (the code is the
+    first of theirs in ``ReasonCode`` order)."""
+    return combine_reasons([first, *reasons.values()])
 
 
 def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
     """Times dense and every candidate worth timing; keeps the fastest (a tie goes to dense)."""
-    timed_candidates: list[measure.Candidate] = []
-    owner: dict[measure.Candidate, _formats.SparseFormat] = {}
+    timed_candidates: list[Candidate] = []
+    owner: dict[Candidate, _formats.SparseFormat] = {}
     order = {}
     for index, (fmt, candidates) in enumerate(proposals):
         worth = fmt.timed_candidates(candidates)
@@ -162,8 +125,8 @@ def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
     first = proposals[0][1] if proposals else []
     fallback = max(first, key=lambda c: c.blocksize or 0) if first else None
     if not timed_candidates:
-        return LayerDecision("dense", **_numbers(fallback), reason=_joined(reasons))
-    timed = measure.time_candidates(weight, [measure.DENSE, *timed_candidates], rows)
+        return LayerDecision.dense(_joined(reasons), fallback)
+    timed = measure.time_candidates(weight, [DENSE, *timed_candidates], rows)
     dense, others = timed[0], timed[1:]
     timings = tuple((t.candidate.label, t.ms) for t in timed)
     from_cache = all(t.from_cache for t in timed)
@@ -173,11 +136,14 @@ def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
     timing = dict(dense_ms=dense.ms, from_cache=from_cache, timings=timings)
     if best.ms >= dense.ms:
         fmt = owner[best.candidate]
-        why = f"dense measured faster: {dense.ms:.3g} ms vs {best.ms:.3g} ms for {fmt.describe(best.candidate)}"
+        why = Reason(
+            ReasonCode.MEASURED_FASTER,
+            f"dense measured faster: {dense.ms:.3g} ms vs {best.ms:.3g} ms for {fmt.describe(best.candidate)}",
+        )
         # The report's numbers: the first format's fastest candidate (BSR: its block size and density).
         first_timed = [t for t in others if order[t.candidate] == 0]
         shown = min(first_timed, key=lambda t: (t.ms, -(t.candidate.blocksize or 0))).candidate if first_timed else fallback
-        return LayerDecision("dense", **_numbers(shown), reason=_joined(reasons, why), time_ms=dense.ms, **timing)
+        return LayerDecision.dense(_joined(reasons, why), shown, time_ms=dense.ms, **timing)
     fmt = owner[best.candidate]
     fmt.after_measured_choice(weight, best.candidate)
     return _sparse(fmt, weight, best.candidate, time_ms=best.ms, **timing)

@@ -46,12 +46,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from sparse_compile import measure
 from sparse_compile.formats import get as get_format
-from sparse_compile.formats import supported_dtypes
+from sparse_compile.formats.base import ReasonCode
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
-from sparse_compile.passes.bsr_linear import SparseLinearPass, chain_passes
+from sparse_compile.passes.sparse_linear import SparseLinearPass, chain_passes
 from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
 from sparse_compile.passes.masked_linear import MaskedLinearPass
-from sparse_compile.report import GraphReport, LayerRecord, new_graph_report
+from sparse_compile.report import GraphReport, new_graph_report
 
 log = logging.getLogger("sparse_compile")
 
@@ -93,13 +93,13 @@ def sparse_backend(
     _register_freezing_patterns()
     frozen_gm, runtime_indices, weight_names = _weights_as_attributes(gm, example_inputs)
     runtime_inputs = [example_inputs[i] for i in runtime_indices]
-    bsr_pass = SparseLinearPass(sparse_options, graph_report, weight_names)
+    sparse_pass = SparseLinearPass(sparse_options, graph_report, weight_names)
     config_patches.update(
         {
             # Parameters and buffers become constants, folded with everything computed from
             # them (parametrized masks included): the pass then sees each final weight.
             "freezing": True,
-            "post_grad_custom_pre_pass": chain_passes(bsr_pass, inductor_config.post_grad_custom_pre_pass),
+            "post_grad_custom_pre_pass": chain_passes(sparse_pass, inductor_config.post_grad_custom_pre_pass),
             # On CPU, freezing would otherwise repack linear weights for oneDNN before our pass
             # runs, hiding the matmuls from it.
             "cpp.weight_prepack": False,
@@ -107,16 +107,16 @@ def sparse_backend(
             "fx_graph_cache": False,
         }
     )
-    compiled = _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass, config_patches)
-    compiled = _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass, sparse_options, mode)
-    if not bsr_pass.ran:
+    compiled = _compile_or_fall_back(frozen_gm, runtime_inputs, sparse_pass, config_patches)
+    compiled = _check_whole_graph(compiled, frozen_gm, runtime_inputs, sparse_pass, sparse_options, mode)
+    if not sparse_pass.ran:
         graph_report.no_linear = "the sparse pass did not run on this graph (Inductor did not call it)"
         graph_report.linears_hidden = True
-    _log_and_count(graph_report, bsr_pass)
+    _log_and_count(graph_report, sparse_pass)
     return _drop_constant_arguments(compiled, runtime_indices)
 
 
-def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass, config_patches: dict[str, Any]):
+def _compile_or_fall_back(frozen_gm, runtime_inputs, sparse_pass: SparseLinearPass, config_patches: dict[str, Any]):
     """Inductor, or when Inductor cannot compile the graph, the next best thing that runs.
 
     1. Inductor as configured.
@@ -130,9 +130,9 @@ def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass,
     Steps 2 and 3 warn once per process and say so in the graph's report. If step 3 fails
     too, the error of step 1 is raised.
     """
-    graph_report = bsr_pass.graph_report
+    graph_report = sparse_pass.graph_report
     try:
-        return _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches)
+        return _compile_attempt(frozen_gm, runtime_inputs, sparse_pass, config_patches)
     except Exception as error:  # noqa: BLE001  (any Inductor failure: step 2 or 3 decide)
         inductor_error = error
     summary = _first_line(inductor_error)
@@ -140,7 +140,7 @@ def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass,
     if _is_cpp_compile_error(inductor_error) and _runs_on_cpu(frozen_gm, runtime_inputs):
         try:
             compiled = _compile_attempt(
-                frozen_gm, runtime_inputs, bsr_pass, {**config_patches, "cpp.simdlen": 1}
+                frozen_gm, runtime_inputs, sparse_pass, {**config_patches, "cpp.simdlen": 1}
             )
         except Exception:  # noqa: BLE001  (step 3 follows)
             pass
@@ -154,7 +154,7 @@ def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass,
             return compiled
     try:
         compiled = _compile_attempt(
-            frozen_gm, runtime_inputs, bsr_pass, config_patches, inner_compile=_run_without_codegen(bsr_pass)
+            frozen_gm, runtime_inputs, sparse_pass, config_patches, inner_compile=_run_without_codegen(sparse_pass)
         )
     except Exception:
         raise inductor_error
@@ -167,17 +167,17 @@ def _compile_or_fall_back(frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass,
     return compiled
 
 
-def _compile_attempt(frozen_gm, runtime_inputs, bsr_pass, config_patches, **compile_fx_kwargs):
+def _compile_attempt(frozen_gm, runtime_inputs, sparse_pass, config_patches, **compile_fx_kwargs):
     """One ``compile_fx`` call on a copy of ``frozen_gm`` (compile_fx may change the module it
     gets), with the report emptied first: a failed attempt may have recorded layers.
 
     Inductor's decompositions plus ours: PyTorch's fused ``nn.TransformerEncoderLayer`` op
     becomes plain ops, so the pass sees its linears.
     """
-    bsr_pass.graph_report.layers.clear()
-    bsr_pass.graph_report.no_linear = ""
-    bsr_pass.graph_report.linears_hidden = False
-    bsr_pass.ran = False
+    sparse_pass.graph_report.layers.clear()
+    sparse_pass.graph_report.no_linear = ""
+    sparse_pass.graph_report.linears_hidden = False
+    sparse_pass.ran = False
     decompositions = {**select_decomp_table(), **FUSED_TRANSFORMER_DECOMPOSITIONS}
     with _freezing_patterns_without_packing():
         return compile_fx(
@@ -243,7 +243,7 @@ def _packs_weights(entry) -> bool:
     return getattr(handler, "__module__", None) in _WEIGHT_PACKING_MODULES
 
 
-def _run_without_codegen(bsr_pass: SparseLinearPass):
+def _run_without_codegen(sparse_pass: SparseLinearPass):
     """An ``inner_compile`` for ``compile_fx`` that runs our pass and returns the graph itself.
 
     Inductor calls it with the frozen, post-AOTAutograd graph (constants folded, weights as
@@ -254,7 +254,7 @@ def _run_without_codegen(bsr_pass: SparseLinearPass):
         # AOTAutograd's fake mode is still active here; the pass computes with the real weights
         # (compile_fx_inner steps out of it the same way before running post-grad passes).
         with unset_fake_temporarily():
-            bsr_pass(gm.graph)
+            sparse_pass(gm.graph)
 
         def run(args):
             return gm(*args)
@@ -265,7 +265,7 @@ def _run_without_codegen(bsr_pass: SparseLinearPass):
     return inner_compile
 
 
-def _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass: SparseLinearPass, options: SparseOptions, mode):
+def _check_whole_graph(compiled, frozen_gm, runtime_inputs, sparse_pass: SparseLinearPass, options: SparseOptions, mode):
     """``compiled`` (the rewritten graph), or the graph as Inductor alone compiles it when the
     whole-graph check measured the rewrite no faster (``measure.check_graph``).
 
@@ -275,7 +275,7 @@ def _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass: SparseLine
     a graph that writes to its inputs (BatchNorm statistics in train mode) is not run again, and
     the random number generators' state is restored after timing.
     """
-    graph_report = bsr_pass.graph_report
+    graph_report = sparse_pass.graph_report
     stats = counters["sparse_compile"]
     if not options.measured or not any(layer.format != "dense" for layer in graph_report.layers):
         return compiled
@@ -311,7 +311,7 @@ def _check_whole_graph(compiled, frozen_gm, runtime_inputs, bsr_pass: SparseLine
         return compiled
     stats["graphs_kept_dense"] += 1
     graph_report.fall_back_to_dense(verdict)
-    bsr_pass.weights_converted = {}
+    sparse_pass.weights_converted = {}
     return plain
 
 
@@ -377,18 +377,19 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> None:
+def _log_and_count(graph_report: GraphReport, sparse_pass: SparseLinearPass) -> None:
     """Each layer's decision at DEBUG, the graph's summary at INFO, and the counters.
 
     ``TORCH_LOGS="sparse_compile"`` shows the INFO lines, ``TORCH_LOGS="+sparse_compile"`` the
     DEBUG ones too. Counters go to ``torch._dynamo.utils.counters["sparse_compile"]``:
     ``<format>_layers`` and ``<format>_weights`` per sparse format (``bsr_layers``,
     ``bsr_weights``: BSR copies made, tied weights share one), ``dense_layers`` and
-    ``dense_<reason>`` per reason, ``inductor_failures`` and ``fallback_*``.
+    ``dense_<code>`` per reason code (``formats.base.ReasonCode``), ``inductor_failures`` and
+    ``fallback_*``.
     """
     stats = counters["sparse_compile"]
-    for fmt in bsr_pass.formats:
-        stats[f"{fmt.counter}_weights"] += bsr_pass.weights_converted.get(fmt.name, 0)
+    for fmt in sparse_pass.formats:
+        stats[f"{fmt.counter}_weights"] += sparse_pass.weights_converted.get(fmt.name, 0)
     for layer in graph_report.layers:
         size = f"{layer.out_features}x{layer.in_features} {layer.dtype}"
         if layer.format == "bsr":
@@ -402,7 +403,7 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
             log.debug("%s (%s): %s, %s", layer.name, size, layer.format, layer.kernel)
         else:
             stats["dense_layers"] += 1
-            stats[f"dense_{_reason_key(layer)}"] += 1
+            stats[f"dense_{(layer.reason_code or ReasonCode.OTHER).value}"] += 1
             log.debug("%s (%s): dense, %s", layer.name, size, layer.reason)
     if not graph_report.layers:
         stats["graphs_without_linear"] += 1
@@ -410,34 +411,6 @@ def _log_and_count(graph_report: GraphReport, bsr_pass: SparseLinearPass) -> Non
         log.warning(graph_report.summary())
     else:
         log.info(graph_report.summary())
-
-
-def _reason_key(layer: LayerRecord) -> str:
-    """A short, stable name for why ``layer`` stayed dense (the reason text has numbers in it)."""
-    if layer.fused_op:
-        return "fused_fast_path"
-    if layer.reason.startswith("whole graph measured"):
-        return "whole_graph_slower"
-    if "not a constant" in layer.reason:
-        return "runtime_weight"
-    if "no Triton kernel" in layer.reason or "no BSR kernel for device" in layer.reason:
-        return "no_kernel_for_device"
-    if layer.dtype not in _SUPPORTED_DTYPE_NAMES:
-        return "unsupported_dtype"
-    if layer.density is not None and "threshold" in layer.reason:
-        return "above_threshold"
-    if "dense measured faster" in layer.reason:
-        return "measured_faster"
-    if "no block to skip" in layer.reason:
-        return "no_block_to_skip"
-    if "smaller than" in layer.reason:
-        return "smaller_than_block"
-    if layer.reason.startswith("not 2:4"):  # only 2:4 was asked for (options formats=["2:4"])
-        return "not_2_4"
-    return "other"
-
-
-_SUPPORTED_DTYPE_NAMES = {str(dtype).removeprefix("torch.") for dtype in supported_dtypes()}
 
 
 def _weights_as_attributes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):

@@ -51,6 +51,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from sparse_compile import formats
+from sparse_compile.formats.base import DENSE, Candidate, next_power_of_2
+
 log = logging.getLogger("sparse_compile")
 
 CACHE_ENV = "SPARSE_COMPILE_CACHE_DIR"
@@ -69,7 +72,8 @@ DENSITY_BUCKET = 0.05
 # CPU_BUDGET_S of work per layer shape (between CPU_MIN_REPS and CPU_MAX_REPS calls each); the
 # fastest call counts. A candidate whose best warm-up call took CPU_HOPELESS times the fastest
 # candidate's is not timed further (its warm-up time is kept): on ViT-B's MLP (2 cores) the
-# gather path at 50% density, block 32, took 3.5x dense (kernels/bsr_linear.py).
+# gathered block matmuls (BSR's CPU path where no C++ compiler builds the tile kernel) at 50%
+# density, block 32, took 3.5x dense (kernels/bsr_linear.py).
 CPU_WARMUP = 2
 CPU_MIN_REPS = 5
 CPU_MIN_ROUNDS_UNDER_LOAD = 3
@@ -98,23 +102,6 @@ GRAPH_MIN_GAIN = 0.03
 
 # --------------------------------------------------------------------------------------------
 # What is timed
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One way to run a layer. ``kind`` is ``"dense"`` or a format's name (``sparse_compile.formats``);
-    ``blocksize`` and ``density`` are the BSR block size and block density (None for other kinds)."""
-
-    kind: str
-    blocksize: int | None = None
-    density: float | None = None
-
-    @property
-    def label(self) -> str:
-        return self.kind if self.blocksize is None else f"{self.kind}{self.blocksize}"
-
-
-DENSE = Candidate("dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,8 +420,6 @@ def time_candidates(
 def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candidate]) -> list[TimingRequest]:
     """One run per candidate on one random input: dense ``F.linear``, or what the candidate's
     format runs for a converted layer (``SparseFormat.timing_run``)."""
-    from sparse_compile import formats
-
     generator = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(layer.rows, layer.in_features, generator=generator, device=weight.device).to(weight.dtype)
     bias = torch.randn(layer.out_features, generator=generator, device=weight.device).to(weight.dtype)
@@ -458,7 +443,7 @@ def _no_grad(fn, *args):
 
 def rows_bucket(rows: int) -> int:
     """Next power of two: batches 200 and 250 share timings, 16 and 256 do not."""
-    return 1 if rows <= 1 else 1 << (int(rows) - 1).bit_length()
+    return next_power_of_2(rows)
 
 
 def density_bucket(density: float) -> str:

@@ -11,26 +11,20 @@ from typing import Any, Mapping
 
 import torch
 
+from sparse_compile.formats import FORMATS, SparseFormat
+from sparse_compile.kernels.bsr_linear import BLOCKSIZES
 
-def _candidate_blocksizes() -> tuple[int, ...]:
-    """Block sizes the BSR kernel is written for, read from its file (their one source). Read
-    lazily: importing the kernels imports triton, and ``import sparse_compile`` stays light."""
-    from sparse_compile.kernels.bsr_linear import BLOCKSIZES
-
-    return BLOCKSIZES
-
-
-def __getattr__(name: str):
-    # ``CANDIDATE_BLOCKSIZES``: the BSR kernel's block sizes (module attribute, computed on access).
-    if name == "CANDIDATE_BLOCKSIZES":
-        return _candidate_blocksizes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Block sizes ``blocksize`` may take: those the BSR kernel is written for (their one source is
+#: its file).
+CANDIDATE_BLOCKSIZES = BLOCKSIZES
 
 #: ``density_threshold`` default: measure, per layer, dense against BSR at each candidate block
 #: size on the device the layer runs on, and keep the fastest (``sparse_compile/measure.py``).
-#: No fixed density crossover holds across devices, shapes and row counts: on this project's
-#: 2-core CPU the gather path beat dense at 10% block density on ViT-B's MLP but lost at 50%
-#: (kernels/bsr_linear.py), and torch's BSR kernel on an A100 crosses over near 50-60%.
+#: No fixed density crossover holds across devices, shapes, row counts and CPU paths: on this
+#: project's 2-core CPU the tile kernel (the CPU default) ran ViT-B's MLP 5x faster than dense
+#: at 10% block density and 1.2x at 50%, the gathered block matmuls (the path without a C++
+#: compiler) 1.9x faster at 10% but 6.6x slower at 50% (kernels/bsr_linear.py), and torch's BSR
+#: kernel on an A100 crosses over near 50-60%.
 AUTO = "auto"
 DEFAULT_DENSITY_THRESHOLD = AUTO
 
@@ -77,17 +71,17 @@ class SparseOptions:
             if blocksize != "auto":
                 raise ValueError(
                     f"sparse backend: blocksize={blocksize!r} is not valid; use 'auto' or one of "
-                    f"{list(_candidate_blocksizes())}"
+                    f"{list(CANDIDATE_BLOCKSIZES)}"
                 )
         elif isinstance(blocksize, bool) or not isinstance(blocksize, int):
             raise TypeError(
                 f"sparse backend: blocksize must be an int or 'auto', got {type(blocksize).__name__}"
             )
-        elif blocksize not in _candidate_blocksizes():
+        elif blocksize not in CANDIDATE_BLOCKSIZES:
             hint = "a power of two " if blocksize & (blocksize - 1) else ""
             raise ValueError(
                 f"sparse backend: blocksize={blocksize} is not supported; use {hint}one of "
-                f"{list(_candidate_blocksizes())} or 'auto'"
+                f"{list(CANDIDATE_BLOCKSIZES)} or 'auto'"
             )
         threshold = self.density_threshold
         if isinstance(threshold, str):
@@ -109,8 +103,6 @@ class SparseOptions:
             )
 
     def _check_formats(self) -> None:
-        from sparse_compile.formats import FORMATS  # here: the formats import this module
-
         if self.formats is None:
             object.__setattr__(self, "formats", tuple(FORMATS))
             return
@@ -130,10 +122,8 @@ class SparseOptions:
             )
         object.__setattr__(self, "formats", tuple(name for name in FORMATS if name in given))
 
-    def sparse_formats(self) -> list:
+    def sparse_formats(self) -> list[SparseFormat]:
         """The :class:`~sparse_compile.formats.SparseFormat` objects enabled, in order of preference."""
-        from sparse_compile.formats import FORMATS
-
         return [FORMATS[name] for name in self.formats]
 
     @classmethod
@@ -164,7 +154,7 @@ class SparseOptions:
     def blocksizes(self) -> tuple[int, ...]:
         """The block sizes to measure each weight at."""
         if self.blocksize == "auto":
-            return _candidate_blocksizes()
+            return CANDIDATE_BLOCKSIZES
         return (int(self.blocksize),)
 
 

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparse_compile.kernels.common import block_view
+
 
 def prune_blocks_(weight: torch.Tensor, sparsity: float, blocksize: int) -> torch.Tensor:
     """Zeroes the ``round(sparsity * num_blocks)`` blocks of smallest L2 norm of a 2-D weight.
@@ -24,10 +26,8 @@ def prune_blocks_(weight: torch.Tensor, sparsity: float, blocksize: int) -> torc
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
-    block_rows, block_cols = -(-rows // blocksize), -(-cols // blocksize)
-    padded = weight.new_zeros(block_rows * blocksize, block_cols * blocksize, dtype=torch.float32)
-    padded[:rows, :cols] = weight.detach().float()
-    norms = padded.view(block_rows, blocksize, block_cols, blocksize).pow(2).sum(dim=(1, 3))
+    norms = block_view(weight.detach().float(), blocksize).pow(2).sum(dim=(1, 3))
+    block_rows, block_cols = norms.shape
     num_pruned = round(sparsity * norms.numel())
     keep = torch.ones(norms.numel(), dtype=torch.bool, device=weight.device)
     keep[norms.flatten().argsort()[:num_pruned]] = False

@@ -16,12 +16,17 @@ from typing import Iterable
 import torch
 from tabulate import tabulate
 
+from sparse_compile.formats.base import ReasonCode
+
 log = logging.getLogger("sparse_compile")
+
+#: The kernel column of a layer left to Inductor.
+DENSE_KERNEL = "inductor dense"
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerRecord:
-    """One linear layer as the pass saw it."""
+    """One linear layer as the pass saw it: what it decided, and why, as data."""
 
     name: str
     out_features: int
@@ -30,7 +35,7 @@ class LayerRecord:
     format: str  # a sparse format ("bsr", "2:4"), "masked" (training graphs) or "dense"
     blocksize: int | None
     density: float | None
-    reason: str = ""
+    reason: str = ""  # why the layer stays dense, in words (empty for sparse layers)
     device: str = "cpu"
     # The PyTorch op the layer runs inside (its fused transformer fast path), "" for a linear.
     fused_op: str = ""
@@ -39,27 +44,11 @@ class LayerRecord:
     time_ms: float | None = None
     dense_ms: float | None = None
     from_cache: bool | None = None
-    # What runs a sparse layer, as its format says (``SparseFormat.kernel``), e.g. "triton bsr".
-    sparse_kernel: str = ""
-
-    @property
-    def kernel(self) -> str:
-        """What runs the layer: our Triton kernel (autotuned per shape at its first call on the
-        GPU), torch's 2:4 kernels, our CPU implementation, Inductor's dense matmul, or a fused
-        PyTorch op."""
-        if self.fused_op:
-            return self.fused_op
-        if self.sparse_kernel and self.format != "dense":
-            return self.sparse_kernel
-        if self.format not in ("masked", "bsr"):
-            return "inductor dense"
-        if self.device == "cuda":
-            return f"triton {self.format}"
-        # Imported here, where a report is printed: importing the report module needs no kernels.
-        from sparse_compile.kernels.bsr_linear import cpu_kernel_name as bsr_cpu_kernel
-        from sparse_compile.kernels.masked_linear import cpu_kernel_name as masked_cpu_kernel
-
-        return bsr_cpu_kernel() if self.format == "bsr" else masked_cpu_kernel()
+    # What runs the layer, named where it was decided (a sparse format's ``SparseFormat.kernel``,
+    # e.g. "triton bsr"; the masked pass; the fused op) and shown as it is.
+    kernel: str = DENSE_KERNEL
+    # Why the layer stays dense, as a code (its counter: ``dense_<code value>``); None for sparse layers.
+    reason_code: ReasonCode | None = None
 
 
 @dataclasses.dataclass
@@ -132,7 +121,7 @@ class GraphReport:
         self.sparse_before_check, self.how_before_check = len(sparse), _how_sparse(sparse)
         self.layers = [
             layer if layer.format == "dense" else dataclasses.replace(
-                layer, format="dense", sparse_kernel="",
+                layer, format="dense", kernel=DENSE_KERNEL, reason_code=ReasonCode.WHOLE_GRAPH_SLOWER,
                 reason=(
                     f"whole graph measured {verdict.speedup:.2f}x with the rewrite, so the graph runs "
                     f"dense; per layer {layer.format} measured {_ms(layer.time_ms)} ms vs "

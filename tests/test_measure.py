@@ -17,6 +17,7 @@ from torch import nn
 import sparse_compile
 from sparse_compile import measure
 from sparse_compile.analysis import decide
+from sparse_compile.formats import DENSE, Candidate
 from sparse_compile.kernels import BsrWeight
 from sparse_compile.options import SparseOptions
 from sparse_compile.pruning import prune_linear_blocks_
@@ -184,14 +185,14 @@ def test_layers_of_one_shape_and_density_share_one_measurement(monkeypatch):
 
 def test_cache_key_names_everything_a_time_depends_on():
     layer = measure.LayerSpec(768, 3072, torch.bfloat16, 394, torch.device("cpu"))
-    key = measure.cache_key(layer, measure.Candidate("bsr", 32, 0.102))
+    key = measure.cache_key(layer, Candidate("bsr", 32, 0.102))
     for part in (f"torch {torch.__version__}", "triton ", "768x3072", "bfloat16", "rows 512", "bsr32", "density 0.10"):
         assert part in key
     assert key.startswith(measure.device_name(torch.device("cpu")))
-    assert measure.cache_key(layer, measure.DENSE).endswith("| dense")
+    assert measure.cache_key(layer, DENSE).endswith("| dense")
     # Same bucket, same key; next bucket, another.
-    assert key == measure.cache_key(layer, measure.Candidate("bsr", 32, 0.11))
-    assert key != measure.cache_key(layer, measure.Candidate("bsr", 32, 0.13))
+    assert key == measure.cache_key(layer, Candidate("bsr", 32, 0.11))
+    assert key != measure.cache_key(layer, Candidate("bsr", 32, 0.13))
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

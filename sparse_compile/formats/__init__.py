@@ -11,7 +11,7 @@ candidate of every format is timed against dense.
 
 from __future__ import annotations
 
-from sparse_compile.formats.base import ConvertedWeight, SparseFormat, ThresholdChoice
+from sparse_compile.formats.base import DENSE, Candidate, ConvertedWeight, LayerDecision, SparseFormat, ThresholdChoice
 from sparse_compile.formats.bsr import BSR
 from sparse_compile.formats.semi_structured import SEMI_STRUCTURED
 
@@ -35,4 +35,14 @@ def supported_dtypes() -> tuple:
     return tuple(seen)
 
 
-__all__ = ["FORMATS", "ConvertedWeight", "SparseFormat", "ThresholdChoice", "get", "supported_dtypes"]
+__all__ = [
+    "DENSE",
+    "FORMATS",
+    "Candidate",
+    "ConvertedWeight",
+    "LayerDecision",
+    "SparseFormat",
+    "ThresholdChoice",
+    "get",
+    "supported_dtypes",
+]

@@ -12,18 +12,24 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
-from sparse_compile.formats.base import ConvertedWeight, SparseFormat, ThresholdChoice
+from sparse_compile.formats.base import (
+    Candidate,
+    ConvertedWeight,
+    Reason,
+    ReasonCode,
+    SparseFormat,
+    ThresholdChoice,
+    next_power_of_2,
+)
 from sparse_compile.kernels import BsrWeight, block_mask, bsr_linear
 from sparse_compile.kernels.bsr_linear import (
     SUPPORTED_DTYPES,
-    cpu_kernel_name,
     kernel_unavailable_reason,
     set_cpu_variant,
     sparse_cpu_variant,
 )
 
 if TYPE_CHECKING:
-    from sparse_compile.measure import Candidate
     from sparse_compile.options import SparseOptions
 
 #: Estimated cost of a stored block relative to the same work in a dense matmul, per block size.
@@ -53,13 +59,11 @@ def candidate_blocksizes(shape: tuple[int, int], options: "SparseOptions") -> li
     12 padded blocks). Under ``"auto"``, sizes beyond the smallest dim rounded up to a power
     of two are left out: they only add padding to the blocks the smaller size stores.
     """
-    from sparse_compile.measure import rows_bucket
-
     sizes = options.blocksizes
     if len(sizes) == 1:
         return list(sizes)
     smallest = min(shape)
-    fits = [b for b in sizes if b <= max(sizes[0], rows_bucket(smallest))]
+    fits = [b for b in sizes if b <= max(sizes[0], next_power_of_2(smallest))]
     return fits or [sizes[0]]
 
 
@@ -72,40 +76,41 @@ class BsrFormat(SparseFormat):
     def unavailable_reason(self, device_type: str) -> str:
         return kernel_unavailable_reason(device_type)
 
-    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list["Candidate"], str]:
+    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list[Candidate], Reason]:
         """Every candidate block size with its block density (density 1: nothing to skip, still
         returned: the threshold rule and the report show its numbers)."""
-        from sparse_compile.measure import Candidate
-
         return [Candidate(self.name, b, block_density(weight, b)) for b in candidate_blocksizes(weight.shape, options)]
 
     def pick_by_threshold(
-        self, weight: torch.Tensor, candidates: Sequence["Candidate"], options: "SparseOptions"
+        self, weight: torch.Tensor, candidates: Sequence[Candidate], options: "SparseOptions"
     ) -> ThresholdChoice:
         # As before measuring existed: sizes up to the smallest dim (a narrow weight: the smallest size).
         ranked = [c for c in candidates if c.blocksize <= min(weight.shape)] or list(candidates[:1])
         best = min(ranked, key=lambda c: (c.density * BLOCK_OVERHEAD[c.blocksize], -c.blocksize))
         if best.density > options.density_threshold:
-            return ThresholdChoice(
-                None, best, f"block density {best.density:.2f} > threshold {options.density_threshold:.2f}"
-            )
+            why = f"block density {best.density:.2f} > threshold {options.density_threshold:.2f}"
+            return ThresholdChoice(None, best, Reason(ReasonCode.ABOVE_THRESHOLD, why))
         return ThresholdChoice(best, best)
 
-    def timed_candidates(self, candidates: Sequence["Candidate"]) -> list["Candidate"]:
+    def timed_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         """Candidates worth timing: those with a block to skip."""
         return [c for c in candidates if c.density < 1.0]
 
-    def nothing_to_time_reason(self, candidates: Sequence["Candidate"]) -> str:
+    def nothing_to_time_reason(self, candidates: Sequence[Candidate]) -> Reason:
         sizes = "/".join(str(c.blocksize) for c in candidates)
-        return f"every block holds a nonzero at block size {sizes}: no block to skip"
+        return Reason(ReasonCode.NO_BLOCK_TO_SKIP, f"every block holds a nonzero at block size {sizes}: no block to skip")
 
-    def describe(self, candidate: "Candidate") -> str:
+    def describe(self, candidate: Candidate) -> str:
         return f"BSR at block {candidate.blocksize} (density {candidate.density:.2f})"
 
     def kernel(self, device_type: str, dtype: torch.dtype) -> str:
-        return "triton bsr" if device_type == "cuda" else cpu_kernel_name()
+        if device_type == "cuda":
+            return "triton bsr"
+        # The op's CPU path for a converted layer: the tile kernel, or gathered block matmuls
+        # where no C++ compiler could build it.
+        return "tile kernel (cpu)" if sparse_cpu_variant() == "tiles" else "torch ops (cpu)"
 
-    def convert(self, weight: torch.Tensor, candidate: "Candidate") -> ConvertedWeight:
+    def convert(self, weight: torch.Tensor, candidate: Candidate) -> ConvertedWeight:
         bsr = BsrWeight.from_dense(weight.detach(), candidate.blocksize)
         return ConvertedWeight(
             op=torch.ops.sparse_compile.bsr_linear.default,
@@ -130,7 +135,7 @@ class BsrFormat(SparseFormat):
 
         return run
 
-    def after_measured_choice(self, weight: torch.Tensor, candidate: "Candidate") -> None:
+    def after_measured_choice(self, weight: torch.Tensor, candidate: Candidate) -> None:
         if weight.device.type == "cpu":
             # The op's CPU kernel must run what was timed (its sparse path), whatever its fixed rule says.
             nnz_blocks = int(block_mask(weight, candidate.blocksize).sum())

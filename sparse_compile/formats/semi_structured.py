@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
-from sparse_compile.formats.base import ConvertedWeight, SparseFormat, ThresholdChoice
+from sparse_compile.formats.base import Candidate, ConvertedWeight, Reason, ReasonCode, SparseFormat, ThresholdChoice
 from sparse_compile.kernels import semi_structured as kernels
 
 if TYPE_CHECKING:
-    from sparse_compile.measure import Candidate
     from sparse_compile.options import SparseOptions
 
 
@@ -50,31 +49,32 @@ class SemiStructuredFormat(SparseFormat):
     def unavailable_reason(self, device_type: str) -> str:
         return kernels.unavailable_reason(device_type)
 
-    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list["Candidate"], str]:
-        from sparse_compile.measure import Candidate
-
+    def candidates(self, weight: torch.Tensor, options: "SparseOptions") -> Union[list[Candidate], Reason]:
         device_type = weight.device.type
         if device_type == "cuda" and weight.dtype not in kernels.CUDA_DTYPES:
-            return (
+            return Reason(
+                ReasonCode.NOT_2_4,
                 f"not 2:4: torch's CUDA 2:4 kernels take float16/bfloat16, not {str(weight.dtype).removeprefix('torch.')} "
-                "(cuSPARSELt has no float32; CUTLASS float32 is 1:2 sparsity, as TF32)"
+                "(cuSPARSELt has no float32; CUTLASS float32 is 1:2 sparsity, as TF32)",
             )
         why = incompatibility(weight) or kernels.shape_reason(*weight.shape, weight.dtype, device_type)
-        return why or [Candidate(self.name)]
+        return Reason(ReasonCode.NOT_2_4, why) if why else [Candidate(self.name)]
 
     def pick_by_threshold(
-        self, weight: torch.Tensor, candidates: Sequence["Candidate"], options: "SparseOptions"
+        self, weight: torch.Tensor, candidates: Sequence[Candidate], options: "SparseOptions"
     ) -> ThresholdChoice:
         # The density threshold is about blocks; a 2:4 weight always skips half the math.
         return ThresholdChoice(candidates[0], candidates[0])
 
-    def describe(self, candidate: "Candidate") -> str:
+    def describe(self, candidate: Candidate) -> str:
         return "2:4"
 
     def kernel(self, device_type: str, dtype: torch.dtype) -> str:
-        return kernels.kernel_for(device_type)
+        if device_type == "cuda":
+            return kernels.cuda_kernel() or "none"
+        return "reference (cpu)"
 
-    def convert(self, weight: torch.Tensor, candidate: "Candidate") -> ConvertedWeight:
+    def convert(self, weight: torch.Tensor, candidate: Candidate) -> ConvertedWeight:
         kernel = kernels.cuda_kernel(weight.device) if weight.device.type == "cuda" else "cutlass"
         values, meta = kernels.compress(weight.detach(), kernel)
         out_features, in_features = weight.shape

@@ -41,10 +41,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile import formats as _formats
-from sparse_compile.analysis import LayerDecision, decide
+from sparse_compile.analysis import decide
+from sparse_compile.formats.base import LayerDecision, ReasonCode
 from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
-from sparse_compile.report import GraphReport, LayerRecord
+from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 aten = torch.ops.aten
 
@@ -73,13 +74,18 @@ class SparseLinearPass(CustomGraphPass):
         self.weights_converted: dict[str, int] = {}
         self.ran = False  # whether Inductor ran the pass (the backend says so when it did not)
 
-    @property
-    def bsr_weights_converted(self) -> int:
-        return self.weights_converted.get("bsr", 0)
+    def uuid(self) -> None:
+        """None: Inductor must not cache a graph this pass rewrote (it then bypasses its FX graph
+        cache for the compile: torch 2.11 ``FxGraphCache._check_can_cache``).
 
-    def uuid(self) -> str:
-        # Inductor keys its caches on this: same options -> same rewrite.
-        return hashlib.sha256(f"SparseLinearPass-v3-{self.options}".encode()).hexdigest()
+        The rewrite depends on more than the graph and the options: on the weights' values
+        (which blocks are zero: a frozen constant's value is not in Inductor's cache key) and,
+        under ``density_threshold="auto"``, on timings taken on this machine. A key from the
+        options alone would let a cached graph run another model's BSR copies. The backend also
+        switches the cache off (``fx_graph_cache=False``), since a cached graph would skip the
+        pass and so the report.
+        """
+        return None
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.ran = True
@@ -133,6 +139,7 @@ class SparseLinearPass(CustomGraphPass):
                 blocksize=None,
                 density=None,
                 reason="weight is not a constant of the graph (computed from a runtime input)",
+                reason_code=ReasonCode.RUNTIME_WEIGHT,
                 device=weight_t_node.meta["val"].device.type,
             )
         )
@@ -161,7 +168,9 @@ class SparseLinearPass(CustomGraphPass):
                 )
             else:
                 reason = f"{inside}; {decision.reason}"
-            dense = dataclasses.replace(decision, format="dense", reason=reason, kernel="")
+            dense = dataclasses.replace(
+                decision, format="dense", reason=reason, reason_code=ReasonCode.FUSED_FAST_PATH, kernel=op_name
+            )
             record = _record(names.for_fused_weight(node, weight_node, suffix), weight, dense)
             self.graph_report.layers.append(dataclasses.replace(record, fused_op=op_name))
 
@@ -206,7 +215,7 @@ def _is_packed_linear(target) -> bool:
     return any(part in name for part in ("_mkl_linear", "_linear_pointwise", "qlinear"))
 
 
-def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
+def _record(name: str, weight: torch.Tensor, decision: LayerDecision) -> LayerRecord:
     return LayerRecord(
         name=name,
         out_features=weight.shape[0],
@@ -216,11 +225,12 @@ def _record(name: str, weight: torch.Tensor, decision) -> LayerRecord:
         blocksize=decision.blocksize,
         density=decision.density,
         reason=decision.reason,
+        reason_code=decision.reason_code,
         device=weight.device.type,
         time_ms=decision.time_ms,
         dense_ms=decision.dense_ms,
         from_cache=decision.from_cache,
-        sparse_kernel=decision.kernel,
+        kernel=decision.kernel or DENSE_KERNEL,
     )
 
 
@@ -478,11 +488,10 @@ def chain_passes(*passes: Callable[[torch.fx.Graph], None] | None):
                 p(graph)
 
         def uuid(self):
-            parts = [p.uuid() if hasattr(p, "uuid") else repr(p) for p in present]
+            # Cacheable only when every pass is: a None (or a pass without uuid) means "do not cache".
+            parts = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in present]
+            if any(part is None for part in parts):
+                return None
             return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
     return _Chained()
-
-
-#: The name this pass had while BSR was its only format.
-BsrLinearPass = SparseLinearPass
