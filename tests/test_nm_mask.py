@@ -17,6 +17,7 @@ from sparse_compile.training.nm_mask import (
     backward_kept_counts,
     bimask_backward_mask,
     inverse_permutation,
+    nm_keep,
     nm_mask,
 )
 
@@ -112,12 +113,14 @@ def test_top_n_ties_go_to_the_lower_index_in_both_evaluation_orders(m, dim):
         first = torch.sort(-a, dim=dim, stable=True).indices.narrow(dim, 0, n)
         want = torch.zeros_like(a, dtype=torch.bool).scatter_(dim, first, True)
         assert torch.equal(_top_n_pairwise(a, n, dim), want), n
+        assert torch.equal(_top_n_pairwise(a, n, dim, torch.int32), want), n  # torch.compile's counts
         assert torch.equal(_top_n_pointwise(a, n, dim), want), n
 
 
 def test_compiled_masks_equal_eager():
-    # Under torch.compile the masks take the pointwise form, fused by Inductor into one loop
-    # (and the search hook is not traced): the same bits as eager.
+    # Under torch.compile the masks take other evaluation orders (the forward mask pairwise with
+    # int32 counts, the backward mask pointwise), fused by Inductor with their consumers (and the
+    # search hook is not traced): the same bits as eager.
     torch._dynamo.reset()
     w = torch.randn(16, 24)
     nm = NMMask(2, 4, seed=0)
@@ -131,6 +134,26 @@ def test_compiled_masks_equal_eager():
     got = torch.compile(masks, backend="inductor", fullgraph=True)(w)
     for a, b in zip(got, masks(w)):
         assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (3, 8), (1, 16)])
+def test_compiled_forward_mask_is_the_reference_and_keeps_ties_low(n, m):
+    # Under torch.compile the forward mask takes the pairwise form with int32 counts (one loop over
+    # the groups, a concat of the m slices): the reference's mask on float64 weights without ties
+    # (topk keeps that very set), and the first n of a stable descending sort on ties.
+    torch._dynamo.reset()
+    torch.manual_seed(m)
+    keep = torch.compile(nm_keep, backend="inductor", fullgraph=True, dynamic=False)
+    w = rand_weight(3 * m, 5 * m)
+    want = reference_forward_mask(w, n, m).bool()
+    top = w.abs().reshape(3 * m, 5, m).topk(n, dim=-1).indices
+    assert torch.equal(want, torch.zeros(3 * m, 5, m, dtype=torch.bool).scatter_(-1, top, True).reshape(3 * m, 5 * m))
+    assert torch.equal(keep(w, n, m), want)
+    ties = torch.randint(-2, 3, (3 * m, 5 * m)).double()  # |values| in 0..2: mostly ties
+    first = torch.sort(-ties.abs().reshape(3 * m, 5, m), dim=-1, stable=True).indices[..., :n]
+    want = torch.zeros(3 * m, 5, m, dtype=torch.bool).scatter_(-1, first, True).reshape(3 * m, 5 * m)
+    assert torch.equal(keep(ties, n, m), want)
     torch._dynamo.reset()
 
 

@@ -153,19 +153,31 @@ def top_n(a: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     Each entry counts the entries of its group that beat it, with comparisons instead of
     ``topk`` + ``scatter``; on entries without ties this is exactly the set ``topk`` keeps
     (``topk`` leaves the choice among ties unspecified). Two evaluation orders of the same integer
-    counts (:func:`_top_n_pairwise`, :func:`_top_n_pointwise`): pairwise in eager (``m <= 16``),
-    pointwise under ``torch.compile``.
+    counts (:func:`_top_n_pairwise`, :func:`_top_n_pointwise`): pairwise in eager (``m <= 16``) and
+    under ``torch.compile`` along the last dim (the forward mask's groups), pointwise under
+    ``torch.compile`` along another dim (the backward mask's groups of rows).
     """
-    if torch.compiler.is_compiling() or a.shape[dim] > 16:
+    if a.shape[dim] > 16:
+        return _top_n_pointwise(a, n, dim)
+    if torch.compiler.is_compiling():
+        if dim == a.dim() - 1:
+            return _top_n_pairwise(a, n, dim, torch.int32)
         return _top_n_pointwise(a, n, dim)
     return _top_n_pairwise(a, n, dim)
 
 
-def _top_n_pairwise(a: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+def _top_n_pairwise(a: torch.Tensor, n: int, dim: int, count_dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """:func:`top_n` from the ``m (m - 1) / 2`` comparisons of ``a``'s slices along ``dim``.
 
     Eager, ``[1536, 384]`` weight, one CPU thread, vs ``topk`` + ``scatter``: 2:4 2.4 ms vs 16 ms,
     2:8 4.6 vs 14, 1:16 (120 pairs) 10 vs 13; the pointwise form takes 27-75 ms there (copies).
+
+    Under ``torch.compile`` along the last dim (``count_dtype`` int32): Inductor makes one loop over
+    the groups (each pair compared once) that writes the ``m`` slices of the mask (a concat), instead
+    of the pointwise form's loop over entries that compares every entry with its whole group and
+    reads it through ``4 * (k // 4) + j`` indices, which Inductor's CPU code does not vectorize
+    (``Mf`` of ``[1536, 384]`` with ``W * Mf``, one thread: 2:4 1.3 ms vs 3.2, 2:8 2.2 vs 4.0, 1:16
+    4.0 vs 47). Neither loop is vectorized (strided loads); uint8 counts there took 4.7-6.6 ms.
     """
     cols = a.unbind(dim)
     m = len(cols)
@@ -174,9 +186,9 @@ def _top_n_pairwise(a: torch.Tensor, n: int, dim: int) -> torch.Tensor:
         for j in range(i + 1, m):
             later = cols[j] > cols[i]  # j beats i; on a tie the lower index i beats j
             earlier = ~later
-            beaten[i] = later.to(torch.uint8) if beaten[i] is None else beaten[i] + later
-            beaten[j] = earlier.to(torch.uint8) if beaten[j] is None else beaten[j] + earlier
-    return torch.stack(beaten, dim) < n
+            beaten[i] = later.to(count_dtype) if beaten[i] is None else beaten[i] + later
+            beaten[j] = earlier.to(count_dtype) if beaten[j] is None else beaten[j] + earlier
+    return torch.stack([b < n for b in beaten], dim)
 
 
 def _top_n_pointwise(a: torch.Tensor, n: int, dim: int) -> torch.Tensor:
