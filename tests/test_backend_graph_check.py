@@ -6,7 +6,6 @@ how fast this machine is. The per-layer timer is the suite's modelled one (tests
 ThreeLinears' two pruned layers run BSR, the third stays dense.
 """
 
-import copy
 import importlib
 
 import pytest
@@ -17,6 +16,8 @@ from torch._dynamo.utils import counters
 import sparse_compile
 from sparse_compile import measure
 from sparse_compile.pruning import prune_blocks_
+
+from compile_helpers import compile_and_run, float64_reference
 
 bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
 
@@ -64,18 +65,6 @@ def sparse_calls(monkeypatch):
     return calls
 
 
-def compile_and_run(model, x, options=None):
-    compiled = torch.compile(model, backend="sparse", options=options)
-    with torch.no_grad():
-        out = compiled(x)
-    return compiled, out
-
-
-def reference(model, x):
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(x.double())
-
-
 def test_slower_whole_graph_falls_back_to_dense(monkeypatch, sparse_calls):
     timer = GraphTimer(sparse_ms=2.20, dense_ms=1.71)
     monkeypatch.setattr(measure, "graph_timer", timer)
@@ -92,11 +81,11 @@ def test_slower_whole_graph_falls_back_to_dense(monkeypatch, sparse_calls):
     stats = counters["sparse_compile"]
     assert stats["graphs_kept_dense"] == 1 and stats["graph_checks"] == 1
     assert stats["bsr_layers"] == 0 and stats["bsr_weights"] == 0 and stats["dense_whole_graph_slower"] == 2
-    torch.testing.assert_close(out.double(), reference(model, x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     # What runs now is the plain graph: no call of the sparse op.
     before = len(sparse_calls)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x).double(), reference(model, x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled(x).double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     assert len(sparse_calls) == before
 
 
@@ -112,7 +101,7 @@ def test_faster_whole_graph_keeps_the_rewrite(monkeypatch, sparse_calls):
     assert stats["graphs_kept_sparse"] == 1 and stats["bsr_layers"] == 2
     before = len(sparse_calls)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x).double(), reference(model, x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled(x).double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
     assert len(sparse_calls) == before + 2
 
 
@@ -155,7 +144,7 @@ def test_second_compile_reuses_the_verdict(monkeypatch, verdict):
     assert "for Inductor alone (medians), cached" in text
     assert counters["sparse_compile"]["graph_checks_cached"] == 1
     assert counters["sparse_compile"]["bsr_layers"] == (0 if verdict == "dense" else 2)
-    torch.testing.assert_close(out.double(), reference(model, x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
 
 
 def test_option_off_means_no_check(monkeypatch):
@@ -220,4 +209,4 @@ def test_no_check_after_inductor_failed(monkeypatch):
         compiled, out = compile_and_run(model, x)
     assert timer.calls == 0 and counters["sparse_compile"]["bsr_layers"] == 2
     assert "whole-graph check skipped: Inductor could not compile this graph" in str(sparse_compile.report(compiled))
-    torch.testing.assert_close(out.double(), reference(model, x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)

@@ -19,6 +19,8 @@ import sparse_compile
 import sparse_compile.backend as backend
 from sparse_compile.pruning import prune_blocks_, prune_linear_blocks_
 
+from compile_helpers import float64_reference
+
 pytestmark = pytest.mark.usefixtures("fresh_compiler", "fresh_counters")
 
 OPTIONS = {"blocksize": 16}
@@ -28,11 +30,6 @@ def sparse_linear(in_features, out_features, bias=True):
     layer = nn.Linear(in_features, out_features, bias=bias)
     prune_blocks_(layer.weight.data, 0.8, 16)
     return layer
-
-
-def float64_reference(model, *inputs):
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(*(x.double() for x in inputs))
 
 
 @pytest.fixture

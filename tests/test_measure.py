@@ -22,6 +22,8 @@ from sparse_compile.kernels import BsrWeight
 from sparse_compile.options import SparseOptions
 from sparse_compile.pruning import prune_linear_blocks_
 
+from compile_helpers import compile_and_run, float64_reference
+
 # The module, not the function of the same name that sparse_compile.kernels exports.
 bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
 
@@ -76,20 +78,6 @@ class RecordedTimer:
     @property
     def timed(self):
         return sum(len(call) for call in self.calls)
-
-
-def compile_and_run(model, x, options=None):
-    compiled = torch.compile(model, backend="sparse", options=options)
-    with torch.no_grad():
-        out = compiled(x)
-    return compiled, out
-
-
-def float64_reference(model, x):
-    import copy
-
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(x.double())
 
 
 # Dense always 1 ms. BSR is faster at 0.05 and 0.30, slower at 0.60, and (unlike any density
