@@ -453,6 +453,15 @@ def test_cpu_op_benchmark_masked_candidates(capsys):
         assert name in text
 
 
+def test_cpu_op_benchmark_overhead_rows(capsys):
+    # Each call is checked against float64 first; the table has every call with its ratio to addmm.
+    assert cpu_op.main(["--op", "overhead", "--blocksize", "32", "--warmup", "1", "--reps", "2"]) == 0
+    text = capsys.readouterr().out
+    for name in ("aten.addmm", "tile_linear (C++ op)", "bsr_linear (Python op), tiles"):
+        assert name in text
+    assert "1.00x" in text and "us per call" in text
+
+
 def run_gpu_session(tmp_path, *args, python3_cases="", env=None):
     """gpu_session.sh with stand-ins for python3 and nvidia-smi: every call exits 0 unless
     ``python3_cases``, shell ``case`` lines run first, say otherwise; a benchmark writes "table"
