@@ -753,3 +753,22 @@ def test_export_benchmark_fails_when_the_package_fails(capsys, monkeypatch, tmp_
     assert export_bench.main(TINY_EXPORT + ["--work-dir", str(tmp_path)]) == 1
     text = capsys.readouterr().out
     assert "RuntimeError: no package today" in text and "FAILED" in text.strip().splitlines()[-1]
+
+
+def test_gpu_session_export_cuda_step_runs_the_cuda_package_round_trip(tmp_path):
+    """Issue 22's CUDA package round trip is a step of its own (an AOTInductor CUDA compile does
+    not fit the tests step's minutes), run by name, not in `first`."""
+    done = run_gpu_session(tmp_path, "export-cuda")
+    assert done.returncode == 0, done.stdout
+    calls = python3_calls(tmp_path)
+    assert [call.split()[0] for call in calls] == ["benchmarks.export_cuda"]
+    assert "--dtype float16 --sparsity 0.9 --blocksize 64" in calls[0]
+    assert summary_rows(tmp_path)["export-cuda"][2:] == ["ok", "h100-export-cuda.md"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
+def test_export_cuda_says_it_needs_a_gpu(capsys):
+    from benchmarks import export_cuda
+
+    assert export_cuda.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
