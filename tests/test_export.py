@@ -124,16 +124,18 @@ def test_the_package_calls_our_op_with_the_converted_constants(mlp_package):
     assert arguments["out_features"] == {"as_int": 512} and arguments["in_features"] == {"as_int": 256}
 
 
-def test_a_supermask_model_packages_the_layers_finalize_would_make_sparse(tmp_path):
-    from sparse_compile.training import apply_supermask, finalize
+def test_masks_still_on_the_model_package_the_layers_finalize_would_make_sparse(tmp_path):
+    """Supermask on the first layer, Bi-Mask 2:4 on the second, the third unmasked (dense): the
+    package's decisions are those of decide() on the finalized weights, layer by layer."""
+    from sparse_compile.training import apply_nm, apply_supermask, finalize
 
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 64)).eval()
-    # The last layer is left dense: a layer the reference must find dense too.
-    apply_supermask(model, linear_sparsity=0.9, linear_tile_size=32, filter_fn=lambda name, module: name != "4")
+    apply_supermask(model, linear_sparsity=0.9, linear_tile_size=32, filter_fn=lambda name, module: name == "0")
+    apply_nm(model, 2, 4, filter_fn=lambda name, module: name == "2")
     x = torch.randn(32, 256)
     report = sparse_compile.aoti_compile_and_package(
-        torch.export.export(model, (x,)), package_path=tmp_path / "supermask.pt2", options=OPTIONS
+        torch.export.export(model, (x,)), package_path=tmp_path / "masked.pt2", options=OPTIONS
     )
     finalized = finalize(copy.deepcopy(model))
     options = SparseOptions.from_user(OPTIONS)
@@ -144,8 +146,8 @@ def test_a_supermask_model_packages_the_layers_finalize_would_make_sparse(tmp_pa
             expected[name] = (decision.format, decision.density)
     got = {layer.name: (layer.format, layer.density) for layer in report.layers}
     assert got == expected
-    assert [name for name, (fmt, _) in got.items() if fmt == "bsr"] == ["0", "2"], got
-    runner = sparse_compile.aoti_load_package(tmp_path / "supermask.pt2")
+    assert {name: fmt for name, (fmt, _) in got.items()} == {"0": "bsr", "2": "2:4", "4": "dense"}, got
+    runner = sparse_compile.aoti_load_package(tmp_path / "masked.pt2")
     torch.testing.assert_close(runner(x).double(), float64_reference(finalized, x), rtol=1e-4, atol=1e-4)
 
 
