@@ -18,8 +18,9 @@ Why AOTInductor alone does not do it (issue 22: ``inductor_configs={"freezing": 
    (``mkldnn._linear_pointwise``) before the post-grad passes run, so the pass finds no linear.
    This is the backend's situation too: the weight packing is switched off and its patterns are
    hidden for the compile (``cpp.weight_prepack=False``, ``backend._freezing_patterns_without_packing``).
-   Without ``no_grad`` the weights are still constants of the package (AOTInductor lifts them),
-   and the pass converts them, but parametrized weights (Supermask, N:M) are then not folded.
+   Without ``no_grad`` freezing is skipped silently; the plain weights are still constants of the
+   package (``aot_compile`` makes them attributes) and the pass converted them, which the report,
+   per item 1, did not show. This function always compiles under ``no_grad``.
 
 ``torch.export`` lifts parameters and buffers to graph inputs; ``aot_compile`` puts them back as
 attributes of the module it compiles (``get_attr``), and freezing folds them, with everything
