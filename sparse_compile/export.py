@@ -248,8 +248,22 @@ def aoti_load_package(path: str | os.PathLike, *, run_single_threaded: bool = Fa
 
     metadata = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(os.fspath(path), "model")
     _check_cpu_isa(metadata, path)
+    _register_cpu_ops(metadata)
     loader = torch._C._aoti.AOTIModelPackageLoader(os.fspath(path), "model", run_single_threaded, 1, device_index)
     return AOTICompiledModel(loader)
+
+
+def _register_cpu_ops(metadata: Mapping[str, str]) -> None:
+    """A CPU package's converted layers call the tile kernel's C++ ops: ``import sparse_compile``
+    registers them where this machine built the library before; on its first use, build it now
+    (rather than fail with "Could not find schema for sparse_compile::tile_linear")."""
+    if metadata.get("AOTI_DEVICE_KEY") != "cpu":
+        return
+    from sparse_compile.kernels import cpu_tile_mm
+
+    # Builds and loads it if needed. Where it cannot be built, the package's layers call
+    # bsr_linear (the pass never inserted tile_linear) and load all the same.
+    cpu_tile_mm.unavailable_reason()
 
 
 def _check_cpu_isa(metadata: Mapping[str, str], path: Path) -> None:
