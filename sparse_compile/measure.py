@@ -1,19 +1,28 @@
 """Measured kernel choice: time every viable way to run a linear layer, once, and remember it.
 
 With ``density_threshold="auto"`` (the default) :func:`sparse_compile.analysis.decide` asks
-:func:`time_candidates` for the time of each :class:`Candidate` — dense (``F.linear``, what
-Inductor runs for a dense layer) and BSR at each candidate block size — with the layer's real
-shape and dtype, the number of rows the graph was traced with, on the device the layer runs on.
+:func:`time_candidates` for the time of each :class:`Candidate` — dense and BSR at each
+candidate block size — with the layer's real shape and dtype, the number of rows the graph was
+traced with, on the device the layer runs on.
 
+- Dense is timed as the compiled graph runs it (:func:`inductor_dense`): ``x @ W.T + b`` as a
+  one-op graph, compiled by Inductor with freezing (the weight a constant) once per process per
+  shape, rows, dtype, bias or not and device; on CPU, ``extern_kernels.addmm`` with the bias in
+  its epilogue. A sparse candidate is what its format's ``SparseFormat.timing_run`` calls.
 - CUDA: the first call of each candidate autotunes our Triton kernel (``triton.autotune`` picks
   its config there); then ``triton.testing.do_bench`` (CUDA events, L2 flushed, median).
 - CPU: what the ``sparse_compile::bsr_linear`` CPU kernel runs for a converted layer (the tile
-  kernel of ``kernels/cpu_tile_mm.cpp``; see ``kernels/bsr_linear.py: set_cpu_variant``), against ``F.linear``
-  on the dense weight; warm-up calls, then round-robin timed calls, the fastest call.
+  kernel of ``kernels/cpu_tile_mm.cpp``; see ``kernels/bsr_linear.py: set_cpu_variant``), against
+  dense; warm-up calls, then round-robin timed calls, the fastest call, and each candidate's
+  spread: half the interquartile range of its per-round ratio to dense's call (:class:`Measured`).
 
-Times are cached in one JSON file, ``$SPARSE_COMPILE_CACHE_DIR/timings-v2.json`` (default
+The tie rule (``analysis.tie_band_ms``): a sparse candidate runs only when it is faster than
+dense by more than its spread and by more than ``min_saving_ms`` per call (0.02 ms on CPU).
+
+Times are cached in one JSON file, ``$SPARSE_COMPILE_CACHE_DIR/timings-v3.json`` (default
 ``$XDG_CACHE_HOME/sparse_compile`` or ``~/.cache/sparse_compile``), keyed by device name,
-torch/triton versions, shape, dtype, rows bucket, candidate (block size) and density bucket. A
+torch/triton versions, shape, dtype, rows bucket, candidate (block size) and density bucket (a
+sparse candidate's spread beside its time). A
 second compile of the same model times nothing; layers of one shape and density bucket share
 one measurement. Writes take a file lock, merge with what is on disk and replace the file
 atomically, so processes compiling at once (DDP ranks) keep each other's entries; a file that
@@ -58,8 +67,9 @@ from sparse_compile.formats.base import DENSE, Candidate, next_power_of_2
 log = logging.getLogger("sparse_compile")
 
 CACHE_ENV = "SPARSE_COMPILE_CACHE_DIR"
-# v2: BSR on CPU times the tile kernel; v1 files hold times of the gathered block matmuls it replaced.
-CACHE_FILE = "timings-v2.json"
+# v3: dense timed as Inductor compiles it, and spreads; v2: dense as eager F.linear; v1: BSR on
+# CPU as the gathered block matmuls the tile kernel replaced.
+CACHE_FILE = "timings-v3.json"
 _FORMAT_VERSION = 1
 
 #: Rows measured when the caller does not know the traced batch (a direct ``decide`` call).
