@@ -140,12 +140,15 @@ def _fastest(weight, proposals, reasons, rows, options: SparseOptions) -> LayerD
     dense, others = timed[0], timed[1:]
     timings = tuple((t.candidate.label, t.ms) for t in timed)
     from_cache = all(t.from_cache for t in timed)
-    # Ties go to dense: same speed, no conversion, no extra op in the graph. Among sparse ties:
-    # the preferred format, then the larger block.
-    best = min(others, key=lambda t: (t.ms, order[t.candidate], -(t.candidate.blocksize or 0)))
+    # A sparse candidate must beat dense by more than its tie band (its spread, min_saving_ms);
+    # ties go to dense: no conversion, no extra op in the graph. Of those that do: the fastest,
+    # then the preferred format, then the larger block.
+    ranked = sorted(others, key=lambda t: (t.ms, order[t.candidate], -(t.candidate.blocksize or 0)))
+    min_saving = options.min_saving_ms_for(weight.device.type)
+    winners = [t for t in ranked if dense.ms - t.ms > tie_band_ms(dense.ms, t.spread, min_saving)]
     timing = dict(dense_ms=dense.ms, from_cache=from_cache, timings=timings)
-    band = tie_band_ms(dense.ms, best.spread, options.min_saving_ms_for(weight.device.type))
-    if dense.ms - best.ms <= band:
+    if not winners:
+        best = ranked[0]
         fmt = owner[best.candidate]
         if best.ms >= dense.ms:
             why = Reason(
@@ -156,13 +159,15 @@ def _fastest(weight, proposals, reasons, rows, options: SparseOptions) -> LayerD
             why = Reason(
                 ReasonCode.MEASURED_TIE,
                 f"a tie: {fmt.describe(best.candidate)} measured {best.ms:.3g} ms vs {dense.ms:.3g} ms dense, "
-                f"{dense.ms - best.ms:.3g} ms faster, needed more than {band:.3g} ms (spread "
-                f"{100 * best.spread:.0f}% of dense, minimum {options.min_saving_ms_for(weight.device.type):.3g} ms)",
+                f"{dense.ms - best.ms:.3g} ms faster, needed more than "
+                f"{tie_band_ms(dense.ms, best.spread, min_saving):.3g} ms (spread {100 * best.spread:.0f}% of dense, "
+                f"minimum {min_saving:.3g} ms)",
             )
         # The report's numbers: the first format's fastest candidate (BSR: its block size and density).
         first_timed = [t for t in others if order[t.candidate] == 0]
         shown = min(first_timed, key=lambda t: (t.ms, -(t.candidate.blocksize or 0))).candidate if first_timed else fallback
         return LayerDecision.dense(_joined(reasons, why), shown, time_ms=dense.ms, **timing)
+    best = winners[0]
     fmt = owner[best.candidate]
     fmt.after_measured_choice(weight, best.candidate)
     return _sparse(fmt, weight, best.candidate, time_ms=best.ms, **timing)

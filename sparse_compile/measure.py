@@ -518,8 +518,18 @@ class _DenseRun:
         self._fn: Callable[[torch.Tensor], object] | None = None
 
     def prepare(self) -> None:
-        if self._fn is None:
+        if self._fn is not None:
+            return
+        try:
             self._fn = inductor_dense(self.bias.shape[0], self.x, self.bias is not None)
+        except Exception as error:  # noqa: BLE001 - timing must not fail a compile: dense as eager then
+            log.warning(
+                "sparse_compile: Inductor could not compile a dense %dx%d layer to time it (%s: %s); "
+                "timing F.linear instead", self.bias.shape[0], self.x.shape[1], type(error).__name__, error,
+            )
+            weight = torch.randn(self.bias.shape[0], self.x.shape[1], device=self.x.device).to(self.x.dtype)
+            self._fn = lambda x: _no_grad(torch.nn.functional.linear, x, weight, self.bias)
+            self._fn.weight = weight
 
     def __call__(self):
         self.prepare()

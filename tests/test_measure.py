@@ -365,6 +365,28 @@ def test_tie_band(monkeypatch, dense_ms, sparse_ms, spread, min_saving, expected
         ), decision.reason
 
 
+def test_a_candidate_beyond_its_band_wins_over_a_faster_one_within_its_own(monkeypatch):
+    # bsr16 is fastest but within its spread (0.5 of dense); bsr32 saves less, beyond its spread.
+    table = {"dense": 1.0, "bsr16": measure.Measured(0.6, 0.5), "bsr32": measure.Measured(0.7, 0.1), "bsr64": 0.9, "bsr128": 0.95}
+    monkeypatch.setattr(measure, "timer", RecordedTimer(table))
+    weight = keep_blocks(torch.randn(256, 256), 4)  # 4 blocks of 32: some to skip at 16 and 32
+    decision = decide(weight, SparseOptions(blocksize="auto", formats=("bsr",)), rows=48)
+    assert decision.format == "bsr" and decision.blocksize == 32 and decision.time_ms == 0.7
+
+
+def test_a_dense_layer_that_inductor_cannot_compile_is_timed_eagerly(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(measure, "_compile_dense", broken)
+    x, bias = torch.randn(5, 33), torch.randn(17)
+    run = measure._DenseRun(x, bias)
+    out = run()
+    assert out.shape == (5, 17)
+    reference = x.double() @ run._fn.weight.double().t() + bias.double()
+    torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_a_tie_says_so_in_the_report_and_the_counters_and_the_spread_is_cached(monkeypatch):
     from torch._dynamo.utils import counters
 
