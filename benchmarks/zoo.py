@@ -221,7 +221,9 @@ def run_model(spec: ZooModel, args: argparse.Namespace, device: torch.device, dt
     options = {"density_threshold": args.density_threshold}
     copies = [model, copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)]
     inductor = torch.compile(copies[1])
-    frozen = torch.compile(copies[2])
+    # Its own options (a backend of its own: Dynamo would otherwise reuse the plain compile's code
+    # for this instance of the same class) and freezing on while Dynamo traces (below).
+    frozen = torch.compile(copies[2], options={"freezing": True})
     sparse = torch.compile(copies[3], backend="sparse", options=options)
     fns: list[Callable[[], Any] | None] = [lambda: copies[0](x), lambda: inductor(x), lambda: frozen(x), lambda: sparse(x)]
     tol = common.tolerance(dtype, args.tf32)

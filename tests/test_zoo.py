@@ -33,8 +33,16 @@ def test_rows_for_every_variant_and_a_missing_package(tiny_zoo, capsys, tmp_path
         "--device", "cpu", "--models", "tiny,absent", "--warmup", "0", "--reps", "2", "--output", str(output),
         "--batch", "3",
     ]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     assert zoo.main(argv) == 0
     text = capsys.readouterr().out
+    if torch.backends.mkldnn.is_available():
+        # The freezing row froze: Inductor packed its two linear weights for oneDNN/MKL (its compile
+        # was its own, not the plain row's code reused for a second instance), and so did the sparse
+        # backend's whole-graph check, which compiles the plain graph with freezing: 2 + 2.
+        assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] == 4
     rows = [line for line in text.splitlines() if line.startswith(("tiny ", "absent "))]
     assert len(rows) == 2 * len(zoo.VARIANTS), text
     tiny = {re.split(r"\s{2,}", line)[1]: line for line in rows if line.startswith("tiny")}
