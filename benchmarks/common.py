@@ -26,7 +26,7 @@ import torch
 from tabulate import tabulate
 
 from sparse_compile.kernels.bsr_linear import BLOCKSIZES
-from sparse_compile.measure import wait_for_compile_workers
+from sparse_compile.measure import one_call_at_a_time, round_robin, wait_for_compile_workers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -266,30 +266,33 @@ def time_round_robin(
     timer (tests pass a stand-in).
     """
     call_ms = call_ms or time_call_ms
-    keys = list(fns)
     errors: dict[Hashable, BaseException] = {}
-    for key in keys:
+    for key in fns:
         try:
             for _ in range(warmup):
                 fns[key]()
         except Exception as error:  # noqa: BLE001 - the caller reports it in the row
             errors[key] = error
-    times: dict[Hashable, list[float]] = {key: [] for key in keys if key not in errors}
     synchronize(device)
-    for r in range(rounds):
-        start = time.monotonic()
-        live = [key for key in keys if key in times]
-        first = r % len(live) if live else 0
-        for key in live[first:] + live[:first]:
+
+    def timed_or_dropped(key):
+        def call():
             try:
-                times[key].append(call_ms(fns[key], device))
-            except Exception as error:  # noqa: BLE001
+                return call_ms(fns[key], device)
+            except Exception as error:  # noqa: BLE001 - dropped from the rounds, reported in its row
                 errors[key] = error
-                del times[key]
+                return None
+
+        return call
+
+    def report(done, took, left):
         if progress is not None:
-            took = time.monotonic() - start
-            progress(f"timed round {r + 1}/{rounds} ({len(times)} rows): {took:.1f} s; "
-                     f"{rounds - r - 1} left (~{fmt_seconds(took * (rounds - r - 1))})")
+            progress(f"timed round {done}/{rounds} ({left} rows): {took:.1f} s; "
+                     f"{rounds - done} left (~{fmt_seconds(took * (rounds - done))})")
+
+    # The library's round-robin loop (sparse_compile.measure.round_robin), each call timed alone.
+    live = {key: timed_or_dropped(key) for key in fns if key not in errors}
+    times = round_robin(live, rounds, one_call_at_a_time(lambda call: call()), rotate=True, after_round=report)
     return {key: Timing(tuple(values)) for key, values in times.items()}, errors
 
 

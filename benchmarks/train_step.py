@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Sequence
@@ -43,6 +44,7 @@ from torch import nn
 
 import sparse_compile
 from benchmarks import common
+from sparse_compile.measure import one_call_at_a_time, round_robin
 from sparse_compile.training import apply_nm, apply_supermask
 from sparse_compile.training.cli_args import parse_nm
 
@@ -313,14 +315,22 @@ def run_dtype(args, device, dtype, model) -> tuple[common.Table, list[dict[str, 
                 except Exception as error:  # noqa: BLE001 - reported in the table instead
                     variant.note = f"not run: {common.describe_error(error)}"
         variants = [v for group in groups for v in group if v.note == ""]
-        for rep in range(args.reps):
-            progress(f"timed round {rep + 1}/{args.reps}")
-            for variant in variants:
-                common.synchronize(device)
-                start = time.perf_counter()
-                train_step(variant, x, y)
-                common.synchronize(device)
-                variant.times_ms.append((time.perf_counter() - start) * 1e3)
+
+        def step_ms(step) -> float:
+            common.synchronize(device)
+            start = time.perf_counter()
+            step()
+            common.synchronize(device)
+            return (time.perf_counter() - start) * 1e3
+
+        # One step of every variant per round (the library's round-robin loop), so load hits all alike.
+        steps = {i: functools.partial(train_step, variant, x, y) for i, variant in enumerate(variants)}
+        times = round_robin(
+            steps, args.reps, one_call_at_a_time(step_ms),
+            after_round=lambda done, took, left: progress(f"timed round {done}/{args.reps}: {took:.1f} s"),
+        )  # fmt: skip
+        for i, variant in enumerate(variants):
+            variant.times_ms.extend(times[i])
 
     def median(group: list[Variant], suffix: str) -> float | None:
         return next((v.median_ms for v in group if v.label.endswith(suffix)), None)

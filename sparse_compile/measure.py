@@ -58,7 +58,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
@@ -253,18 +253,64 @@ def _time_cpu_rounds(fns: Sequence[Callable[[], object]]) -> tuple[list[float], 
     active = [i for i, seconds in enumerate(best_warm) if seconds <= CPU_HOPELESS * fastest]
     per_round = sum(best_warm[i] for i in active)
     reps = int(min(CPU_MAX_REPS, max(CPU_MIN_REPS, CPU_BUDGET_S / max(per_round, 1e-9))))
-    times: dict[int, list[float]] = {i: [] for i in active}
-    # Round-robin: load from other processes hits every candidate alike. The minimum, not the
-    # median: other processes only ever add time, and on a shared machine a median of a few
-    # calls still moved by 10x between runs (tiny ViT's 256x256 layer: 0.9 vs 26.8 ms, 2 cores).
-    start = time.perf_counter()
-    for done in range(reps):
-        # A loaded machine makes calls slower than the warm-up promised: stop at twice the budget.
-        if done >= CPU_MIN_ROUNDS_UNDER_LOAD and time.perf_counter() - start > 2 * CPU_BUDGET_S:
-            break
-        for i in active:
-            times[i].append(_seconds(fns[i]))
+    # The minimum, not the median: other processes only ever add time, and on a shared machine a
+    # median of a few calls still moved by 10x between runs (tiny ViT's 256x256 layer: 0.9 vs
+    # 26.8 ms, 2 cores). A loaded machine makes calls slower than the warm-up promised: stop at
+    # twice the budget.
+    times = round_robin(
+        {i: fns[i] for i in active}, reps, one_call_at_a_time(_seconds),
+        stop=lambda done, elapsed, _: done >= CPU_MIN_ROUNDS_UNDER_LOAD and elapsed > 2 * CPU_BUDGET_S,
+    )  # fmt: skip
     return best_warm, times
+
+
+Key = TypeVar("Key", bound=Hashable)
+RoundTimer = Callable[[Sequence[Callable[[], object]]], Sequence[Optional[float]]]
+
+
+def round_robin(
+    fns: Mapping[Key, Callable[[], object]],
+    rounds: int,
+    time_round: RoundTimer,
+    *,
+    stop: Optional[Callable[[int, float, Mapping[Key, list[float]]], bool]] = None,
+    rotate: bool = False,
+    after_round: Optional[Callable[[int, float, int], None]] = None,
+) -> dict[Key, list[float]]:
+    """The project's one timing loop: ``rounds`` rounds of one call of each function, the times of
+    each function's calls in round order (``times[key][r]`` of two keys: calls of the same round).
+
+    Round-robin, so that load from other processes hits every function alike (per-layer timing,
+    the whole-graph check, the benchmarks' tables all compare functions timed this way).
+    ``time_round(calls)`` times one round's calls, in order, and returns a time per call (``None``:
+    drop that function from here on, e.g. it raised). ``stop(rounds done, seconds elapsed,
+    times)``, asked before each round, ends early. ``rotate`` starts each round one function later.
+    ``after_round(rounds done, seconds the round took, functions left)``: progress.
+    """
+    times: dict[Key, list[float]] = {key: [] for key in fns}
+    start = time.perf_counter()
+    for done in range(rounds):
+        if stop is not None and stop(done, time.perf_counter() - start, times):
+            break
+        live = list(times)
+        if not live:
+            break
+        first = done % len(live) if rotate else 0
+        order = live[first:] + live[:first]
+        round_start = time.perf_counter()
+        for key, took in zip(order, time_round([fns[key] for key in order])):
+            if took is None:
+                del times[key]
+            else:
+                times[key].append(took)
+        if after_round is not None:
+            after_round(done + 1, time.perf_counter() - round_start, len(times))
+    return times
+
+
+def one_call_at_a_time(time_call: Callable[[Callable[[], object]], Optional[float]]) -> RoundTimer:
+    """A round timer that times each call on its own with ``time_call``."""
+    return lambda calls: [time_call(fn) for fn in calls]
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -298,28 +344,30 @@ def time_graphs(fns: Sequence[Callable[[], object]], device: torch.device) -> li
             fn()
     if cuda:
         torch.cuda.synchronize(device)
-    samples: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    for done in range(GRAPH_MAX_ROUNDS):
-        if time.perf_counter() - start > GRAPH_BUDGET_S and (
-            done >= GRAPH_MIN_ROUNDS or (done >= GRAPH_CLEAR_ROUNDS and _clear(samples))
-        ):
-            break
-        if cuda:
-            events = []
-            for fn in fns:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fn()
-                end.record()
-                events.append((begin, end))
-            torch.cuda.synchronize(device)
-            for times, (begin, end) in zip(samples, events):
-                times.append(begin.elapsed_time(end))
-        else:
-            for times, fn in zip(samples, fns):
-                times.append(1e3 * _seconds(fn))
-    return samples
+    # CUDA: events around each call, one synchronize per round (so calls queue as in a run).
+    time_round = _cuda_round_timer(device) if cuda else one_call_at_a_time(lambda fn: 1e3 * _seconds(fn))
+    times = round_robin(
+        dict(enumerate(fns)), GRAPH_MAX_ROUNDS, time_round,
+        stop=lambda done, elapsed, times: elapsed > GRAPH_BUDGET_S and (
+            done >= GRAPH_MIN_ROUNDS or (done >= GRAPH_CLEAR_ROUNDS and _clear(list(times.values())))
+        ),
+    )  # fmt: skip
+    return [times[i] for i in range(len(fns))]
+
+
+def _cuda_round_timer(device: torch.device) -> RoundTimer:
+    def time_round(calls):
+        events = []
+        for fn in calls:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            events.append((begin, end))
+        torch.cuda.synchronize(device)
+        return [begin.elapsed_time(end) for begin, end in events]
+
+    return time_round
 
 
 def _clear(samples: list[list[float]]) -> bool:

@@ -473,3 +473,19 @@ def test_dense_compiled_inside_the_backend_does_not_recurse_nor_count(monkeypatc
     report = sparse_compile.report(compiled)
     assert [layer.format for layer in report.layers] == ["bsr", "bsr"], str(report)
     assert counters["sparse_compile"]["bsr_layers"] == 2
+
+
+def test_round_robin_rounds_order_drops_and_stops():
+    """The one timing loop (per-layer timing, the whole-graph check and the benchmarks use it):
+    a stand-in round timer sees each round's calls in order; None drops a function; stop ends it."""
+    seen = []
+
+    def time_round(calls):
+        names = [fn() for fn in calls]
+        seen.append(names)
+        return [None if (name == "b" and len(seen) == 2) else float(len(seen)) for name in names]
+
+    fns = {name: (lambda name=name: name) for name in "abc"}
+    times = measure.round_robin(fns, 5, time_round, rotate=True, stop=lambda done, elapsed, times: done == 4)
+    assert seen == [["a", "b", "c"], ["b", "c", "a"], ["a", "c"], ["c", "a"]]
+    assert times == {"a": [1.0, 2.0, 3.0, 4.0], "c": [1.0, 2.0, 3.0, 4.0]}
