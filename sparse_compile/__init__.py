@@ -10,7 +10,7 @@ from sparse_compile import _root_folders
 _root_folders.install()  # the checkout's kernels/, passes/, training/ are not top-level packages
 
 from sparse_compile.options import DEFAULT_DENSITY_THRESHOLD, SparseOptions
-from sparse_compile.pruning import prune_blocks_, prune_linear_blocks_
+from sparse_compile.pruning import prune_blocks_, prune_conv1x1_blocks_, prune_linear_blocks_
 from sparse_compile.report import CompileReport, LayerRecord, clear_reports, report
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SparseOptions",
     "clear_reports",
     "prune_blocks_",
+    "prune_conv1x1_blocks_",
     "prune_linear_blocks_",
     "report",
 ]

@@ -384,14 +384,19 @@ def _log_and_count(graph_report: GraphReport, sparse_pass: SparseLinearPass) -> 
     DEBUG ones too. Counters go to ``torch._dynamo.utils.counters["sparse_compile"]``:
     ``<format>_layers`` and ``<format>_weights`` per sparse format (``bsr_layers``,
     ``bsr_weights``: BSR copies made, tied weights share one), ``dense_layers`` and
-    ``dense_<code>`` per reason code (``formats.base.ReasonCode``), ``inductor_failures`` and
-    ``fallback_*``.
+    ``dense_<code>`` per reason code (``formats.base.ReasonCode``), ``conv1x1_layers`` /
+    ``conv_kxk_layers`` (convolutions found) and ``conv1x1_sparse`` / ``conv_kxk_sparse`` (of
+    which run sparse), ``inductor_failures`` and ``fallback_*``.
     """
     stats = counters["sparse_compile"]
     for fmt in sparse_pass.formats:
         stats[f"{fmt.counter}_weights"] += sparse_pass.weights_converted.get(fmt.name, 0)
     for layer in graph_report.layers:
         size = f"{layer.out_features}x{layer.in_features} {layer.dtype}"
+        if layer.kind != "linear":  # convolutions: found, and run sparse (passes/sparse_conv.py)
+            kind = layer.kind.replace(" ", "_")
+            stats[f"{kind}_layers"] += 1
+            stats[f"{kind}_sparse"] += layer.format != "dense"
         if layer.format == "bsr":
             stats["bsr_layers"] += 1
             log.debug(
