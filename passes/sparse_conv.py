@@ -58,24 +58,31 @@ class ConvMatch:
 
     def why_not_matmul(self, weight_shape: Sequence[int]) -> Reason | None:
         """None when the convolution is a matmul over channels (the rewrite takes it), else why not."""
-        spatial = tuple(int(d) for d in weight_shape[2:])
-        if any(d != 1 for d in spatial):
-            size = "x".join(map(str, spatial))
-            return Reason(
-                ReasonCode.CONV_NOT_MATMUL,
-                f"{size} convolution: only 1x1 convolutions run sparse (a kxk one runs dense as Inductor compiles it)",
-            )
-        if self.transposed:
-            return Reason(ReasonCode.CONV_NOT_MATMUL, "transposed convolution: only plain 1x1 convolutions run sparse")
-        if self.groups != 1:
-            return Reason(
-                ReasonCode.CONV_NOT_MATMUL, f"grouped convolution (groups={self.groups}): only groups=1 runs sparse"
-            )
-        if any(p != 0 for p in self.padding):
-            return Reason(ReasonCode.CONV_NOT_MATMUL, f"padded 1x1 convolution (padding={list(self.padding)})")
-        if len(spatial) < 1:
-            return Reason(ReasonCode.CONV_NOT_MATMUL, "convolution without spatial dims")
-        return None
+        return why_not_matmul(weight_shape, self.transposed, self.groups, self.padding)
+
+
+def why_not_matmul(
+    weight_shape: Sequence[int], transposed: bool, groups: int, padding: Sequence[int] | str
+) -> Reason | None:
+    """None when a convolution is a matmul over channels: 1x1, not transposed, groups 1, no
+    padding (``"same"`` pads a 1x1 convolution by nothing); else why not."""
+    spatial = tuple(int(d) for d in weight_shape[2:])
+    if not spatial:
+        return Reason(ReasonCode.CONV_NOT_MATMUL, "convolution without spatial dims")
+    if any(d != 1 for d in spatial):
+        size = "x".join(map(str, spatial))
+        return Reason(
+            ReasonCode.CONV_NOT_MATMUL,
+            f"{size} convolution: only 1x1 convolutions run sparse (a kxk one runs dense as Inductor compiles it)",
+        )
+    if transposed:
+        return Reason(ReasonCode.CONV_NOT_MATMUL, "transposed convolution: only plain 1x1 convolutions run sparse")
+    if groups != 1:
+        return Reason(ReasonCode.CONV_NOT_MATMUL, f"grouped convolution (groups={groups}): only groups=1 runs sparse")
+    padded = padding not in ("valid", "same") if isinstance(padding, str) else any(int(p) != 0 for p in padding)
+    if padded:
+        return Reason(ReasonCode.CONV_NOT_MATMUL, f"padded 1x1 convolution (padding={padding!r})")
+    return None
 
 
 def match_conv(node: torch.fx.Node) -> ConvMatch | None:
