@@ -36,8 +36,21 @@ import torch
 import torch.fx
 
 from sparse_compile.formats.base import Reason, ReasonCode
+from sparse_compile.kernels.common import block_view
+from sparse_compile.options import CANDIDATE_BLOCKSIZES
 
 aten = torch.ops.aten
+
+#: oneDNN's convolution with a packed weight, as Inductor's freezing makes it on CPU (None
+#: without oneDNN). The backend lets freezing pack the convolutions the pass could not run
+#: sparse anyway (:func:`may_run_sparse`), so dense ones keep Inductor's oneDNN path.
+def _mkldnn_op(name: str):
+    packet = getattr(getattr(torch.ops, "mkldnn", None), name, None)
+    return getattr(packet, "default", None)
+
+
+PACKED_CONV = _mkldnn_op("_convolution_pointwise")
+PACKED_CONV_TRANSPOSE = _mkldnn_op("_convolution_transpose_pointwise")
 
 CONV1X1 = "conv1x1"
 CONV_KXK = "conv kxk"
@@ -97,6 +110,43 @@ def match_conv(node: torch.fx.Node) -> ConvMatch | None:
         tuple(int(s) for s in stride), tuple(int(p) for p in padding), tuple(int(d) for d in dilation),
         bool(transposed), int(groups),
     )  # fmt: skip
+
+
+def may_run_sparse(node: torch.fx.Node) -> bool:
+    """Whether the pass could run this ``aten.convolution`` sparse: a matmul over channels whose
+    constant weight has an all-zero block at the smallest candidate block size.
+
+    Called while Inductor's freezing patterns run (before the pass): every other convolution is
+    left to freezing's oneDNN weight packing, as ``backend="inductor"`` with freezing would
+    pack it, so a CNN with dense convolutions runs as fast as Inductor alone makes it.
+    """
+    match = match_conv(node)
+    if match is None or match.weight.op != "get_attr":
+        return False
+    weight = node.graph.owning_module
+    for part in str(match.weight.target).split("."):
+        weight = getattr(weight, part, None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 3:
+        return False
+    if why_not_matmul(weight.shape, match.transposed, match.groups, match.padding) is not None:
+        return False
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.no_grad():  # freezing's patterns run under a fake mode
+        blocks = block_view(weight_matrix(weight.detach()), min(CANDIDATE_BLOCKSIZES))
+        return bool((blocks.abs().amax(dim=(1, 3)) == 0).any())
+
+
+def packed_conv_reason(weight_shape: Sequence[int], groups: int, padding: Sequence[int], transposed: bool) -> Reason:
+    """Why a convolution that reached the pass packed for oneDNN runs dense."""
+    why = why_not_matmul(weight_shape, transposed, groups, padding)
+    if why is not None:
+        return why
+    size = min(CANDIDATE_BLOCKSIZES)
+    return Reason(
+        ReasonCode.NO_BLOCK_TO_SKIP,
+        f"no all-zero {size}x{size} block in its [out, in] weight: left to Inductor's oneDNN convolution (packed at freezing)",
+    )
 
 
 def conv_kind(weight_shape: Sequence[int]) -> str:

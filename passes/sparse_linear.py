@@ -98,6 +98,9 @@ class SparseLinearPass(CustomGraphPass):
             if node.op == "call_function" and node.target in _FUSED_FAST_PATH_WEIGHTS:
                 self._record_fused_fast_path(node, constants, names)
                 continue
+            if node.op == "call_function" and node.target in _PACKED_CONVS:
+                self._record_packed_conv(node, names)
+                continue
             conv = sparse_conv.match_conv(node)
             if conv is not None:
                 self._convolution(gm, node, conv, constants, names, converted)
@@ -159,6 +162,22 @@ class SparseLinearPass(CustomGraphPass):
             tensors = [None if name is None else _get_constant(gm, name) for name in weights.names]
         sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, conv.bias, weights.static_args)
 
+    def _record_packed_conv(self, node, names) -> None:
+        """A convolution freezing packed for oneDNN (``mkldnn._convolution_pointwise``): the backend
+        lets it pack only those the pass could not run sparse (``sparse_conv.may_run_sparse``)."""
+        transposed = node.target is sparse_conv.PACKED_CONV_TRANSPOSE
+        # (x, weight, bias, padding, [output_padding,] stride, dilation, groups, ...)
+        weight_node, padding, groups = node.args[1], node.args[3], node.args[7 if transposed else 6]
+        fake_weight = weight_node.meta.get("val") if isinstance(weight_node, torch.fx.Node) else None
+        if not isinstance(fake_weight, torch.Tensor) or fake_weight.dim() < 3:
+            return
+        matrix_shape = (int(fake_weight.shape[0]), math.prod(int(d) for d in fake_weight.shape[1:]))
+        reason = sparse_conv.packed_conv_reason(fake_weight.shape, int(groups), padding, transposed)
+        record = _record(names(node, weight_node, *matrix_shape), fake_weight.new_empty(matrix_shape), LayerDecision.dense(reason))
+        self.graph_report.layers.append(
+            dataclasses.replace(record, kind=sparse_conv.conv_kind(fake_weight.shape), kernel="oneDNN convolution (packed)")
+        )
+
     def _record_runtime_weight(self, node, weight_t_node, names) -> None:
         """A linear whose weight is computed from graph inputs: say so rather than skip it silently."""
         if weight_t_node.target not in (aten.permute.default, aten.t.default):
@@ -208,6 +227,10 @@ class SparseLinearPass(CustomGraphPass):
             )
             record = _record(names.for_fused_weight(node, weight_node, suffix), weight, dense)
             self.graph_report.layers.append(dataclasses.replace(record, fused_op=op_name))
+
+
+#: oneDNN's packed convolutions (``passes/sparse_conv.py``), where this build of PyTorch has them.
+_PACKED_CONVS = tuple(op for op in (sparse_conv.PACKED_CONV, sparse_conv.PACKED_CONV_TRANSPOSE) if op is not None)
 
 
 # For each fused op of PyTorch's transformer inference fast path: (argument index, layer name
@@ -487,7 +510,7 @@ class _LayerNamer:
         if node.op != "get_attr":
             return None
         tensor = getattr(self._gm, str(node.target), None)
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.is_mkldnn:  # oneDNN-packed: no storage
             return None
         parameter = self._weight_names.get(tensor.untyped_storage().data_ptr())
         if parameter is None or tensor.storage_offset() != 0:

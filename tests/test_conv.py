@@ -88,6 +88,8 @@ def test_bottlenecks_run_their_1x1_convs_as_bsr():
     assert all(layer.format == "bsr" and layer.blocksize == 16 for layer in conv1x1), str(report)
     assert all(layer.density == pytest.approx(0.25) for layer in conv1x1)  # BN folding keeps zero blocks
     assert all(layer.format == "dense" and layer.reason_code is ReasonCode.CONV_NOT_MATMUL for layer in kxk)
+    if torch._C._has_mkldnn:  # dense convolutions keep Inductor's oneDNN packing (as backend="inductor" with freezing)
+        assert all(layer.kernel == "oneDNN convolution (packed)" for layer in kxk), str(report)
     assert {(layer.out_features, layer.in_features) for layer in kxk} == {(32, 32 * 9)}
     assert linear[0].format == "dense"  # not pruned
     assert "6 of 9 layers (1 linear, 6 conv1x1, 2 conv kxk) run as BSR" in str(report), str(report)
@@ -178,6 +180,24 @@ def test_convolutions_that_are_no_matmul_stay_dense_with_the_reason():
         assert words in reasons, reasons
     stats = counters["sparse_compile"]
     assert stats["dense_conv_not_matmul"] == 4 and stats["conv1x1_sparse"] == 0 and stats["bsr_layers"] == 0
+
+
+def test_a_dense_1x1_conv_keeps_inductors_onednn_convolution():
+    """No all-zero block: nothing for the pass to skip, so freezing packs it for oneDNN as
+    ``backend="inductor"`` would; the report still lists it."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(32, 48, 1), nn.ReLU(), nn.Conv2d(48, 48, 1)).eval()
+    prune_blocks_(model[2].weight.data.view(48, 48), 0.75, 16)
+    x = torch.randn(2, 32, 6, 6)
+    compiled, out = compile_and_run(model, x, THRESHOLD)
+    torch.testing.assert_close(out, float64_reference(model, x).float(), rtol=1e-4, atol=1e-4)
+    dense, sparse = sparse_compile.report(compiled).layers
+    assert dense.kind == "conv1x1" and dense.format == "dense" and dense.reason_code is ReasonCode.NO_BLOCK_TO_SKIP
+    if torch._C._has_mkldnn:
+        assert dense.kernel == "oneDNN convolution (packed)" and "packed at freezing" in dense.reason
+    assert sparse.kind == "conv1x1" and sparse.format == "bsr"
+    stats = counters["sparse_compile"]
+    assert stats["conv1x1_layers"] == 2 and stats["conv1x1_sparse"] == 1 and stats["dense_no_block_to_skip"] == 1
 
 
 def test_measured_choice_times_the_conv_with_its_output_pixels(monkeypatch, fresh_cache):
