@@ -109,7 +109,7 @@ class GraphReport:
             )
         return (
             f"sparse backend, graph {self.graph_id}: {len(sparse)} of {_layers(self.layers)} {how}"
-            + _expected_speedup(self.layers) + self._graph_check_text()
+            + _kxk_tail(self.layers) + _expected_speedup(self.layers) + self._graph_check_text()
             + (f", {len(fused)} inside PyTorch's fused transformer fast path" if fused else "")
             + (" (call sparse_compile.report(model) for details)" if self.layers else "")
             + (f"; {self.fallback}" if self.fallback else "")
@@ -140,18 +140,25 @@ class GraphReport:
         return f"; whole graph {self.graph_check.speedup:.2f}x over Inductor alone ({_verdict_numbers(self.graph_check)})"
 
 
-#: The report's kinds of layer, in the order a summary names them.
+#: The report's kinds of layer (``LayerRecord.kind``).
 LAYER_KINDS = ("linear", "conv1x1", "conv kxk")
 
 
 def _layers(layers: list[LayerRecord]) -> str:
-    """``"9 linear layers"``, or where convolutions are among them
-    ``"53 layers (1 linear, 16 conv1x1, 36 conv kxk)"``."""
-    counts = {kind: sum(layer.kind == kind for layer in layers) for kind in LAYER_KINDS}
-    if counts["linear"] == len(layers):
-        return f"{len(layers)} linear layers"
-    parts = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
-    return f"{len(layers)} layers ({parts})"
+    """The layers that can run sparse, counted: ``"9 linear layers"``, or where 1x1 convolutions
+    are among them ``"37 layers (1 linear, 36 conv1x1)"``. kxk convolutions, which have no sparse
+    path, are left to :func:`_kxk_tail`: a ViT's patch embedding does not change its line."""
+    counted = [layer for layer in layers if layer.kind != "conv kxk"]
+    counts = {kind: sum(layer.kind == kind for layer in counted) for kind in LAYER_KINDS[:2]}
+    if counts["linear"] == len(counted):
+        return f"{len(counted)} linear layers"
+    return f"{len(counted)} layers (" + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) + ")"
+
+
+def _kxk_tail(layers: list[LayerRecord]) -> str:
+    """``"; 16 conv kxk dense (only 1x1 convolutions run sparse)"``, or nothing without any."""
+    kxk = sum(layer.kind == "conv kxk" for layer in layers)
+    return f"; {kxk} conv kxk dense (only 1x1 convolutions run sparse)" if kxk else ""
 
 
 def _verdict_numbers(verdict) -> str:

@@ -81,7 +81,7 @@ def test_compiled_conv_training_equals_eager(stride, bias, channels_last, precis
     assert report.layers[3].reason_code is ReasonCode.NOT_TILE_MASKED
     if autocast:
         assert report.layers[0].dtype.startswith("bfloat16 (autocast")
-    assert "2 of 4 layers (1 linear, 2 conv1x1, 1 conv kxk) run masked (training graph)" in str(report)
+    assert "2 of 3 layers (1 linear, 2 conv1x1) run masked (training graph); 1 conv kxk dense" in str(report)
     stats = counters["sparse_compile"]
     assert stats["masked_conv1x1_rewrites"] == 2 and stats["masked_linear_rewrites"] == 0
     # Per step: both forwards and the input gradient of the second (the first's input needs none).
