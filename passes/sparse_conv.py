@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Sequence
 
 import torch
@@ -176,7 +177,7 @@ def replace_conv1x1(graph: torch.fx.Graph, node: torch.fx.Node, match: ConvMatch
         current = match.x
         for dim, step in enumerate(match.stride, start=2):
             if step != 1:
-                current = _call(graph, aten.slice.Tensor, current, dim, 0, x_val.shape[dim], step)
+                current = _call(graph, aten.slice.Tensor, current, dim, 0, sys.maxsize, step)
         channels_last = [0, *range(2, 2 + spatial), 1]
         current = _call(graph, aten.permute.default, current, channels_last)
         current = _call(graph, op, current, *tensors, bias, *static_args)

@@ -103,7 +103,11 @@ class SparseLinearPass(CustomGraphPass):
                 continue
             conv = sparse_conv.match_conv(node)
             if conv is not None:
-                self._convolution(gm, node, conv, constants, names, converted)
+                recorded = len(self.graph_report.layers)
+                try:
+                    self._convolution(gm, node, conv, constants, names, converted)
+                except Exception as error:  # noqa: BLE001 - a conv the pass cannot take stays dense
+                    self._conv_failed(node, conv, recorded, error)
                 continue
             match = _match_linear(node)
             if match is None:
@@ -161,6 +165,20 @@ class SparseLinearPass(CustomGraphPass):
         with gm.graph.inserting_before(node):
             tensors = [None if name is None else _get_constant(gm, name) for name in weights.names]
         sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, conv.bias, weights.static_args)
+
+    def _conv_failed(self, node, conv: "sparse_conv.ConvMatch", recorded: int, error: Exception) -> None:
+        """The rewrite of a convolution raised: it stays dense (the node is still in the graph
+        unless the replacement finished), and its record says why."""
+        if node.graph is None or node not in node.graph.nodes:  # replaced: the error came after
+            raise error
+        previous = self.graph_report.layers[recorded:]
+        del self.graph_report.layers[recorded:]
+        why = Reason(ReasonCode.OTHER, f"the convolution rewrite failed ({type(error).__name__}: {error}), left dense")
+        fake_weight = _fake(conv.weight)
+        matrix_shape = (int(fake_weight.shape[0]), math.prod(int(d) for d in fake_weight.shape[1:]))
+        name = previous[0].name if previous else f"<{node.name}>"
+        record = _record(name, fake_weight.new_empty(matrix_shape), LayerDecision.dense(why))
+        self.graph_report.layers.append(dataclasses.replace(record, kind=sparse_conv.conv_kind(fake_weight.shape)))
 
     def _record_packed_conv(self, node, names) -> None:
         """A convolution freezing packed for oneDNN (``mkldnn._convolution_pointwise``): the backend

@@ -14,7 +14,7 @@ import sparse_compile
 from compile_helpers import compile_and_run, float64_reference
 from sparse_compile import measure
 from sparse_compile.formats.base import ReasonCode
-from sparse_compile.passes import sparse_linear
+from sparse_compile.passes import sparse_conv, sparse_linear
 from sparse_compile.pruning import prune_blocks_, prune_conv1x1_blocks_
 
 THRESHOLD = {"density_threshold": 0.5, "blocksize": 16}  # no timing: the decision is the density's
@@ -198,6 +198,25 @@ def test_a_dense_1x1_conv_keeps_inductors_onednn_convolution():
     assert sparse.kind == "conv1x1" and sparse.format == "bsr"
     stats = counters["sparse_compile"]
     assert stats["conv1x1_layers"] == 2 and stats["conv1x1_sparse"] == 1 and stats["dense_no_block_to_skip"] == 1
+
+
+def test_a_conv_rewrite_that_fails_leaves_the_conv_dense_with_the_reason(monkeypatch):
+    """A compile never fails because of the pass: a conv it cannot rewrite stays as it was."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no rewrite today")
+
+    monkeypatch.setattr(sparse_conv, "replace_conv1x1", broken)
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(32, 32, 1)).eval()
+    prune_conv1x1_blocks_(model, 0.75, 16)
+    x = torch.randn(2, 32, 5, 5)
+    compiled, out = compile_and_run(model, x, THRESHOLD)
+    torch.testing.assert_close(out, float64_reference(model, x).float(), rtol=1e-4, atol=1e-4)
+    [layer] = sparse_compile.report(compiled).layers
+    assert layer.kind == "conv1x1" and layer.format == "dense" and layer.reason_code is ReasonCode.OTHER
+    assert "no rewrite today" in layer.reason and layer.name == "0"
+    assert counters["sparse_compile"]["conv1x1_sparse"] == 0 and counters["sparse_compile"]["inductor_failures"] == 0
 
 
 def test_measured_choice_times_the_conv_with_its_output_pixels(monkeypatch, fresh_cache):
