@@ -3,6 +3,7 @@
     python -m benchmarks.cpu_op                    # the numbers behind bsr_linear's _TILES_MAX_DENSITY
     python -m benchmarks.cpu_op --op masked --m 2080 --k 384 --n 1536 --sparsity 0.9,0.5,0.3,0.2
                                                    # the numbers behind masked_linear's _CPU_MAX_DENSITY
+    python -m benchmarks.cpu_op --op overhead      # per-call cost of an op call with (almost) no work
 
 What the op's CPU kernel chooses between (``kernels/bsr_linear.py``: dense rebuild + addmm, the
 compiled tile kernel, or, without a compiler, gather + bmm + index_add) and two references (torch.sparse BSR, a dense weight kept in memory),
@@ -70,12 +71,60 @@ def masked_candidates(x2d, w, tile_mask, bias, tile_size) -> dict[str, Callable[
     }
 
 
+def overhead_candidates(x2d, w, bias, tile_size) -> dict[str, Callable[[], torch.Tensor]]:
+    """One op call each, with the same (tiny) work: what a call costs beyond its arithmetic.
+
+    ``tile_linear`` is what a converted layer's compiled graph calls (C++, tiles packed once, through
+    torch.ops); ``bsr_linear`` is the Python-implemented op (eager calls: checks, the per-tensor
+    packing cache, then ``tile_linear``); ``aten.addmm`` is what a dense layer's call costs."""
+    bw = BsrWeight.from_dense(w, tile_size)
+    packed, packed_format = cpu_tile_mm.pack_bsr_values(bw.values, x2d.dtype)
+    n, k = w.shape
+    tile_linear, bsr_linear = torch.ops.sparse_compile.tile_linear.default, torch.ops.sparse_compile.bsr_linear.default
+    addmm, w_t = torch.ops.aten.addmm.default, w.t()
+    return {
+        "aten.addmm": lambda: addmm(bias, x2d, w_t),
+        "tile_linear (C++ op)": lambda: tile_linear(x2d, packed, bw.crow_indices, bw.col_indices, bias, n, k, tile_size, packed_format),
+        "bsr_linear (Python op), tiles": lambda: bsr_linear(x2d, bw.values, bw.crow_indices, bw.col_indices, bias, n, k, "tiles"),
+    }
+
+
+def _per_call_ms(fn: Callable[[], object], device: torch.device, calls: int = 200) -> float:
+    """The mean of ``calls`` back-to-back calls, ms: one call is a few microseconds, below a
+    timer's own resolution and overhead."""
+    import time
+
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def run_overhead(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    t = args.blocksize[0]
+    x, w, bias = torch.randn(1, t), torch.randn(t, t), torch.randn(t)
+    fns = overhead_candidates(x, w, bias, t)
+    ref = x.double() @ w.double().t() + bias.double()
+    for name, fn in fns.items():
+        torch.testing.assert_close(fn().double(), ref, atol=1e-4, rtol=1e-4, msg=lambda s, name=name: f"{name}: {s}")
+    timings, errors = common.time_round_robin(fns, torch.device("cpu"), args.warmup, args.reps, call_ms=_per_call_ms)
+    if errors:
+        raise next(iter(errors.values()))
+    base = timings["aten.addmm"].median_ms
+    rows = [[name, f"{timings[name].median_ms * 1e3:.1f}", f"{timings[name].median_ms / base:.2f}x"] for name in fns]
+    print(f"1 row, {t}x{t} weight (one tile), fp32, threads={torch.get_num_threads()}; median over {args.reps} "
+          f"round-robin rounds of the mean of 200 back-to-back calls, after {args.warmup} warm-up calls")
+    print(common.Table("CPU per-call overhead", ["call", "us per call", "vs aten.addmm"], rows).text())
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.cpu_op", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--op", choices=["bsr", "masked"], default="bsr", help="which op's candidates")
+    parser.add_argument("--op", choices=["bsr", "masked", "overhead"], default="bsr", help="which op's candidates")
     parser.add_argument("--m", type=common.positive_int, default=2 * 197, help="rows of x")
     parser.add_argument("--k", type=common.positive_int, default=768, help="in features")
     parser.add_argument("--n", type=common.positive_int, default=3072, help="out features")
@@ -91,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.op == "overhead":
+        return run_overhead(args)
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
     torch.manual_seed(0)
     m, k, n = args.m, args.k, args.n

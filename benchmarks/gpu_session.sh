@@ -42,7 +42,11 @@
 # Steps (any of them, in any order, after setup): tests, kernels, vit-bf16, vit-fp32,
 # train-step, train-step-amp (the training step under torch.autocast(bf16) with fp32 weights, the
 # seed recipe's --amp: not in `first`, whose 9 minutes it does not fit; the re-run's step once
-# `first` has passed); `quick` = tests
+# `first` has passed), export-cuda (issue 22: a block-sparse MLP packaged with
+# sparse_compile.aoti_compile_and_package on the GPU, loaded in a fresh process: output, no
+# compile at load, load time, and whether our Triton kernel is compiled into the package; an
+# AOTInductor CUDA compile, ~60 s; not in `first` either: `bash benchmarks/gpu_session.sh
+# export-cuda` as the re-run, or with it); `quick` = tests
 # kernels. The caps can be overridden per step: GPU_SESSION_CAP_<STEP> (upper case, '-' as
 # '_'), GPU_SESSION_CAP_SETUP; GPU_SESSION_KILL_GRACE (seconds between TERM and KILL);
 # GPU_SESSION_PYTEST_WORKERS (0: no xdist); GPU_SESSION_COMMIT names the commit in the summary
@@ -54,7 +58,8 @@
 #   <gpu>-session.log     everything printed (install log on failure, nvidia-smi, versions, steps)
 #   <gpu>-summary.md      GPU, versions, and per step: cap, time taken, status, file
 #   <gpu>-pytest-gpu.txt  pytest's whole output (--tb=long), the first failure printed after it
-#   <gpu>-kernels.md, <gpu>-vit-bf16.md, <gpu>-vit-fp32.md, <gpu>-train-step.md (-amp.md):
+#   <gpu>-kernels.md, <gpu>-vit-bf16.md, <gpu>-vit-fp32.md, <gpu>-train-step.md (-amp.md),
+#   <gpu>-export-cuda.md:
 #                         each benchmark's --output (command, versions, tables, raw times)
 # Exit status: the first failed step's (pytest's; a benchmark's: 1 for a wrong or failed row of
 # ours; 124 for a step killed at its cap); 2 for an unknown step. Turning $OUT into
@@ -124,7 +129,7 @@ if [ "${1:-}" = report ]; then
             grep -q "^=.* \(FAILURES\|ERRORS\) =" "$src/$gpu-pytest-gpu.txt" && print_first_failure "$src/$gpu-pytest-gpu.txt"
             echo '```'
         fi
-        for step in kernels vit-bf16 vit-fp32 train-step train-step-amp; do
+        for step in kernels vit-bf16 vit-fp32 train-step train-step-amp export-cuda; do
             [ -f "$src/$gpu-$step.md" ] || continue
             echo
             sed 's/^#/##/' "$src/$gpu-$step.md"  # its headings one level down
@@ -144,9 +149,9 @@ started=$(date +%s)
 command="bash benchmarks/gpu_session.sh ${*:-first}"
 GRACE=${GPU_SESSION_KILL_GRACE:-5}
 
-ALL_STEPS="tests kernels vit-bf16 vit-fp32 train-step train-step-amp"
+ALL_STEPS="tests kernels vit-bf16 vit-fp32 train-step train-step-amp export-cuda"
 FIRST_STEPS="tests kernels vit-bf16 vit-fp32 train-step"
-declare -A CAP=([setup]=30 [tests]=150 [kernels]=75 [vit-bf16]=110 [vit-fp32]=75 [train-step]=80 [train-step-amp]=80)
+declare -A CAP=([setup]=30 [tests]=150 [kernels]=75 [vit-bf16]=110 [vit-fp32]=75 [train-step]=80 [train-step-amp]=80 [export-cuda]=120)
 case "${1:-first}" in
     first) steps=$FIRST_STEPS ;;
     quick) steps="tests kernels" ;;
@@ -281,6 +286,7 @@ step_train_step() {
 step_train_step_amp() {
     bench train-step-amp train_step --amp --batch-size 64 --sparsity 0.9 --blocksize 64 --variants dense-compile,sparse
 }
+step_export_cuda() { bench export-cuda export_cuda --dtype float16 --sparsity 0.9 --blocksize 64; }
 
 finish() {
     echo

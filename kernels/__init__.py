@@ -35,3 +35,10 @@ __all__ = [
     "semi_structured_linear",
     "tile_masked_weight",
 ]
+
+# The CPU tile kernel's ops (``torch.ops.sparse_compile.tile_linear`` ...) exist once its library
+# is loaded: load it now if this machine built it before (no compiling at import), so that a graph
+# or package saved with calls to them runs in this process. Otherwise the first use builds it.
+from . import cpu_tile_mm as _cpu_tile_mm
+
+_cpu_tile_mm.load_if_built()

@@ -1,9 +1,11 @@
 """``y = x @ W^T + bias`` with a BSR weight: launcher, autotuned kernel, ``torch.library`` op.
 
 ``torch.ops.sparse_compile.bsr_linear(x, values, crow_indices, col_indices, bias, out_features,
-in_features)`` is a ``torch.library.triton_op``: on CUDA its body launches the Triton kernel
-through ``wrap_triton``; on CPU it runs the compiled tile kernel, gathered block matmuls or a
-dense rebuild (``_bsr_linear_cpu``). The ``sparse`` backend inserts the op after AOTAutograd,
+in_features, variant="auto")`` is a ``torch.library.triton_op``: on CUDA its body launches the
+Triton kernel through ``wrap_triton``; on CPU it runs the path its ``variant`` names, the compiled
+tile kernel, gathered block matmuls or a dense rebuild (``_bsr_linear_cpu``; ``"auto"``: a fixed
+rule). A layer the ``sparse`` backend converts on CPU calls the tile kernel's C++ op
+``tile_linear`` instead (``sparse_compile/formats/bsr.py``). The ``sparse`` backend inserts the op after AOTAutograd,
 where a ``triton_op`` is no longer decomposed: in the compiled graph it is an external call that
 Inductor does not fuse around (``wrap_triton`` would let Inductor see the kernel only where the
 op is traced before that). Importing this module registers the op.
@@ -294,7 +296,7 @@ def _bsr_linear_tiles(x2d, values, crow_indices, col_indices, bias, out_features
 
 # Gather path: at most this many elements in the [nnz, chunk, b] intermediate (64 MiB fp32).
 _GATHER_CHUNK_ELEMS = 1 << 24
-# Eager CPU, for weights the sparse backend did not measure (see _CPU_VARIANTS below): the tile
+# CPU, the op's "auto" variant (direct calls; see CPU_VARIANTS below): the tile
 # kernel up to _TILES_MAX_DENSITY; where it cannot be built, gather+bmm up to _GATHER_MAX_DENSITY
 # with b >= 32; dense rebuild + addmm otherwise.
 # Measured (fp32, M = 2 * 197, K = 768, N = 3072, median of 15 round-robin runs after 3
@@ -332,6 +334,7 @@ def _bsr_linear_op(
     bias: Optional[Tensor],
     out_features: int,
     in_features: int,
+    variant: str = "auto",
 ) -> Tensor:
     _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
     lead = x.shape[:-1]
@@ -347,15 +350,14 @@ def _bsr_linear_op(
     return out.reshape(*lead, out_features)
 
 
-#: The CPU variant measured fastest for a converted weight, keyed by :func:`_cpu_variant_key`.
-#: The sparse backend (``sparse_compile.measure``) times the op's sparse path
-#: (:func:`sparse_cpu_variant`) against dense ``F.linear`` and converts a layer only when that
-#: won, so it records the sparse path here; the rebuild path is dense work plus a rebuild (1-8 ms
-#: over ``F.linear`` in the table above), never faster than leaving the layer dense, so it is not
-#: a candidate. Weights nobody measured (direct calls of the op, or a numeric
-#: ``density_threshold``) follow the fixed rule above.
-_CPU_VARIANTS: dict[tuple, str] = {}
-CPU_VARIANTS = ("tiles", "gather", "rebuild")
+#: The CPU paths of the op, chosen by its ``variant`` argument: ``"tiles"`` (the compiled tile
+#: kernel, packing the values once per tensor), ``"gather"`` (gathered block matmuls), ``"rebuild"``
+#: (dense weight rebuilt, one addmm), or ``"auto"``: the fixed rule above. The choice travels with
+#: the call (a graph, a saved package), never in process state. The sparse backend's converted
+#: layers on CPU call the tile kernel's own op, ``sparse_compile::tile_linear``, on tiles packed at
+#: conversion (``sparse_compile/formats/bsr.py``); this op's variants serve direct calls and hosts
+#: where the tile kernel cannot be built.
+CPU_VARIANTS = ("auto", "tiles", "gather", "rebuild")
 
 
 def sparse_cpu_variant() -> str:
@@ -364,40 +366,39 @@ def sparse_cpu_variant() -> str:
     return "tiles" if cpu_tile_mm.unavailable_reason() is None else "gather"
 
 
-def _cpu_variant_key(dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int) -> tuple:
-    return (dtype, out_features, in_features, blocksize, nnz_blocks)
-
-
-def set_cpu_variant(
-    dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, nnz_blocks: int, variant: str
-) -> None:
-    """Makes the op's CPU kernel run ``variant`` (one of :data:`CPU_VARIANTS`) for BSR weights of
-    this dtype, shape, block size and number of stored blocks."""
-    if variant not in CPU_VARIANTS:
-        raise ValueError(f"set_cpu_variant: variant must be one of {CPU_VARIANTS}, got {variant!r}")
-    if variant == "tiles" and cpu_tile_mm.unavailable_reason() is not None:
-        raise RuntimeError(f"set_cpu_variant: the tile kernel is unavailable: {cpu_tile_mm.unavailable_reason()}")
-    _CPU_VARIANTS[_cpu_variant_key(dtype, out_features, in_features, blocksize, nnz_blocks)] = variant
-
-
-def _cpu_variant(x2d: Tensor, values: Tensor, crow_indices: Tensor, out_features: int) -> str:
-    b = values.shape[1]
-    key = _cpu_variant_key(values.dtype, out_features, x2d.shape[1], b, values.shape[0])
-    measured = _CPU_VARIANTS.get(key)
-    if measured is not None:
-        return measured
-    density = values.shape[0] / ((crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b))
+def fixed_rule_cpu_variant(density: float, blocksize: int) -> str:
+    """The ``"auto"`` variant for a weight of this block density and size (the table above): the tile
+    kernel up to ``_TILES_MAX_DENSITY``; without it gathered matmuls up to ``_GATHER_MAX_DENSITY``
+    with blocks of at least ``_GATHER_MIN_BLOCKSIZE``; the dense rebuild otherwise."""
     if sparse_cpu_variant() == "tiles":
         return "tiles" if density <= _TILES_MAX_DENSITY else "rebuild"
-    return "gather" if density <= _GATHER_MAX_DENSITY and b >= _GATHER_MIN_BLOCKSIZE else "rebuild"
+    return "gather" if density <= _GATHER_MAX_DENSITY and blocksize >= _GATHER_MIN_BLOCKSIZE else "rebuild"
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"bsr_linear: variant must be one of {CPU_VARIANTS}, got {variant!r}")
+    if variant == "tiles" and cpu_tile_mm.unavailable_reason() is not None:
+        raise RuntimeError(f"bsr_linear: variant 'tiles' needs the CPU tile kernel: {cpu_tile_mm.unavailable_reason()}")
+
+
+def _cpu_variant(x2d: Tensor, values: Tensor, crow_indices: Tensor, variant: str) -> str:
+    if x2d.shape[0] == 0:
+        return "rebuild"
+    if variant != "auto":
+        return variant
+    b = values.shape[1]
+    density = values.shape[0] / ((crow_indices.shape[0] - 1) * -(-x2d.shape[1] // b))
+    return fixed_rule_cpu_variant(density, b)
 
 
 @_bsr_linear_op.register_kernel("cpu")
-def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features, in_features):
+def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features, in_features, variant="auto"):
     _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
+    _check_variant(variant)
     x2d = x.reshape(-1, x.shape[-1])
     args = (x2d, values, crow_indices, col_indices, bias, out_features)
-    path = _cpu_variant(x2d, values, crow_indices, out_features) if x2d.shape[0] > 0 else "rebuild"
+    path = _cpu_variant(x2d, values, crow_indices, variant)
     if path == "tiles":
         out = _bsr_linear_tiles(*args)
     elif path == "gather":
@@ -408,14 +409,17 @@ def _bsr_linear_cpu(x, values, crow_indices, col_indices, bias, out_features, in
 
 
 @_bsr_linear_op.register_fake
-def _bsr_linear_fake(x, values, crow_indices, col_indices, bias, out_features, in_features):
+def _bsr_linear_fake(x, values, crow_indices, col_indices, bias, out_features, in_features, variant="auto"):
     _check_inputs(x, values, crow_indices, col_indices, bias, out_features, in_features)
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"bsr_linear: variant must be one of {CPU_VARIANTS}, got {variant!r}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def bsr_linear(x: Tensor, weight: BsrWeight, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ W^T + bias`` for a :class:`BsrWeight` ``W``; ``x`` is ``[..., in_features]``."""
+def bsr_linear(x: Tensor, weight: BsrWeight, bias: Optional[Tensor] = None, variant: str = "auto") -> Tensor:
+    """``x @ W^T + bias`` for a :class:`BsrWeight` ``W``; ``x`` is ``[..., in_features]``. On CPU
+    ``variant`` picks the path (:data:`CPU_VARIANTS`); CUDA has one, the Triton kernel."""
     return torch.ops.sparse_compile.bsr_linear(
-        x, weight.values, weight.crow_indices, weight.col_indices, bias, weight.out_features, weight.in_features
+        x, weight.values, weight.crow_indices, weight.col_indices, bias, weight.out_features, weight.in_features, variant
     )
 

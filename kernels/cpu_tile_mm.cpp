@@ -1,6 +1,6 @@
 // The masked op's CPU matmul: out[M, N] = a[M, K] @ (W ⊙ expand(mask))^T (+ bias), accumulated in
-// fp32, reading only the kept tiles of W. Built at first use by cpu_tile_mm.py (plain C ABI, no
-// torch headers: it compiles in a few seconds) and called through ctypes.
+// fp32, reading only the kept tiles of W. Plain C ABI, no torch headers: cpu_tile_ops.cpp wraps its
+// entry points as torch operators; cpu_tile_mm.py builds both into one library at first use.
 //
 // Why a kernel of our own: at 90% tile sparsity one torch addmm_ per kept tile (a 2080x32 by
 // 32x32 matmul) ran at about a third of dense throughput: each call streams its slice of `a`

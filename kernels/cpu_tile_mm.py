@@ -1,26 +1,33 @@
-"""The CPU tile kernel: ``cpu_tile_mm.cpp``, compiled at first use and called through ctypes.
+"""The CPU tile kernel: ``cpu_tile_mm.cpp`` with the torch operators of ``cpu_tile_ops.cpp``,
+compiled at first use and loaded with ``torch.ops.load_library``.
 
-It serves two ops. :func:`tile_mm` (the masked op, training) computes
-``a @ (W ⊙ expand(mask))^T + bias`` in fp32 from the kept tiles only; :func:`bsr_mm` (the BSR op
-on CPU, inference) does the same from BSR tensors, whose stored blocks are the kept tiles. One C
-call packs the kept tiles (transposed, scaled by their mask value; BSR blocks once per weight
-tensor, see ``_packed_bsr``), a second computes the product with its rows split over
-``torch.get_num_threads()`` OpenMP threads: torch's own pool, since the library links the
-``libgomp.so.1`` torch loaded (see the source's header).
-In a forked child (a DataLoader worker) it runs on one thread: GNU OpenMP cannot start a
-parallel region in a child of a process that used one.
+The library registers ``torch.ops.sparse_compile.tile_linear`` (``x @ W^T + bias`` from packed
+kept tiles), ``tile_pack_blocks`` (BSR values -> the packed layout) and ``tile_pack_masked`` (the
+kept tiles of ``W ⊙ expand(mask)``), implemented in C++: a compiled graph calls ``tile_linear``
+through the dispatcher as it calls aten's ops, with no Python or ctypes in between, and an
+AOTInductor package can call it from its own runtime. Their fake implementations (shapes, for
+torch.compile and export) are registered here when the library is loaded.
 
-Building: the source is compiled once per machine with the C++ compiler Inductor uses (the
-``sparse`` backend needs one for Inductor anyway: ``CXX`` picks it) into Inductor's cache
-directory (``TORCHINDUCTOR_CACHE_DIR``), named by a hash of the source, compiler and flags, so
-that processes share it and a changed source rebuilds. If it cannot be built,
-:func:`unavailable_reason` says why: the masked op computes densely (and warns once), the BSR op
-runs gathered block matmuls or torch ops.
+Two Python entry points serve the other ops: :func:`tile_mm` (the masked op, training: packs the
+kept tiles on every call, since the weight changes every step) and :func:`bsr_mm` (eager calls of
+the BSR op: packs a values tensor once, see ``_packed_bsr``). The sparse backend's converted
+layers call ``tile_linear`` directly on tiles packed once at conversion (:func:`pack_bsr_values`).
+Rows are split over ``torch.get_num_threads()`` OpenMP threads: torch's own pool, since the
+library links the ``libgomp.so.1`` torch loaded (see cpu_tile_mm.cpp's header). In a forked child
+(a DataLoader worker) it runs on one thread: GNU OpenMP cannot start a parallel region in a child
+of a process that used one.
+
+Building: both sources are compiled once per machine with the C++ compiler Inductor uses (``CXX``
+picks it) against torch's headers into Inductor's cache directory (``TORCHINDUCTOR_CACHE_DIR``),
+named by a hash of the sources, torch version, compiler, flags and CPU, so that processes share it
+and a changed source rebuilds (about 15 s on two cores). ``import sparse_compile`` loads an
+already built library (so that a package that calls ``tile_linear`` runs in a fresh process); the
+first use builds it. If it cannot be built, :func:`unavailable_reason` says why: the masked op
+computes densely (and warns once), the BSR op runs gathered block matmuls or torch ops.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
@@ -34,9 +41,9 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-__all__ = ["bsr_mm", "native_bfloat16", "tile_mm", "unavailable_reason"]
+__all__ = ["bsr_mm", "load", "tile_linear_calls", "native_bfloat16", "pack_bsr_values", "tile_mm", "unavailable_reason"]
 
-SOURCE = Path(__file__).with_name("cpu_tile_mm.cpp")
+SOURCES = (Path(__file__).with_name("cpu_tile_mm.cpp"), Path(__file__).with_name("cpu_tile_ops.cpp"))
 # The kernel's register block is 16 columns wide: packed tile rows are padded to a multiple.
 _PACKED_COLUMNS = 16
 # Tried in order: the host's vector instructions, then the compiler's default target; without
@@ -47,37 +54,70 @@ _FLAG_SETS = (
     ["-O3", "-shared", "-fPIC", "-std=c++17"],
 )
 
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
+
+def _torch_flags() -> list[str]:
+    """Compiling and linking against the running torch (headers, libc10/libtorch_cpu, its C++ ABI)."""
+    from torch.utils import cpp_extension
+
+    libraries = cpp_extension.library_paths()
+    return [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{path}" for path in cpp_extension.include_paths()),
+        *(f"-L{path}" for path in libraries),
+        *(f"-Wl,-rpath,{path}" for path in libraries),
+    ]
+
+
+_LINK = ["-lc10", "-ltorch_cpu"]
 
 
 class _KernelLibrary:
-    """The compiled kernel, built or found in the cache on first use; or why it is not there."""
+    """The compiled kernel, built or found in the cache and loaded on first use; or why it is not there."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._lib: Optional[ctypes.CDLL] = None
+        self._path: Optional[Path] = None
         self._reason: Optional[str] = None
         self._tried = False
 
-    def get(self) -> Optional[ctypes.CDLL]:
+    def get(self) -> Optional[Path]:
         with self._lock:
             if not self._tried:
                 self._tried = True
                 try:
-                    self._lib = _declare(ctypes.CDLL(str(_build())))
+                    path = _build()
+                    _load(path)
+                    self._path = path
                 except (OSError, RuntimeError) as error:
                     self._reason = str(error)
-            return self._lib
+            return self._path
+
+    def load_if_built(self) -> None:
+        """Loads the library if this machine built it before (cheap: no compiler is run)."""
+        with self._lock:
+            if self._tried:
+                return
+            try:
+                path = _built_path()
+            except Exception:  # no compiler, unreadable cache dir: the first use says why
+                return
+            if path is not None:
+                self._tried = True
+                try:
+                    _load(path)
+                    self._path = path
+                except (OSError, RuntimeError) as error:
+                    self._reason = str(error)
 
     def reason(self) -> Optional[str]:
         self.get()
         return self._reason
 
     def reset(self) -> None:
-        """Forget the loaded library (tests: build again under another cache dir or compiler)."""
+        """Forget the build (tests: build again under another cache dir or compiler). Ops already
+        registered in this process stay registered: a library cannot be unloaded."""
         with self._lock:
-            self._lib, self._reason, self._tried = None, None, False
+            self._path, self._reason, self._tried = None, None, False
 
 
 def _compiler() -> str:
@@ -106,25 +146,38 @@ def _host() -> str:
     return f"{platform.machine()} {flags.strip()}"
 
 
-def _build() -> Path:
-    """The shared library's path, compiling it unless this source was built with these flags before."""
-    source = SOURCE.read_bytes()
-    compiler = _compiler()
-    host = _host().encode()
-    failures = []
+def _library_paths(compiler: str) -> list[tuple[list[str], Path]]:
+    """Per flag set, in the order tried: the flags and where that build lives in the cache."""
+    sources = b"\0".join(source.read_bytes() for source in SOURCES)
+    identity = [sources, torch.__version__.encode(), compiler.encode(), _host().encode()]
+    paths = []
     for flags in _FLAG_SETS:
-        digest = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), host]))
-        library = _cache_dir() / f"cpu_tile_mm_{digest.hexdigest()[:16]}.so"
-        if library.exists():
-            return library
+        digest = hashlib.sha256(b"\0".join([*identity, " ".join(flags).encode()]))
+        paths.append((flags, _cache_dir() / f"cpu_tile_ops_{digest.hexdigest()[:16]}.so"))
+    return paths
+
+
+def _built_path() -> Optional[Path]:
+    return next((path for _, path in _library_paths(_compiler()) if path.exists()), None)
+
+
+def _build() -> Path:
+    """The shared library's path, compiling it unless these sources were built with these flags before."""
+    compiler = _compiler()
+    candidates = _library_paths(compiler)
+    built = next((path for _, path in candidates if path.exists()), None)
+    if built is not None:
+        return built
+    failures = []
+    torch_flags = _torch_flags()
+    for flags, library in candidates:
         library.parent.mkdir(parents=True, exist_ok=True)
         # Built under a name of this process's own, then renamed: processes starting together
         # (DDP, DataLoader workers) never load a half-written file.
         partial = library.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        command = [compiler, *flags, *torch_flags, *map(str, SOURCES), *_LINK, "-o", str(partial)]
         try:
-            done = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=300
-            )
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as error:
             failures.append(f"{compiler} {' '.join(flags)}: {error}")
             continue
@@ -139,17 +192,33 @@ def _build() -> Path:
     )
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    i32 = ctypes.c_int32
-    lib.sc_native_bf16.argtypes = []
-    lib.sc_native_bf16.restype = i32
-    lib.sc_pack_kept_tiles.argtypes = [_P, i32, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, i32, i32, _P, _P, _P]
-    lib.sc_pack_kept_tiles.restype = _I
-    lib.sc_pack_bsr_blocks.argtypes = [_P, i32, _I, _I, _I, i32, _P]
-    lib.sc_pack_bsr_blocks.restype = None
-    lib.sc_tile_mm.argtypes = [_P, i32, _I, _I, _P, i32, _P, _P, _I, _I, _I, _I, _I, _P, _P, i32, _I, ctypes.c_int]
-    lib.sc_tile_mm.restype = i32
-    return lib
+_loaded_path: Optional[Path] = None
+
+
+def _load(path: Path) -> None:
+    """Registers the ops from ``path``; a no-op once a build of these sources is loaded (loading a
+    second copy would register every op twice)."""
+    global _loaded_path
+    if _loaded_path is None:
+        torch.ops.load_library(str(path))
+        _loaded_path = path
+    _register_fakes()
+
+
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Shapes of the ops for torch.compile and export (FakeTensor); once per process."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("sparse_compile::tile_linear")
+    def _tile_linear_fake(x, packed, row_ptr, col_idx, bias, out_features, in_features, tile_size, packed_format):
+        torch._check(x.shape[-1] == in_features, lambda: f"tile_linear: x has {x.shape[-1]} features, expected {in_features}")
+        return x.new_empty((*x.shape[:-1], out_features))
 
 
 _library = _KernelLibrary()
@@ -160,11 +229,25 @@ def unavailable_reason() -> Optional[str]:
     return _library.reason()
 
 
-def _loaded() -> ctypes.CDLL:
-    lib = _library.get()
-    if lib is None:
+def load() -> None:
+    """Builds (first use on this machine) and loads the library: registers ``torch.ops.sparse_compile.tile_*``.
+    Raises ``RuntimeError`` saying why when it cannot be built."""
+    if _library.get() is None:
         raise RuntimeError(f"the CPU tile kernel is unavailable: {_library.reason()}")
-    return lib
+
+
+def load_if_built() -> None:
+    """Registers the ops if this machine has built the library before, without compiling anything
+    (``import sparse_compile`` calls it: a saved package that calls ``tile_linear`` then runs)."""
+    _library.load_if_built()
+
+
+def tile_linear_calls() -> int:
+    """How many times ``tile_linear`` ran in this process (0 before the library is loaded): the
+    compiled graph calls it without Python, so this is how to see that the sparse kernel ran."""
+    if _loaded_path is None:
+        return 0
+    return int(torch.ops.sparse_compile.tile_linear_calls())
 
 
 def _padded(tile_size: int) -> int:
@@ -180,26 +263,19 @@ _DTYPES = (torch.float32, torch.bfloat16)
 def native_bfloat16() -> bool:
     """Whether the built kernel multiplies bf16 with the CPU's own bf16 dot products (AVX-512 BF16:
     decided when the kernel is compiled for this host). Else bf16 is computed in fp32 registers."""
-    lib = _library.get()
-    return lib is not None and bool(lib.sc_native_bf16())
+    return _library.get() is not None and bool(torch.ops.sparse_compile.tile_native_bf16())
 
 
-def _packed_format(a: Tensor, weight_dtype: torch.dtype, native_bf16: Optional[bool]) -> int:
+def _packed_format(a_dtype: torch.dtype, weight_dtype: torch.dtype, native_bf16: Optional[bool]) -> int:
     """Pairs for bf16 activations and weights (or fp32 master weights rounded to bf16) where the CPU
     has bf16 dot products; ``native_bf16=False`` forces the fp32 path (tests of the other hosts' path)."""
-    if a.dtype != torch.bfloat16 or weight_dtype not in _DTYPES:
+    if a_dtype != torch.bfloat16 or weight_dtype not in _DTYPES:
         return _FP32
     if native_bf16 is None:
         native_bf16 = native_bfloat16()
     elif native_bf16 and not native_bfloat16():
         raise RuntimeError("the CPU tile kernel was not built with bf16 dot products on this host (no AVX-512 BF16)")
     return _BF16_PAIRS if native_bf16 else _FP32
-
-
-def _empty_packed(tiles: int, t: int, packed_format: int) -> Tensor:
-    if packed_format == _FP32:
-        return torch.empty((max(tiles, 1), t, _padded(t)), dtype=torch.float32)
-    return torch.empty((max(tiles, 1), -(-t // 2), _padded(t), 2), dtype=torch.bfloat16)
 
 
 def _check_dtypes(a: Tensor, *others: Tensor) -> None:
@@ -224,25 +300,30 @@ def tile_mm(
     rounded to bf16. ``round_weight_to_bfloat16`` rounds the kept tiles for fp32 ``a`` too. The
     caller checks :func:`unavailable_reason` first.
     """
-    lib = _loaded()
+    load()
     _check_dtypes(a, w_nk)
     n, k = w_nk.shape
-    t = tile_size
-    nb, kb = tile_mask_nk.shape
-    packed_format = _packed_format(a, w_nk.dtype, native_bf16)
+    packed_format = _packed_format(a.dtype, w_nk.dtype, native_bf16)
     round_bf16 = round_weight_to_bfloat16 or a.dtype == torch.bfloat16
-    mask = tile_mask_nk.detach().to(torch.float32)
-    row_ptr = torch.empty(nb + 1, dtype=torch.int32)
-    col_idx = torch.empty(max(kept, 1), dtype=torch.int32)
-    packed = _empty_packed(kept, t, packed_format)
-    found = lib.sc_pack_kept_tiles(
-        w_nk.data_ptr(), int(w_nk.dtype == torch.bfloat16), n, k, w_nk.stride(0), w_nk.stride(1),
-        mask.data_ptr(), nb, kb, mask.stride(0), mask.stride(1),
-        t, _padded(t), kept, packed_format, int(round_bf16), row_ptr.data_ptr(), col_idx.data_ptr(), packed.data_ptr(),
-    )  # fmt: skip
-    if found != kept:
-        raise RuntimeError(f"tile_mm: the mask has {'more than ' if found < 0 else ''}{max(found, 0)} kept tiles, expected {kept}")
-    return _multiply(lib, a, packed, packed_format, row_ptr, col_idx, n, k, t, bias)
+    packed, row_ptr, col_idx = torch.ops.sparse_compile.tile_pack_masked(
+        w_nk.detach(), tile_mask_nk.detach(), tile_size, kept, packed_format, round_bf16
+    )
+    return _tile_linear(a, packed, row_ptr, col_idx, bias, n, k, tile_size, packed_format)
+
+
+def _tile_linear(a, packed, row_ptr, col_idx, bias, n, k, t, packed_format) -> Tensor:
+    bias = None if bias is None else bias.detach()
+    return torch.ops.sparse_compile.tile_linear(a.detach(), packed, row_ptr, col_idx, bias, n, k, t, packed_format)
+
+
+def pack_bsr_values(values: Tensor, activation_dtype: torch.dtype) -> tuple[Tensor, int]:
+    """BSR ``values [blocks, b, b]`` in the layout ``tile_linear`` reads for activations of
+    ``activation_dtype``, and that layout's number (its ``packed_format`` argument): bf16 pairs
+    for bf16 values and activations where the CPU has bf16 dot products, else fp32 (other float
+    dtypes converted). Done once per converted weight; the graph keeps the result."""
+    load()
+    packed_format = _packed_format(activation_dtype, values.dtype, None) if values.dtype == torch.bfloat16 else _FP32
+    return torch.ops.sparse_compile.tile_pack_blocks(values.detach(), packed_format), packed_format
 
 
 def bsr_mm(
@@ -254,26 +335,26 @@ def bsr_mm(
     tensors. ``a`` fp32 or bf16, ``bias`` fp32; ``values`` fp32, fp16 or bf16, converted once per
     values tensor into the layout the kernel reads (see ``_packed_bsr``): bf16 pairs for the CPU's
     bf16 dot products when ``a`` and ``values`` are bf16 (as :func:`tile_mm`), else fp32."""
-    lib = _loaded()
+    load()
     _check_dtypes(a)
     blocks, t = values.shape[0], values.shape[1]
-    packed_format = _packed_format(a, values.dtype, native_bf16) if values.dtype == torch.bfloat16 else _FP32
-    packed = _packed_bsr_blocks(lib, values, packed_format)
+    packed_format = _packed_format(a.dtype, values.dtype, native_bf16) if values.dtype == torch.bfloat16 else _FP32
+    packed = _packed_bsr_blocks(values, packed_format)
     row_ptr = crow_indices.to(torch.int32).contiguous()
     col_idx = col_indices.to(torch.int32).contiguous() if blocks else torch.zeros(1, dtype=torch.int32)
-    return _multiply(lib, a, packed, packed_format, row_ptr, col_idx, out_features, a.shape[1], t, bias)
+    return _tile_linear(a, packed, row_ptr, col_idx, bias, out_features, a.shape[1], t, packed_format)
 
 
 # Packed blocks per BSR values tensor and layout, made at its first call and reused while the
-# tensor lives unchanged: at inference the op's values are graph constants, the same tensor every
-# call, and packing costs a third of a ViT-B MLP's call at 50 rows (0.16 of 0.49 ms; 2 threads,
-# 90% sparse blocks of 32). Costs one more copy of the stored blocks (fp16 values become fp32,
-# once, rather than on every call). Keyed by id and layout; an entry is used only for the same
-# live tensor at the same version (an in-place change packs again) and dropped with it.
+# tensor lives unchanged: for direct eager calls of the BSR op with the same weight (the sparse
+# backend packs its converted layers once, at conversion: pack_bsr_values). Packing costs a third
+# of a ViT-B MLP's call at 50 rows (0.16 of 0.49 ms; 2 threads, 90% sparse blocks of 32). Keyed by
+# id and layout; an entry is used only for the same live tensor at the same version (an in-place
+# change packs again) and dropped with it.
 _packed_bsr: dict[tuple[int, int], tuple["weakref.ref[Tensor]", int, Tensor]] = {}
 
 
-def _packed_bsr_blocks(lib: ctypes.CDLL, values: Tensor, packed_format: int) -> Tensor:
+def _packed_bsr_blocks(values: Tensor, packed_format: int) -> Tensor:
     try:
         version = values._version
     except RuntimeError:  # an inference-mode tensor has no version counter: pack, keep nothing
@@ -282,50 +363,10 @@ def _packed_bsr_blocks(lib: ctypes.CDLL, values: Tensor, packed_format: int) -> 
     entry = _packed_bsr.get(key)
     if entry is not None and version is not None and entry[0]() is values and entry[1] == version:
         return entry[2]
-    blocks, t = values.shape[0], values.shape[1]
-    source = values.detach()
-    if source.dtype not in _DTYPES:
-        source = source.to(torch.float32)
-    source = source.contiguous()
-    packed = _empty_packed(blocks, t, packed_format)
-    lib.sc_pack_bsr_blocks(
-        source.data_ptr(), int(source.dtype == torch.bfloat16), blocks, t, _padded(t), packed_format, packed.data_ptr()
-    )
+    packed = torch.ops.sparse_compile.tile_pack_blocks(values.detach(), packed_format)
     counters["sparse_compile"]["cpu_bsr_blocks_packed"] += 1
     if version is not None:
         if entry is None or entry[0]() is not values:
             weakref.finalize(values, _packed_bsr.pop, key, None)
         _packed_bsr[key] = (weakref.ref(values), version, packed)
     return packed
-
-
-def _multiply(
-    lib, a: Tensor, packed: Tensor, packed_format: int, row_ptr: Tensor, col_idx: Tensor, n: int, k: int, t: int, bias
-) -> Tensor:
-    """The kernel's matmul over packed tiles: ``[M, K]`` -> ``[M, n]`` in ``a``'s dtype."""
-    m = a.shape[0]
-    a = a.detach()
-    if a.stride(1) != 1:
-        a = a.contiguous()
-    bias = bias.detach().to(torch.float32).contiguous() if bias is not None else None
-    out = torch.empty((m, n), dtype=a.dtype)
-    bf16 = int(a.dtype == torch.bfloat16)
-    status = lib.sc_tile_mm(
-        a.data_ptr(), bf16, a.stride(0), m, packed.data_ptr(), packed_format, row_ptr.data_ptr(), col_idx.data_ptr(),
-        row_ptr.shape[0] - 1, n, k, t, _padded(t), bias.data_ptr() if bias is not None else None,
-        out.data_ptr(), bf16, out.stride(0), 1 if _in_forked_child else torch.get_num_threads(),
-    )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"the CPU tile kernel cannot run layout {packed_format} with {a.dtype} in this build")
-    return out
-
-
-_in_forked_child = False
-
-
-def _note_fork() -> None:
-    global _in_forked_child
-    _in_forked_child = True
-
-
-os.register_at_fork(after_in_child=_note_fork)

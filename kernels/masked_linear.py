@@ -65,7 +65,7 @@ __all__ = [
     "triton_tile_size_ok",
 ]
 
-from .common import SUPPORTED_DTYPES  # noqa: E402  (the one list, kernels/common.py)
+from .common import SUPPORTED_DTYPES, block_view  # noqa: E402  (the one list and block view, kernels/common.py)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 _INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
@@ -103,24 +103,18 @@ def expand_tiles(tile_mask: Tensor, shape, tile_size: int) -> Tensor:
 
 
 def tile_sums(values: Tensor, tile_size: int) -> Tensor:
-    """``[N, K]`` -> ``[ceil(N/t), ceil(K/t)]``: the sum over each tile (edge tiles are cut)."""
-    n, k = values.shape
-    nb, kb = -(-n // tile_size), -(-k // tile_size)
-    if n % tile_size or k % tile_size:
-        values = F.pad(values, (0, kb * tile_size - k, 0, nb * tile_size - n))
-    return values.reshape(nb, tile_size, kb, tile_size).sum(dim=(1, 3))
+    """``[N, K]`` -> ``[ceil(N/t), ceil(K/t)]``: the sum over each tile (edge tiles are cut: the
+    block view pads them with zeros)."""
+    return block_view(values, tile_size).sum(dim=(1, 3))
 
 
 def _masked_weight(w_nk: Tensor, tile_mask_nk: Tensor, tile_size: int) -> Tensor:
-    """``w_nk ⊙ expand(tile_mask_nk)`` for the op's dense paths, in one pass when the tiles divide
-    the weight (a broadcast over a ``[N/t, t, K/t, t]`` view, transposed views too) rather than
-    ``expand_tiles``' two ``repeat_interleave`` copies and a multiply."""
+    """``w_nk ⊙ expand(tile_mask_nk)`` for the op's dense paths, in one pass: a broadcast over the
+    ``[N/t, t, K/t, t]`` block view (a view when the tiles divide the weight, transposed views
+    too), rather than ``expand_tiles``' two ``repeat_interleave`` copies and a multiply."""
     n, k = w_nk.shape
-    mask = tile_mask_nk.to(w_nk.dtype)
-    if n % tile_size or k % tile_size:
-        return w_nk * expand_tiles(mask, w_nk.shape, tile_size)
-    tiles = w_nk.unflatten(0, (n // tile_size, tile_size)).unflatten(2, (k // tile_size, tile_size))
-    return (tiles * mask[:, None, :, None]).flatten(2).flatten(0, 1)
+    tiles = block_view(w_nk, tile_size) * tile_mask_nk.to(w_nk.dtype)[:, None, :, None]
+    return tiles.flatten(2).flatten(0, 1)[:n, :k]
 
 
 def triton_tile_size_ok(tile_size: int) -> bool:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparse_compile.attention import multi_head_attention
+
 aten = torch.ops.aten
 
 
@@ -46,12 +48,13 @@ def transformer_encoder_layer_fwd(
         return NotImplemented
 
     def self_attention(x):
-        batch, seq, _ = x.shape
-        head_dim = embed_dim // num_heads
-        qkv = F.linear(x, qkv_weight, qkv_bias).view(batch, seq, 3, num_heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [batch, heads, seq, head_dim]
-        attended = F.scaled_dot_product_attention(q, k, v)
-        return F.linear(attended.transpose(1, 2).reshape(batch, seq, embed_dim), proj_weight, proj_bias)
+        def in_projection(inputs, rows):
+            return F.linear(inputs, qkv_weight[rows], None if qkv_bias is None else qkv_bias[rows])
+
+        def out_projection(inputs):
+            return F.linear(inputs, proj_weight, proj_bias)
+
+        return multi_head_attention(x, x, x, num_heads, in_projection, out_projection, batch_first=True)[0]
 
     def feed_forward(x):
         hidden = F.linear(x, ffn_weight_1, ffn_bias_1)

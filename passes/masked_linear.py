@@ -46,6 +46,7 @@ import torch.fx
 from torch._dynamo.utils import counters
 
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
+from sparse_compile.attention import multi_head_attention
 from sparse_compile.formats.base import Reason, ReasonCode
 from sparse_compile.kernels.masked_linear import SUPPORTED_DTYPES, cpu_kernel_name, triton_tile_size_ok
 from sparse_compile.passes import sparse_conv
@@ -312,30 +313,26 @@ def masked_self_attention(
     out_bias: torch.Tensor | None,
     dropout_p: float,
 ) -> tuple[torch.Tensor, None]:
-    """``F.multi_head_attention_forward`` for self-attention without masks and ``need_weights=False``,
-    with each projection whose mask is given through ``masked_linear``.
-
-    The steps are F.multi_head_attention_forward's own (torch 2.11): packed ``in_proj`` on
-    ``x [L, N, E]``, split into q, k, v, heads as ``[N, H, L, E/H]``,
-    ``scaled_dot_product_attention``, back to ``[L * N, E]``, ``out_proj``, ``[L, N, E]``.
-    Returns ``(output, None)`` like it (no attention weights).
+    """``F.multi_head_attention_forward`` for self-attention without masks and ``need_weights=False``
+    on ``x [L, N, E]``, with each projection whose mask is given through ``masked_linear``: the
+    attention's steps are :func:`sparse_compile.attention.multi_head_attention`'s. Returns
+    ``(output, None)`` like it (no attention weights).
     """
-    tgt_len, bsz, embed_dim = x.shape
-    head_dim = embed_dim // num_heads
 
     def project(inputs, weight, mask, tile, bias):
         if mask is None:
             return torch.nn.functional.linear(inputs, weight, bias)
         return masked_linear_like_f_linear(inputs, weight, mask, bias, tile)
 
-    proj = project(x, in_weight, in_mask, in_tile, in_bias)
-    proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-    q, k, v = (part.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1) for part in (proj[0], proj[1], proj[2]))
-    q, k, v = (part.view(bsz, num_heads, tgt_len, head_dim) for part in (q, k, v))
-    attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, None, dropout_p, False)
-    attn = attn.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
-    out = project(attn, out_weight, out_mask, out_tile, out_bias)
-    return out.view(tgt_len, bsz, out.size(1)), None
+    def in_projection(inputs, rows):
+        # Self-attention projects q, k and v at once: rows is the whole packed weight.
+        assert (rows.start, rows.stop) == (0, in_weight.shape[0]), rows
+        return project(inputs, in_weight, in_mask, in_tile, in_bias)
+
+    def out_projection(inputs):
+        return project(inputs, out_weight, out_mask, out_tile, out_bias)
+
+    return multi_head_attention(x, x, x, num_heads, in_projection, out_projection, batch_first=False, dropout_p=dropout_p)
 
 
 def masked_linear_like_f_linear(

@@ -145,5 +145,4 @@ def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
         shown = min(first_timed, key=lambda t: (t.ms, -(t.candidate.blocksize or 0))).candidate if first_timed else fallback
         return LayerDecision.dense(_joined(reasons, why), shown, time_ms=dense.ms, **timing)
     fmt = owner[best.candidate]
-    fmt.after_measured_choice(weight, best.candidate)
     return _sparse(fmt, weight, best.candidate, time_ms=best.ms, **timing)

@@ -7,11 +7,11 @@ shape and dtype, the number of rows the graph was traced with, on the device the
 
 - CUDA: the first call of each candidate autotunes our Triton kernel (``triton.autotune`` picks
   its config there); then ``triton.testing.do_bench`` (CUDA events, L2 flushed, median).
-- CPU: what the ``sparse_compile::bsr_linear`` CPU kernel runs for a converted layer (the tile
-  kernel of ``kernels/cpu_tile_mm.cpp``; see ``kernels/bsr_linear.py: set_cpu_variant``), against ``F.linear``
+- CPU: the op call a converted layer makes (``SparseFormat.timing_run``: the tile kernel's
+  ``sparse_compile::tile_linear`` on tiles packed once, through torch.ops), against ``F.linear``
   on the dense weight; warm-up calls, then round-robin timed calls, the fastest call.
 
-Times are cached in one JSON file, ``$SPARSE_COMPILE_CACHE_DIR/timings-v2.json`` (default
+Times are cached in one JSON file, ``$SPARSE_COMPILE_CACHE_DIR/timings-v3.json`` (default
 ``$XDG_CACHE_HOME/sparse_compile`` or ``~/.cache/sparse_compile``), keyed by device name,
 torch/triton versions, shape, dtype, rows bucket, candidate (block size) and density bucket. A
 second compile of the same model times nothing; layers of one shape and density bucket share
@@ -58,7 +58,9 @@ log = logging.getLogger("sparse_compile")
 
 CACHE_ENV = "SPARSE_COMPILE_CACHE_DIR"
 # v2: BSR on CPU times the tile kernel; v1 files hold times of the gathered block matmuls it replaced.
-CACHE_FILE = "timings-v2.json"
+# v3: CPU BSR candidates are timed as the C++ ``tile_linear`` call a converted layer makes (v2
+# timed the Python op, ~0.1 ms more per call): older entries would keep winning layers dense.
+CACHE_FILE = "timings-v3.json"
 _FORMAT_VERSION = 1
 
 #: Rows measured when the caller does not know the traced batch (a direct ``decide`` call).

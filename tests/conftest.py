@@ -11,7 +11,6 @@ sets is compiled for sm80 and sm90 by ``tests/test_inspect_kernels.py``, and the
 autotune and check the whole sets at ViT-B's shapes.
 """
 
-import importlib
 import os
 
 import pytest
@@ -86,14 +85,7 @@ def _no_real_timings(monkeypatch, tmp_path_factory):
     and an empty cache dir of its own; tests of the measuring itself replace both again."""
     from sparse_compile import measure
 
-    # importlib: the package attribute "bsr_linear" is the function of that name, not the module.
-    bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
-
     monkeypatch.setenv(measure.CACHE_ENV, str(tmp_path_factory.mktemp("timings")))
     monkeypatch.setattr(measure, "timer", modelled_timer)
     monkeypatch.setattr(measure, "graph_timer", rewrite_wins_graph_timer)
-    # The CPU op remembers, per process, which variant a measurement chose for a shape: one
-    # test's choice must not decide another's.
-    bsr_linear_module._CPU_VARIANTS.clear()
     yield
-    bsr_linear_module._CPU_VARIANTS.clear()

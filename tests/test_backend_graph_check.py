@@ -6,7 +6,6 @@ how fast this machine is. The per-layer timer is the suite's modelled one (tests
 ThreeLinears' two pruned layers run BSR, the third stays dense.
 """
 
-import importlib
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ import sparse_compile
 from sparse_compile import measure
 from sparse_compile.pruning import prune_blocks_
 
-from compile_helpers import compile_and_run, float64_reference
+from compile_helpers import TileKernelCalls, compile_and_run, float64_reference
 
-bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
 
 pytestmark = pytest.mark.usefixtures("fresh_compiler", "fresh_counters")
 
@@ -57,12 +55,9 @@ class GraphTimer:
 
 
 @pytest.fixture
-def sparse_calls(monkeypatch):
-    """Calls of the BSR op's CPU kernel (the tile kernel the modelled choice runs)."""
-    calls = []
-    real = bsr_linear_module._bsr_linear_tiles
-    monkeypatch.setattr(bsr_linear_module, "_bsr_linear_tiles", lambda *a: calls.append(1) or real(*a))
-    return calls
+def sparse_calls():
+    """Calls of the CPU tile kernel's op (what a converted layer runs) from now on."""
+    return TileKernelCalls()
 
 
 def test_slower_whole_graph_falls_back_to_dense(monkeypatch, sparse_calls):

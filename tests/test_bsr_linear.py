@@ -122,7 +122,7 @@ def test_cpu_fixed_rule_and_the_path_it_runs(monkeypatch, density, kernel_built,
     keep[torch.randperm(15)[: round(density * 15)]] = 1
     w = torch.randn(96, 160) * keep.view(3, 5).repeat_interleave(32, 0).repeat_interleave(32, 1)
     x, bias, bw = torch.randn(9, 160), torch.randn(96), BsrWeight.from_dense(w, 32)
-    assert bsr_linear_module._cpu_variant(x, bw.values, bw.crow_indices, 96) == expected
+    assert bsr_linear_module._cpu_variant(x, bw.values, bw.crow_indices, "auto") == expected
     ran = []
     for name in ("_bsr_linear_tiles", "_bsr_linear_gather_bmm", "_bsr_linear_torch"):
         real = getattr(bsr_linear_module, name)

@@ -195,7 +195,7 @@ def fresh_kernel_library(monkeypatch, tmp_path):
 def test_cpu_tile_kernel_is_built_once_into_the_inductor_cache(fresh_kernel_library, monkeypatch, tmp_path):
     tile_mm = fresh_kernel_library
     assert tile_mm.unavailable_reason() is None
-    built = list((tmp_path / "inductor" / "sparse_compile").glob("cpu_tile_mm_*.so"))
+    built = list((tmp_path / "inductor" / "sparse_compile").glob("cpu_tile_ops_*.so"))
     assert len(built) == 1 and not list(built[0].parent.glob("*.tmp"))
     # Another process (here: the library forgotten) loads that file and compiles nothing.
     tile_mm._library.reset()

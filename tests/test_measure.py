@@ -22,7 +22,7 @@ from sparse_compile.kernels import BsrWeight
 from sparse_compile.options import SparseOptions
 from sparse_compile.pruning import prune_linear_blocks_
 
-from compile_helpers import compile_and_run, float64_reference
+from compile_helpers import TileKernelCalls, compile_and_run, float64_reference
 
 # The module, not the function of the same name that sparse_compile.kernels exports.
 bsr_linear_module = importlib.import_module("sparse_compile.kernels.bsr_linear")
@@ -89,9 +89,7 @@ EXPECTED = ["bsr", "bsr", "dense", "bsr"]
 def test_choices_follow_the_recorded_timings(monkeypatch):
     timer = RecordedTimer(RECORDED)
     monkeypatch.setattr(measure, "timer", timer)
-    sparse_calls = []
-    real_tiles = bsr_linear_module._bsr_linear_tiles
-    monkeypatch.setattr(bsr_linear_module, "_bsr_linear_tiles", lambda *a: sparse_calls.append(1) or real_tiles(*a))
+    sparse_calls = TileKernelCalls()
     model = FourDensities().eval()
     x = torch.randn(6, 10, FEATURES)
     compiled, out = compile_and_run(model, x, {"blocksize": 32})
@@ -267,22 +265,19 @@ def test_cuda_timer_warms_up_before_do_bench(monkeypatch):
     assert events == ["call", "sync", ("bench", "median")] and times == [0.25]
 
 
-def test_cpu_variant_set_by_measurement_overrides_the_fixed_rule():
+def test_the_cpu_variant_travels_in_the_call_not_in_process_state():
     weight = keep_blocks(torch.randn(64, 64), 10, b=16)  # density 10/16: the fixed rule rebuilds
     bsr = BsrWeight.from_dense(weight, 16)
     x = torch.randn(5, 64)
     values, crow = bsr.values, bsr.crow_indices
-    assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "rebuild"
-    bsr_linear_module.set_cpu_variant(values.dtype, 64, 64, 16, bsr.nnz_blocks, "tiles")
-    try:
-        assert bsr_linear_module._cpu_variant(x, values, crow, 64) == "tiles"
-        torch.testing.assert_close(
-            bsr_linear_module.bsr_linear(x, bsr).double(), x.double() @ weight.double().t(), atol=1e-5, rtol=1e-5
-        )
-    finally:
-        bsr_linear_module._CPU_VARIANTS.clear()
+    assert bsr_linear_module._cpu_variant(x, values, crow, "auto") == "rebuild"
+    assert bsr_linear_module._cpu_variant(x, values, crow, "tiles") == "tiles"
+    assert not hasattr(bsr_linear_module, "_CPU_VARIANTS") and not hasattr(bsr_linear_module, "set_cpu_variant")
+    reference = x.double() @ weight.double().t()
+    for variant in ("auto", "tiles", "gather", "rebuild"):
+        torch.testing.assert_close(bsr_linear_module.bsr_linear(x, bsr, variant=variant).double(), reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="gather"):
-        bsr_linear_module.set_cpu_variant(values.dtype, 64, 64, 16, 3, "fast")
+        bsr_linear_module.bsr_linear(x, bsr, variant="fast")
 
 
 class Mixer(nn.Module):

@@ -121,6 +121,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.optim import optimizer as _optim
 
+from sparse_compile.attention import multi_head_attention
 from sparse_compile.training import supermask as _supermask  # noqa: F401  (installs the registration hook)
 
 __all__ = [
@@ -466,15 +467,6 @@ def _out_projection(out_proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _BiMaskLinear.apply(x, weight, mf, mb, out_proj.bias, nm.linear_decay(x))
 
 
-def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Bool masks (True = may not attend) -> 0/-inf; float masks are added as they are."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask.to(dtype)
-
-
 def _bimask_mha_forward(
     self,
     query,
@@ -500,59 +492,13 @@ def _bimask_mha_forward(
         nm.run_due_search()  # as in _bimask_forward: search on the weights this forward uses
     mf, mb = nm.keep_masks(weight)
 
-    # Work batch-first: [N, L, E]. "is" identities decide which projections are shared.
-    batched = query.dim() == 3
-    self_attention = query is key and key is value
-    kv_shared = key is value
-    if not batched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    elif not self.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    n, tgt, e = query.shape
-    src, heads = key.shape[1], self.num_heads
     proj = lambda x, rows: _projection(x, weight, mf, mb, self.in_proj_bias, rows, nm.linear_decay(x))  # noqa: E731
-    if self_attention:
-        q, k, v = proj(query, slice(0, 3 * e)).split(e, dim=-1)
-    else:
-        q = proj(query, slice(0, e))
-        if kv_shared:
-            k, v = proj(key, slice(e, 3 * e)).split(e, dim=-1)
-        else:
-            k, v = proj(key, slice(e, 2 * e)), proj(value, slice(2 * e, 3 * e))
-    q, k, v = (t.reshape(n, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))  # [N, H, len, hd]
-
-    # One additive mask [N or 1, H or 1, L, S], as F.multi_head_attention_forward merges them.
-    mask = _additive_mask(attn_mask, q.dtype)
-    if mask is not None:
-        mask = mask.view(1, 1, tgt, src) if mask.dim() == 2 else mask.view(n, heads, tgt, src)
-    pad = _additive_mask(key_padding_mask, q.dtype)
-    if pad is not None:
-        pad = pad.view(n, 1, 1, src)
-        mask = pad if mask is None else mask + pad
-    dropout = self.dropout if self.training else 0.0
-    weights = None
-    if need_weights:
-        scores = q.matmul(k.transpose(-2, -1)) / (e // heads) ** 0.5
-        if mask is not None:
-            scores = scores + mask
-        weights = scores.softmax(dim=-1)
-        if dropout > 0.0:
-            weights = F.dropout(weights, p=dropout)
-        out = weights.matmul(v)
-        if average_attn_weights:
-            weights = weights.mean(dim=1)
-        if not batched:
-            weights = weights.squeeze(0)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    out = _out_projection(self.out_proj, out.transpose(1, 2).reshape(n, tgt, e))
-    if not batched:
-        out = out.squeeze(0)
-    elif not self.batch_first:
-        out = out.transpose(0, 1)
-    return out, weights
+    return multi_head_attention(
+        query, key, value, self.num_heads, proj, lambda x: _out_projection(self.out_proj, x),
+        batch_first=self.batch_first, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
+        average_attn_weights=average_attn_weights,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -249,8 +249,5 @@ class SparseFormat:
 
         return run
 
-    def after_measured_choice(self, weight: torch.Tensor, candidate: Candidate) -> None:
-        """Called when timing chose ``candidate`` for ``weight`` (a format may remember what it timed)."""
-
     def __repr__(self) -> str:
         return f"<sparse format {self.name}>"

@@ -2,8 +2,9 @@
 
 A weight qualifies when some of its ``b x b`` blocks are all zero: those blocks are not stored
 and not multiplied. Candidates are the block sizes of ``kernels/bsr_linear.py: BLOCKSIZES`` that
-have a block to skip; the op is ``torch.ops.sparse_compile.bsr_linear`` (Triton on CUDA, torch
-ops on CPU), its dtypes are the kernel file's ``SUPPORTED_DTYPES``.
+have a block to skip; the op is ``torch.ops.sparse_compile.bsr_linear`` (Triton) on CUDA and the
+CPU tile kernel's ``torch.ops.sparse_compile.tile_linear`` on CPU (see :meth:`BsrFormat.convert`);
+its dtypes are the kernel file's ``SUPPORTED_DTYPES``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from sparse_compile.formats.base import (
     ThresholdChoice,
     next_power_of_2,
 )
-from sparse_compile.kernels import BsrWeight, block_mask, bsr_linear
+from sparse_compile.kernels import BsrWeight, block_mask, cpu_tile_mm
 from sparse_compile.kernels.bsr_linear import (
     SUPPORTED_DTYPES,
+    fixed_rule_cpu_variant,
     kernel_unavailable_reason,
-    set_cpu_variant,
     sparse_cpu_variant,
 )
 
@@ -111,7 +112,35 @@ class BsrFormat(SparseFormat):
         return "tile kernel (cpu)" if sparse_cpu_variant() == "tiles" else "torch ops (cpu)"
 
     def convert(self, weight: torch.Tensor, candidate: Candidate) -> ConvertedWeight:
+        """The op call of a converted layer, its kernel fixed in the call (never process state):
+
+        - CPU with the tile kernel: ``sparse_compile::tile_linear`` (C++) on the stored blocks
+          packed now, once, into the layout the kernel reads (bf16 pairs for a bf16 weight where
+          the CPU has bf16 dot products), with the BSR row pointers and block columns;
+        - CPU without it (no C++ compiler): ``sparse_compile::bsr_linear`` with its gathered
+          block matmuls where they can win (``variant="gather"``), else its dense rebuild (which
+          never beats dense: a timed decision leaves such a layer dense);
+        - CUDA: ``sparse_compile::bsr_linear`` (its Triton kernel).
+
+        The backend times what this returns (``SparseFormat.timing_run``): what is timed is what runs.
+        """
         bsr = BsrWeight.from_dense(weight.detach(), candidate.blocksize)
+        if weight.device.type == "cpu" and sparse_cpu_variant() == "tiles":
+            packed, packed_format = cpu_tile_mm.pack_bsr_values(bsr.values, weight.dtype)
+            col_idx = bsr.col_indices if bsr.nnz_blocks else torch.zeros(1, dtype=torch.int32)
+            return ConvertedWeight(
+                op=torch.ops.sparse_compile.tile_linear.default,
+                constants=(
+                    ("_sparse_tiles_packed", packed),
+                    ("_sparse_tiles_row_ptr", bsr.crow_indices.contiguous()),
+                    ("_sparse_tiles_col", col_idx.contiguous()),
+                ),
+                static_args=(bsr.out_features, bsr.in_features, bsr.blocksize, packed_format),
+                out_features=bsr.out_features,
+            )
+        static_args = (bsr.out_features, bsr.in_features)
+        if weight.device.type == "cpu":
+            static_args += (fixed_rule_cpu_variant(candidate.density, candidate.blocksize),)
         return ConvertedWeight(
             op=torch.ops.sparse_compile.bsr_linear.default,
             constants=(
@@ -119,27 +148,9 @@ class BsrFormat(SparseFormat):
                 ("_sparse_bsr_crow", bsr.crow_indices),
                 ("_sparse_bsr_col", bsr.col_indices),
             ),
-            static_args=(bsr.out_features, bsr.in_features),
+            static_args=static_args,
             out_features=bsr.out_features,
         )
-
-    def timing_run(self, weight, candidate, x, bias):
-        bsr = BsrWeight.from_dense(weight.detach().contiguous(), candidate.blocksize)
-        if weight.device.type == "cpu":
-            # Time what the op runs for a converted layer: its sparse path (the tile kernel).
-            set_cpu_variant(bsr.values.dtype, bsr.out_features, bsr.in_features, bsr.blocksize, bsr.nnz_blocks, sparse_cpu_variant())
-
-        def run():
-            with torch.no_grad():
-                return bsr_linear(x, bsr, bias)
-
-        return run
-
-    def after_measured_choice(self, weight: torch.Tensor, candidate: Candidate) -> None:
-        if weight.device.type == "cpu":
-            # The op's CPU kernel must run what was timed (its sparse path), whatever its fixed rule says.
-            nnz_blocks = int(block_mask(weight, candidate.blocksize).sum())
-            set_cpu_variant(weight.dtype, *weight.shape, candidate.blocksize, nnz_blocks, sparse_cpu_variant())
 
 
 BSR = BsrFormat()

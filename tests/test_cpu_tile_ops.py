@@ -1,0 +1,141 @@
+"""The CPU tile kernel's torch operators (``kernels/cpu_tile_ops.cpp``): ``tile_linear`` on tiles
+packed once (``tile_pack_blocks``), the op a converted layer of a compiled CPU graph calls without
+Python. Against float64 references of ``x @ W^T + bias``; shapes, dtypes, packed layouts the host
+can run, errors that name the problem, the op's fake implementation (``opcheck``), and the
+backend's graph calling it (its call counter).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_compile
+from sparse_compile.kernels import BsrWeight, cpu_tile_mm
+
+from compile_helpers import TileKernelCalls, float64_reference
+
+pytestmark = pytest.mark.skipif(
+    cpu_tile_mm.unavailable_reason() is not None, reason="no C++ compiler for the CPU tile kernel"
+)
+
+tile_linear = torch.ops.sparse_compile.tile_linear.default if cpu_tile_mm.unavailable_reason() is None else None
+
+# Packed layouts this host runs: fp32 always, bf16 pairs where the CPU has bf16 dot products.
+FORMATS = [0] + ([1] if cpu_tile_mm.unavailable_reason() is None and cpu_tile_mm.native_bfloat16() else [])
+
+
+def block_sparse(n, k, t, density, dtype=torch.float32):
+    keep = torch.rand(-(-n // t), -(-k // t)) < density
+    keep.view(-1)[0], keep.view(-1)[-1] = True, False  # at least one block kept, one dropped
+    return (torch.randn(n, k) * keep.repeat_interleave(t, 0).repeat_interleave(t, 1)[:n, :k]).to(dtype)
+
+
+def converted(w, t, x_dtype):
+    """What the backend's BSR format stores for ``w``: packed tiles and the BSR index lists."""
+    bsr = BsrWeight.from_dense(w, t)
+    packed, packed_format = cpu_tile_mm.pack_bsr_values(bsr.values, x_dtype)
+    return packed, bsr.crow_indices, bsr.col_indices, packed_format
+
+
+def reference(x, w, bias):
+    out = x.double() @ w.double().t()
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 3), (2, 1, 5)])
+@pytest.mark.parametrize("n,k,t", [(96, 160, 32), (72, 100, 16), (64, 64, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_tile_linear_fp32_matches_float64(lead, n, k, t, with_bias):
+    w, x = block_sparse(n, k, t, 0.4), torch.randn(*lead, k)
+    bias = torch.randn(n) if with_bias else None
+    packed, crow, col, packed_format = converted(w, t, x.dtype)
+    out = tile_linear(x, packed, crow, col, bias, n, k, t, packed_format)
+    assert out.shape == (*lead, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, w, bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.bfloat16, 3e-2, 2e-2), (torch.float16, 5e-3, 5e-3)])
+def test_tile_linear_half_in_half_out(dtype, atol, rtol):
+    n, k, t = 96, 130, 32
+    w, x, bias = block_sparse(n, k, t, 0.5, dtype), torch.randn(4, 6, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    packed, crow, col, packed_format = converted(w, t, dtype)
+    assert packed_format == (1 if dtype == torch.bfloat16 and 1 in FORMATS else 0)
+    out = tile_linear(x, packed, crow, col, bias, n, k, t, packed_format)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), reference(x, w, bias), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("packed_format", FORMATS)
+def test_both_packed_layouts_give_the_same_bf16_result(packed_format):
+    n, k, t = 64, 96, 32
+    w, x = block_sparse(n, k, t, 0.5, torch.bfloat16), torch.randn(9, k, dtype=torch.bfloat16)
+    bsr = BsrWeight.from_dense(w, t)
+    packed = torch.ops.sparse_compile.tile_pack_blocks(bsr.values, packed_format)
+    out = tile_linear(x, packed, bsr.crow_indices, bsr.col_indices, None, n, k, t, packed_format)
+    torch.testing.assert_close(out.double(), reference(x, w, None), atol=3e-2, rtol=2e-2)
+
+
+def test_tile_linear_reads_a_strided_input_and_no_rows():
+    n, k, t = 64, 96, 32
+    w = block_sparse(n, k, t, 0.5)
+    packed, crow, col, packed_format = converted(w, t, torch.float32)
+    x_t = torch.randn(k, 10).t()  # column-major rows
+    out = tile_linear(x_t, packed, crow, col, None, n, k, t, packed_format)
+    torch.testing.assert_close(out.double(), reference(x_t, w, None), atol=1e-4, rtol=1e-4)
+    empty = tile_linear(torch.randn(0, k), packed, crow, col, None, n, k, t, packed_format)
+    assert empty.shape == (0, n)
+
+
+def test_tile_linear_errors_name_the_problem():
+    n, k, t = 64, 96, 32
+    w = block_sparse(n, k, t, 0.5)
+    packed, crow, col, packed_format = converted(w, t, torch.float32)
+    with pytest.raises(RuntimeError, match="in_features=96"):
+        tile_linear(torch.randn(3, 95), packed, crow, col, None, n, k, t, packed_format)
+    with pytest.raises(RuntimeError, match="row pointers"):
+        tile_linear(torch.randn(3, k), packed, crow[:-1], col, None, n, k, t, packed_format)
+    with pytest.raises(RuntimeError, match="packed layout"):
+        tile_linear(torch.randn(3, k), packed.to(torch.bfloat16), crow, col, None, n, k, t, 0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        tile_linear(torch.randn(3, k).double(), packed, crow, col, None, n, k, t, packed_format)
+    with pytest.raises(RuntimeError, match="packed_format must be 0"):
+        tile_linear(torch.randn(3, k), packed, crow, col, None, n, k, t, 7)
+    if 1 in FORMATS:
+        pairs = torch.ops.sparse_compile.tile_pack_blocks(BsrWeight.from_dense(w, t).values, 1)
+        with pytest.raises(RuntimeError, match="needs bfloat16 x"):
+            tile_linear(torch.randn(3, k), pairs, crow, col, None, n, k, t, 1)
+
+
+def test_tile_linear_schema_and_fake_implementation():
+    n, k, t = 64, 96, 32
+    packed, crow, col, packed_format = converted(block_sparse(n, k, t, 0.5), t, torch.float32)
+    args = (torch.randn(2, 5, k), packed, crow, col, torch.randn(n), n, k, t, packed_format)
+    torch.library.opcheck(tile_linear, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(128, 256), nn.Linear(256, 128)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_graph_calls_tile_linear(fresh_compiler, dtype):
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    sparse_compile.prune_linear_blocks_(model, 0.75, 32)
+    model = model.to(dtype)
+    x = torch.randn(3, 7, 128, dtype=dtype)
+    compiled = torch.compile(model, backend="sparse", options={"density_threshold": 1.0})
+    with torch.no_grad():
+        compiled(x)  # compiles
+        calls = TileKernelCalls()
+        out = compiled(x)
+    assert len(calls) == 2
+    report = sparse_compile.report(compiled)
+    assert [layer.kernel for layer in report.layers] == ["tile kernel (cpu)"] * 2
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
+    torch.testing.assert_close(out.double(), float64_reference(model, x), **tol)
