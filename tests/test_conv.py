@@ -17,6 +17,10 @@ from sparse_compile.formats.base import ReasonCode
 from sparse_compile.passes import sparse_conv, sparse_linear
 from sparse_compile.pruning import prune_blocks_, prune_conv1x1_blocks_
 
+# Every test compiles nn.Sequential.forward afresh: without a reset Dynamo's recompile limit
+# would run later tests eagerly, past the backend.
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
+
 THRESHOLD = {"density_threshold": 0.5, "blocksize": 16}  # no timing: the decision is the density's
 
 
@@ -234,7 +238,7 @@ def test_measured_choice_times_the_conv_with_its_output_pixels(monkeypatch, fres
     x = torch.randn(2, 64, 8, 8)
     compiled, out = compile_and_run(model, x, {"check_graph": False, "formats": ("bsr",)})
     torch.testing.assert_close(out, float64_reference(model, x).float(), rtol=1e-4, atol=1e-4)
-    assert seen and {(r.layer.rows, r.layer.out_features, r.layer.in_features) for r in seen} == {(2 * 4 * 4, 64, 64)}
+    assert seen and {(r.layer.rows, r.layer.out_features, r.layer.in_features) for r in seen} == {(2 * 4 * 4, 64, 64)}, str(sparse_compile.report(compiled))
     layer = sparse_compile.report(compiled).layers[0]
     assert layer.kind == "conv1x1" and layer.format == "bsr" and layer.time_ms == 0.5 and layer.dense_ms == 1.0
 
