@@ -1,14 +1,25 @@
-"""Models nobody here wrote, block-pruned: dense eager / backend="inductor" / backend="sparse".
+"""Models nobody here wrote, block-pruned: dense eager / backend="inductor" (without and with
+freezing) / backend="sparse".
 
     python -m benchmarks.zoo                 # every model, CPU, batch 1
-    python -m benchmarks.zoo --models deit_tiny,gpt2 --reps 10
+    python -m benchmarks.zoo --models deit_tiny,gpt2_tiny --reps 10
+    python -m benchmarks.zoo --models bert_tiny,gpt2_tiny --batch 2 --tokens 24 --threads 1   # issue 21's setting
 
 torchvision, timm and transformers models built from their configs with random weights (no
 download); every linear (``nn.Linear``, ``nn.MultiheadAttention``'s input projection,
 transformers' ``Conv1D``) is block-pruned by magnitude at ``--sparsity`` and ``--blocksize``,
 the classifier heads included. Each model runs in eval mode under ``torch.no_grad()``; the
-three rows of a model are timed round-robin (one call of each per round, so load from other
-processes hits all three alike) and checked against eager on the same pruned weights.
+rows of a model are timed round-robin (one call of each per round, so load from other
+processes hits all alike) and checked against eager on the same pruned weights.
+
+The fair dense baseline is ``backend="inductor"`` with freezing (weights as constants; on CPU
+packed for oneDNN/MKL), the ``vs freezing`` column. Freezing is switched on while Dynamo traces
+(``torch._inductor.config.patch(freezing=True)`` around the first call): with torch 2.11,
+``options={"freezing": True}`` on ``backend="inductor"`` freezes nothing (Dynamo then passes the
+parameters as graph inputs; ``docs/inference.md``).
+
+``--batch`` and ``--tokens`` set the input: batch for every model, tokens for the text models
+(token ids; the image models keep their image size).
 
 timm and transformers are the ``zoo`` extra of the benchmarks (``pip install -e ".[zoo]"``),
 never of the library; a model whose package is missing gets a row that says so.
@@ -17,6 +28,7 @@ never of the library; a model whose package is missing gets a row that says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import sys
@@ -35,11 +47,16 @@ DEFAULTS = {
 }
 
 HEADERS = [
-    "model", "variant", "sparse layers", "median ms", "reps", "vs eager", "vs inductor",
+    "model", "variant", "sparse layers", "median ms", "reps", "vs eager", "vs inductor", "vs freezing",
     "compile s", "rel err", "check",
 ]
 
-VARIANTS = ("eager", 'backend="inductor"', 'backend="sparse"')
+VARIANTS = ("eager", 'backend="inductor"', 'backend="inductor", freezing', 'backend="sparse"')
+SPARSE = VARIANTS.index('backend="sparse"')
+FREEZING = VARIANTS.index('backend="inductor", freezing')
+
+#: Token ids of the text models are drawn from [0, VOCAB) (their configs' vocab_size).
+VOCAB = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +102,16 @@ class _LastHiddenState(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def _bert_tiny():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
+    return _LastHiddenState(BertModel(config)), torch.randint(0, VOCAB, (1, 64))
+
+
 def _gpt2_tiny():
     from transformers import GPT2Config, GPT2Model
 
@@ -115,8 +142,18 @@ MODELS = {
         ZooModel("mixer_s16", "timm", "timm mixer_s16_224 at 64 px: 16 tokens (16x256 token-mixing linears)",
                  _timm("mixer_s16_224", img_size=64)),
         ZooModel("bert_small", "transformers", "transformers BertModel, 4 layers, 256 wide, 128 tokens", _bert_small),
+        ZooModel("bert_tiny", "transformers", "transformers BertModel, 2 layers, 128 wide (MLP 512), 64 tokens",
+                 _bert_tiny),
     ]
 }
+
+
+def model_input(x: torch.Tensor, batch: int | None, tokens: int | None) -> torch.Tensor:
+    """The builder's example input at ``batch`` (dim 0) and, for token ids, ``tokens`` (dim 1)."""
+    if x.is_floating_point():
+        return x if batch is None else torch.randn(batch, *x.shape[1:], dtype=x.dtype)
+    shape = (batch or x.shape[0], tokens or x.shape[1], *x.shape[2:])
+    return x if shape == tuple(x.shape) else torch.randint(0, VOCAB, shape)
 
 
 def prune_every_linear(model: nn.Module, sparsity: float, blocksize: int) -> int:
@@ -177,28 +214,34 @@ def run_model(spec: ZooModel, args: argparse.Namespace, device: torch.device, dt
             row.note = f"not built: {common.describe_error(error)}"
         return rows, True
     model = model.eval().to(device=device, dtype=dtype)
+    x = model_input(x, args.batch, args.tokens)
     x = x.to(device) if not x.is_floating_point() else x.to(device=device, dtype=dtype)
     _nonzero_heads(model)
     pruned = prune_every_linear(model, args.sparsity[0], args.blocksize[0])
     options = {"density_threshold": args.density_threshold}
-    copies = [model, copy.deepcopy(model), copy.deepcopy(model)]
+    copies = [model, copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)]
     inductor = torch.compile(copies[1])
-    sparse = torch.compile(copies[2], backend="sparse", options=options)
-    fns: list[Callable[[], Any] | None] = [lambda: copies[0](x), lambda: inductor(x), lambda: sparse(x)]
+    # Its own options (a backend of its own: Dynamo would otherwise reuse the plain compile's code
+    # for this instance of the same class) and freezing on while Dynamo traces (below).
+    frozen = torch.compile(copies[2], options={"freezing": True})
+    sparse = torch.compile(copies[3], backend="sparse", options=options)
+    fns: list[Callable[[], Any] | None] = [lambda: copies[0](x), lambda: inductor(x), lambda: frozen(x), lambda: sparse(x)]
     tol = common.tolerance(dtype, args.tf32)
     with torch.no_grad():
         ref = model(x)
         for i, (row, fn) in enumerate(zip(rows, fns)):
             try:
-                out, seconds = common.first_call(fn, device)
+                # Freezing applies when it is on while Dynamo traces: the first call.
+                with torch._inductor.config.patch(freezing=True) if i == FREEZING else contextlib.nullcontext():
+                    out, seconds = common.first_call(fn, device)
             except Exception as error:  # noqa: BLE001 - reported in the table
                 row.note = f"not run: {common.describe_error(error)}"
                 fns[i] = None
                 continue
             row.compile_s = seconds if i else None
             row.rel_err, row.tol = common.relative_error(out, ref), tol
-        report = sparse_compile.report(copies[2])
-        rows[2].sparse_layers = f"{len(report.sparse_layers)}/{len(report.layers)}"
+        report = sparse_compile.report(copies[SPARSE])
+        rows[SPARSE].sparse_layers = f"{len(report.sparse_layers)}/{len(report.layers)}"
         if args.verbose:
             print(report)
         timings, errors = common.time_round_robin(
@@ -208,23 +251,24 @@ def run_model(spec: ZooModel, args: argparse.Namespace, device: torch.device, dt
             rows[i].times_ms = list(timing.times_ms)
         for i, error in errors.items():
             rows[i].note = f"not run: {common.describe_error(error)}"
-    print(f"{spec.name}: {pruned} linear weights pruned; {rows[2].sparse_layers} run sparse", flush=True)
-    ours_ok = rows[2].ok and not rows[2].note
+    print(f"{spec.name}: {pruned} linear weights pruned; {rows[SPARSE].sparse_layers} run sparse", flush=True)
+    ours_ok = rows[SPARSE].ok and not rows[SPARSE].note
     return rows, ours_ok
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
     out = []
-    eager_ms, inductor_ms = rows[0].median_ms, rows[1].median_ms
+    eager_ms, inductor_ms, freezing_ms = rows[0].median_ms, rows[1].median_ms, rows[FREEZING].median_ms
     for row in rows:
         cells = [row.model, row.variant, row.sparse_layers]
         if not row.times_ms:
-            out.append(cells + ["-"] * 6 + [row.note or "-"])
+            out.append(cells + ["-"] * 7 + [row.note or "-"])
             continue
         check = "ok" if row.ok else f"WRONG: err > {row.tol:.0e}"
         out.append(cells + [
             common.fmt(common.Timing(tuple(row.times_ms)).median_ms, 3), str(len(row.times_ms)),
             common.fmt_ratio(eager_ms, row.median_ms), common.fmt_ratio(inductor_ms, row.median_ms),
+            common.fmt_ratio(freezing_ms, row.median_ms),
             common.fmt(row.compile_s, 1), f"{row.rel_err:.1e}", check,
         ])
     return out
@@ -248,6 +292,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the sparse backend's density_threshold: 'auto' (measured) or a number, e.g. 0.4",
     )
     common.add_timing_cache_arg(parser)
+    parser.add_argument("--batch", type=common.positive_int, help="batch size of every model's input (default: 1)")
+    parser.add_argument(
+        "--tokens", type=common.positive_int,
+        help="tokens per sequence of the text models (default: each model's own; image models keep their size)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the sparse backend's report per model")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
@@ -291,7 +340,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         ("sparse backend", f"options={{'density_threshold': {args.density_threshold!r}}} (blocksize 'auto'), "
          f"timing cache {args.timing_cache or 'new and empty'}"),
         ("dtype", common.dtype_name(dtype)),
-        ("timing", f"median of {args.reps} round-robin rounds after {args.warmup} warm-up calls, batch 1"),
+        ("timing", f"median of {args.reps} round-robin rounds after {args.warmup} warm-up calls, batch {args.batch or 1}"
+         + (f", {args.tokens} tokens (text models)" if args.tokens else "")),
+        ("dense baseline", 'backend="inductor" with freezing (on while Dynamo traces: the first call), "vs freezing"'),
     ]
     common.print_key_values(facts)
     all_rows, raw, all_ok = [], [], True
@@ -305,7 +356,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     print(f"\n{table.title}\n{table.text()}\n\ntotal {time.perf_counter() - start:.0f} s", flush=True)
     legend = (
         "sparse layers: linears run sparse / linears the backend saw. vs eager, vs inductor: that "
-        "row's median / this row's median (>1: faster). compile s: wall time of the first call "
+        "row's median / this row's median (>1: faster); freezing: backend=\"inductor\" with freezing, "
+        "the fair dense baseline. compile s: wall time of the first call "
         "(Dynamo + Inductor + the sparse backend's measuring). rel err: max |out - eager out| / "
         "max |eager out|, same pruned weights."
     )

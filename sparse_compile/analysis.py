@@ -7,9 +7,11 @@ This layer knows nothing about graphs: it takes a dense weight ``[out_features, 
 Each format (``sparse_compile.formats``: BSR, ...) contributes its own analysis rule: the
 candidates it could run the weight as (BSR: one per block size), or why it cannot. Then:
 
-- ``density_threshold="auto"``: the candidates of every format and dense ``F.linear`` are timed
-  (``sparse_compile.measure``) on the weight's device with its shape, dtype and the traced
-  rows; the fastest wins, a tie goes to dense.
+- ``density_threshold="auto"``: the candidates of every format and dense (as Inductor compiles
+  it) are timed (``sparse_compile.measure``) on the weight's device with its shape, dtype and
+  the traced rows; the fastest sparse candidate wins only when it saves more than the measured
+  spread and more than ``min_saving_ms`` per call over dense (:func:`tie_band_ms`); anything
+  less is a tie, and a tie goes to dense.
 - a number: no timing. The formats are asked in order of preference (``formats.FORMATS``), and
   the first that takes the weight under the threshold wins (BSR: block density at most the
   threshold, at the block size with the lowest estimated cost).
@@ -80,7 +82,7 @@ def decide(
             else:
                 proposals.append((fmt, found))
     if options.measured:
-        return _fastest(weight, proposals, reasons, rows)
+        return _fastest(weight, proposals, reasons, rows, options)
     return _by_threshold(weight, options, proposals, reasons)
 
 
@@ -108,8 +110,16 @@ def _joined(reasons: dict[str, Reason | None], first: Reason | None = None) -> R
     return combine_reasons([first, *reasons.values()])
 
 
-def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
-    """Times dense and every candidate worth timing; keeps the fastest (a tie goes to dense)."""
+def tie_band_ms(dense_ms: float, spread: float, min_saving_ms: float) -> float:
+    """How much faster (ms per call) than dense a sparse candidate must be to be taken: more than
+    its measured spread (a fraction of dense's time, ``measure.Measured``) and more than
+    ``min_saving_ms``."""
+    return max(spread * dense_ms, min_saving_ms)
+
+
+def _fastest(weight, proposals, reasons, rows, options: SparseOptions) -> LayerDecision:
+    """Times dense and every candidate worth timing; keeps the fastest sparse one when it beats
+    dense by more than the tie band (:func:`tie_band_ms`), else dense."""
     timed_candidates: list[Candidate] = []
     owner: dict[Candidate, _formats.SparseFormat] = {}
     order = {}
@@ -130,19 +140,33 @@ def _fastest(weight, proposals, reasons, rows) -> LayerDecision:
     dense, others = timed[0], timed[1:]
     timings = tuple((t.candidate.label, t.ms) for t in timed)
     from_cache = all(t.from_cache for t in timed)
-    # Ties go to dense: same speed, no conversion, no extra op in the graph. Among sparse ties:
-    # the preferred format, then the larger block.
-    best = min(others, key=lambda t: (t.ms, order[t.candidate], -(t.candidate.blocksize or 0)))
+    # A sparse candidate must beat dense by more than its tie band (its spread, min_saving_ms);
+    # ties go to dense: no conversion, no extra op in the graph. Of those that do: the fastest,
+    # then the preferred format, then the larger block.
+    ranked = sorted(others, key=lambda t: (t.ms, order[t.candidate], -(t.candidate.blocksize or 0)))
+    min_saving = options.min_saving_ms_for(weight.device.type)
+    winners = [t for t in ranked if dense.ms - t.ms > tie_band_ms(dense.ms, t.spread, min_saving)]
     timing = dict(dense_ms=dense.ms, from_cache=from_cache, timings=timings)
-    if best.ms >= dense.ms:
+    if not winners:
+        best = ranked[0]
         fmt = owner[best.candidate]
-        why = Reason(
-            ReasonCode.MEASURED_FASTER,
-            f"dense measured faster: {dense.ms:.3g} ms vs {best.ms:.3g} ms for {fmt.describe(best.candidate)}",
-        )
+        if best.ms >= dense.ms:
+            why = Reason(
+                ReasonCode.MEASURED_FASTER,
+                f"dense measured faster: {dense.ms:.3g} ms vs {best.ms:.3g} ms for {fmt.describe(best.candidate)}",
+            )
+        else:
+            why = Reason(
+                ReasonCode.MEASURED_TIE,
+                f"a tie: {fmt.describe(best.candidate)} measured {best.ms:.3g} ms vs {dense.ms:.3g} ms dense, "
+                f"{dense.ms - best.ms:.3g} ms faster, needed more than "
+                f"{tie_band_ms(dense.ms, best.spread, min_saving):.3g} ms (spread {100 * best.spread:.0f}% of dense, "
+                f"minimum {min_saving:.3g} ms)",
+            )
         # The report's numbers: the first format's fastest candidate (BSR: its block size and density).
         first_timed = [t for t in others if order[t.candidate] == 0]
         shown = min(first_timed, key=lambda t: (t.ms, -(t.candidate.blocksize or 0))).candidate if first_timed else fallback
         return LayerDecision.dense(_joined(reasons, why), shown, time_ms=dense.ms, **timing)
+    best = winners[0]
     fmt = owner[best.candidate]
     return _sparse(fmt, weight, best.candidate, time_ms=best.ms, **timing)

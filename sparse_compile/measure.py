@@ -1,19 +1,29 @@
 """Measured kernel choice: time every viable way to run a linear layer, once, and remember it.
 
 With ``density_threshold="auto"`` (the default) :func:`sparse_compile.analysis.decide` asks
-:func:`time_candidates` for the time of each :class:`Candidate` — dense (``F.linear``, what
-Inductor runs for a dense layer) and BSR at each candidate block size — with the layer's real
-shape and dtype, the number of rows the graph was traced with, on the device the layer runs on.
+:func:`time_candidates` for the time of each :class:`Candidate` — dense and BSR at each
+candidate block size — with the layer's real shape and dtype, the number of rows the graph was
+traced with, on the device the layer runs on.
 
+- Dense is timed as the compiled graph runs it (:func:`inductor_dense`): ``x @ W.T + b`` as a
+  one-op graph, compiled by Inductor with freezing (the weight a constant) once per process per
+  shape, rows, dtype, bias or not and device; on CPU, ``extern_kernels.addmm`` with the bias in
+  its epilogue. A sparse candidate is what its format's ``SparseFormat.timing_run`` calls.
 - CUDA: the first call of each candidate autotunes our Triton kernel (``triton.autotune`` picks
   its config there); then ``triton.testing.do_bench`` (CUDA events, L2 flushed, median).
 - CPU: the op call a converted layer makes (``SparseFormat.timing_run``: the tile kernel's
-  ``sparse_compile::tile_linear`` on tiles packed once, through torch.ops), against ``F.linear``
-  on the dense weight; warm-up calls, then round-robin timed calls, the fastest call.
+  ``sparse_compile::tile_linear`` on tiles packed once, through torch.ops, as Inductor's code
+  calls it), against dense; warm-up calls, then round-robin timed calls, the fastest call, and
+  each candidate's spread: half the interquartile range of its per-round ratio to dense's call
+  (:class:`Measured`).
+
+The tie rule (``analysis.tie_band_ms``): a sparse candidate runs only when it is faster than
+dense by more than its spread and by more than ``min_saving_ms`` per call (0.02 ms on CPU).
 
 Times are cached in one JSON file, ``$SPARSE_COMPILE_CACHE_DIR/timings-v3.json`` (default
 ``$XDG_CACHE_HOME/sparse_compile`` or ``~/.cache/sparse_compile``), keyed by device name,
-torch/triton versions, shape, dtype, rows bucket, candidate (block size) and density bucket. A
+torch/triton versions, shape, dtype, rows bucket, candidate (block size) and density bucket (a
+sparse candidate's spread beside its time). A
 second compile of the same model times nothing; layers of one shape and density bucket share
 one measurement. Writes take a file lock, merge with what is on disk and replace the file
 atomically, so processes compiling at once (DDP ranks) keep each other's entries; a file that
@@ -35,6 +45,7 @@ no test depends on a real timing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -57,9 +68,9 @@ from sparse_compile.formats.base import DENSE, Candidate, next_power_of_2
 log = logging.getLogger("sparse_compile")
 
 CACHE_ENV = "SPARSE_COMPILE_CACHE_DIR"
-# v2: BSR on CPU times the tile kernel; v1 files hold times of the gathered block matmuls it replaced.
-# v3: CPU BSR candidates are timed as the C++ ``tile_linear`` call a converted layer makes (v2
-# timed the Python op, ~0.1 ms more per call): older entries would keep winning layers dense.
+# v3: dense timed as Inductor compiles it, with spreads, and CPU BSR as the C++ ``tile_linear``
+# call a converted layer makes; v2: dense as eager F.linear, CPU BSR through the Python op (~0.1 ms
+# more per call); v1: BSR on CPU as the gathered block matmuls the tile kernel replaced.
 CACHE_FILE = "timings-v3.json"
 _FORMAT_VERSION = 1
 
@@ -119,11 +130,17 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TimingRequest:
-    """A candidate to time: ``run()`` computes the layer once on a representative input."""
+    """A candidate to time: ``run()`` computes the layer once on a representative input.
+
+    ``prepare()``, when given, does once what ``run`` needs before it can be timed (dense:
+    Inductor's compile of the one-op graph, :func:`inductor_dense`); the real timers call it
+    first, a test's stand-in timer need not (then nothing is compiled).
+    """
 
     candidate: Candidate
     layer: LayerSpec
     run: Callable[[], object]
+    prepare: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass
@@ -136,9 +153,22 @@ class Spent:
     graphs_timed: int = 0  # whole-graph checks that timed (not read from the cache)
     graph_check_seconds: float = 0.0  # whole-graph checks: Inductor's compile of the plain graph and the timing
     graph_compile_seconds: float = 0.0  # of which compiling the plain graph
+    dense_compiles: int = 0  # one-op dense graphs Inductor compiled to time dense (once per shape)
+    dense_compile_seconds: float = 0.0  # their compile time (within ``seconds``)
 
 
 spent = Spent()
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What a timer says of one candidate: ``ms``, its fastest call, and ``spread``, the noise
+    of its comparison with dense as a fraction of dense's time (half the interquartile range of
+    the per-round ratios of its call to dense's call in the same round; 0 for dense itself, for
+    a candidate timed without dense, and on CUDA, where ``do_bench`` gives one median)."""
+
+    ms: float
+    spread: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,19 +176,42 @@ class Timed:
     candidate: Candidate
     ms: float
     from_cache: bool
+    spread: float = 0.0  # see Measured
 
 
 # --------------------------------------------------------------------------------------------
 # Timers
 
 
-def time_requests(requests: Sequence[TimingRequest]) -> list[float]:
-    """Median ms of each request's ``run``, all of one layer, on its device."""
+def time_requests(requests: Sequence[TimingRequest]) -> list[Measured]:
+    """The time of each request's ``run``, all of one layer, on its device (CUDA: the median;
+    CPU: the fastest call, with each candidate's spread against dense's calls)."""
+    for request in requests:
+        if request.prepare is not None:
+            request.prepare()
     device = requests[0].layer.device
+    fns = [request.run for request in requests]
     if device.type == "cuda":
-        return _time_cuda([request.run for request in requests], device)
+        return [Measured(ms) for ms in _time_cuda(fns, device)]
     wait_for_compile_workers()
-    return _time_cpu([request.run for request in requests])
+    dense = next((i for i, r in enumerate(requests) if r.candidate.kind == "dense"), None)
+    best_warm, samples = _time_cpu_rounds(fns)
+    return [
+        Measured(1e3 * (min(samples[i]) if i in samples else best_warm[i]), _spread(samples, i, dense))
+        for i in range(len(fns))
+    ]
+
+
+def _spread(samples: dict[int, list[float]], i: int, dense: int | None) -> float:
+    """Half the interquartile range of (candidate ``i``'s call / dense's call), round by round:
+    load from other processes that hits both calls of a round cancels out."""
+    if dense is None or i == dense or i not in samples or dense not in samples:
+        return 0.0
+    ratios = [a / b for a, b in zip(samples[i], samples[dense]) if b > 0]
+    if len(ratios) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return (high - low) / 2
 
 
 def wait_for_compile_workers() -> None:
@@ -177,11 +230,20 @@ def wait_for_compile_workers() -> None:
 
 
 #: The timer :func:`time_candidates` calls. Tests replace it with a fake that returns recorded
-#: times (it receives the candidates, so it can answer per block size and density).
-timer: Callable[[Sequence[TimingRequest]], list[float]] = time_requests
+#: times (it receives the candidates, so it can answer per block size and density): ms as
+#: floats (spread 0), or :class:`Measured` values.
+timer: Callable[[Sequence[TimingRequest]], Sequence[float | Measured]] = time_requests
 
 
 def _time_cpu(fns: Sequence[Callable[[], object]]) -> list[float]:
+    """ms of each of ``fns``: its fastest call (see :func:`_time_cpu_rounds`)."""
+    best_warm, samples = _time_cpu_rounds(fns)
+    return [1e3 * (min(samples[i]) if i in samples else best_warm[i]) for i in range(len(fns))]
+
+
+def _time_cpu_rounds(fns: Sequence[Callable[[], object]]) -> tuple[list[float], dict[int, list[float]]]:
+    """Seconds of each warm-up-best call, and of every timed call of the candidates not dropped
+    as hopeless (by index), called round-robin."""
     warm: list[list[float]] = [[] for _ in fns]
     for _ in range(CPU_WARMUP):
         for i, fn in enumerate(fns):
@@ -202,7 +264,7 @@ def _time_cpu(fns: Sequence[Callable[[], object]]) -> list[float]:
             break
         for i in active:
             times[i].append(_seconds(fns[i]))
-    return [1e3 * (min(times[i]) if i in times else best_warm[i]) for i in range(len(fns))]
+    return best_warm, times
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -390,37 +452,46 @@ def time_candidates(
 ) -> list[Timed]:
     """Time of each candidate for ``weight`` ``[out, in]`` (from the cache where it has one).
 
-    Only candidates missing from the cache are timed, all in one round-robin run.
+    Only candidates missing from the cache are timed, all in one round-robin run, with dense
+    (when it is one of ``candidates``) timed again among them: a sparse candidate's spread is
+    measured against dense's calls of the same rounds.
     """
     rows = DEFAULT_ROWS if rows is None else max(1, int(rows))
     layer = LayerSpec(weight.shape[0], weight.shape[1], weight.dtype, rows, weight.device)
     cache = current_cache()
     keys = [cache_key(layer, candidate) for candidate in candidates]
     known = {key: cache.get(key) for key in keys}
+    spreads = {key: cache.get(spread_key(key)) or 0.0 for key in keys}
     missing = [c for c, key in zip(candidates, keys) if known[key] is None]
+    if missing and DENSE not in missing and DENSE in candidates:
+        missing.insert(0, DENSE)
     if missing:
         start = time.perf_counter()
+        compile_seconds = spent.dense_compile_seconds
         requests = _requests(weight, layer, missing)
-        measured = [float(ms) for ms in timer(requests)]
+        measured = [value if isinstance(value, Measured) else Measured(float(value)) for value in timer(requests)]
         seconds = time.perf_counter() - start
         spent.candidates_timed += len(missing)
         spent.seconds += seconds
         log.info(
-            "sparse_compile: timed %s for a %dx%d %s layer, %d rows, in %.2f s",
+            "sparse_compile: timed %s for a %dx%d %s layer, %d rows, in %.2f s (of which %.2f s compiling dense)",
             ", ".join(c.label for c in missing), layer.out_features, layer.in_features,
-            str(layer.dtype).removeprefix("torch."), layer.rows, seconds,
+            str(layer.dtype).removeprefix("torch."), layer.rows, seconds, spent.dense_compile_seconds - compile_seconds,
         )
         if len(measured) != len(missing):
             raise RuntimeError(f"sparse_compile.measure: the timer returned {len(measured)} times for {len(missing)} candidates")
-        new = {cache_key(layer, c): ms for c, ms in zip(missing, measured)}
-        cache.put(new)
+        new = {cache_key(layer, c): float(m.ms) for c, m in zip(missing, measured)}
+        new_spreads = {cache_key(layer, c): float(m.spread) for c, m in zip(missing, measured) if c.kind != "dense"}
+        cache.put({**new, **{spread_key(key): spread for key, spread in new_spreads.items()}})
         known.update(new)
+        spreads.update(new_spreads)
     missing_labels = {c.label for c in missing}
-    return [Timed(c, known[key], c.label not in missing_labels) for c, key in zip(candidates, keys)]
+    return [Timed(c, known[key], c.label not in missing_labels, spreads[key]) for c, key in zip(candidates, keys)]
 
 
 def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candidate]) -> list[TimingRequest]:
-    """One run per candidate on one random input: dense ``F.linear``, or what the candidate's
+    """One run per candidate on one random input: dense as Inductor compiles it
+    (:func:`inductor_dense`, compiled by the request's ``prepare``), or what the candidate's
     format runs for a converted layer (``SparseFormat.timing_run``)."""
     generator = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(layer.rows, layer.in_features, generator=generator, device=weight.device).to(weight.dtype)
@@ -428,19 +499,143 @@ def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candi
     dense_weight = weight.detach().contiguous()
     requests = []
     for candidate in candidates:
+        prepare = None
         if candidate.kind == "dense":
-            run = functools.partial(_no_grad, torch.nn.functional.linear, x, dense_weight, bias)
+            run = _DenseRun(x, bias)
+            prepare = run.prepare
         elif candidate.kind in formats.FORMATS:
             run = formats.FORMATS[candidate.kind].timing_run(dense_weight, candidate, x, bias)
         else:
             raise ValueError(f"sparse_compile.measure: no way to time a {candidate.kind!r} candidate")
-        requests.append(TimingRequest(candidate, layer, run))
+        requests.append(TimingRequest(candidate, layer, run, prepare))
     return requests
+
+
+class _DenseRun:
+    """Dense for ``x`` (rows x in) and ``bias`` as the compiled graph runs it; compiled (once per
+    process and shape, :func:`inductor_dense`) by :meth:`prepare` or at the first call."""
+
+    def __init__(self, x: torch.Tensor, bias: torch.Tensor | None):
+        self.x, self.bias = x, bias
+        self._fn: Callable[[torch.Tensor], object] | None = None
+
+    def prepare(self) -> None:
+        if self._fn is not None:
+            return
+        try:
+            self._fn = inductor_dense(self.bias.shape[0], self.x, self.bias is not None)
+        except Exception as error:  # noqa: BLE001 - timing must not fail a compile: dense as eager then
+            log.warning(
+                "sparse_compile: Inductor could not compile a dense %dx%d layer to time it (%s: %s); "
+                "timing F.linear instead", self.bias.shape[0], self.x.shape[1], type(error).__name__, error,
+            )
+            weight = torch.randn(self.bias.shape[0], self.x.shape[1], device=self.x.device).to(self.x.dtype)
+            self._fn = lambda x: _no_grad(torch.nn.functional.linear, x, weight, self.bias)
+            self._fn.weight = weight
+
+    def __call__(self):
+        self.prepare()
+        return self._fn(self.x)
 
 
 def _no_grad(fn, *args):
     with torch.no_grad():
         return fn(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense as Inductor runs it
+
+
+class _DenseLinear(torch.nn.Module):
+    """One linear layer, its weight and bias constants of the graph (frozen, as in the backend)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+#: Per process: (out, rows, in, dtype, bias, device) -> the one-op graph as Inductor compiled it.
+_dense_compiled: dict[tuple, Callable[[torch.Tensor], object]] = {}
+
+
+def inductor_dense(out_features: int, x: torch.Tensor, bias: bool = True) -> Callable[[torch.Tensor], object]:
+    """A call computing ``x @ W.T + b`` (``W``: ``[out_features, x.shape[1]]``) as the ``sparse``
+    backend's compiled graph computes a dense layer: ``W`` and ``b`` constants (freezing), no CPU
+    weight packing (which the backend switches off so that its pass sees the linears), the
+    user's Inductor settings (``mode``) where it runs inside a compile; on CPU that is
+    ``extern_kernels.addmm`` (``mm`` without a bias) with the bias in its epilogue.
+
+    Compiled by Inductor once per process per shape, rows, dtype, bias or not and device (a dense
+    matmul's time does not depend on the weight's values, so ``W`` and ``b`` are random), with
+    ``compile_fx`` directly (no Dynamo), without the backend's pass, leaving the user's counters
+    as they were: it runs inside a compile of the ``sparse`` backend. The call is the compiled
+    module's own ``call`` (what runs inside a graph, less the entry checks of a compiled graph,
+    ~10 us a call on this project's CPU, which a layer inside a graph does not pay).
+    :data:`spent` counts the compiles and their seconds.
+    """
+    key = (out_features, *x.shape, x.dtype, bool(bias), x.device)
+    if key not in _dense_compiled:
+        start = time.perf_counter()
+        try:
+            _dense_compiled[key] = _compile_dense(out_features, x, bias)
+        finally:
+            spent.dense_compiles += 1
+            spent.dense_compile_seconds += time.perf_counter() - start
+    return _dense_compiled[key]
+
+
+def _compile_dense(out_features: int, x: torch.Tensor, bias: bool) -> Callable[[torch.Tensor], object]:
+    from torch._dynamo.utils import counters
+    from torch._guards import tracing
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from sparse_compile import backend  # imports this module: imported here
+
+    generator = torch.Generator(device=x.device).manual_seed(1)
+    weight = torch.randn(out_features, x.shape[1], generator=generator, device=x.device).to(x.dtype)
+    b = torch.randn(out_features, generator=generator, device=x.device).to(x.dtype) if bias else None
+    gm = torch.fx.symbolic_trace(_DenseLinear(weight, b))
+    patches = {
+        "freezing": True,
+        # Only Inductor's own passes: not the backend's (this graph is none of the user's) nor a user's.
+        "post_grad_custom_pre_pass": None,
+        "post_grad_custom_post_pass": None,
+        "cpp.weight_prepack": False,
+        "fx_graph_cache": False,
+    }
+    inner: list[object] = []
+
+    def inner_compile(*args, **kwargs):
+        inner.append(compile_fx_inner(*args, **kwargs))
+        return inner[-1]
+
+    saved = {name: collections.Counter(counter) for name, counter in counters.items()}
+    backend._register_freezing_patterns()
+    try:
+        # A compile of its own, outside the fake mode and the tracing context of the compile it
+        # may run in.
+        with unset_fake_temporarily(), tracing(None), torch.no_grad(), backend._freezing_patterns_without_packing():
+            compiled = compile_fx(gm, [x], config_patches=patches, inner_compile=inner_compile)
+    finally:
+        counters.clear()
+        counters.update(saved)
+    call = getattr(inner[-1], "current_callable", None) if len(inner) == 1 else None
+    if call is None:  # another Inductor than the one this was written for: the whole compiled graph
+        call = lambda args: compiled(*args)  # noqa: E731
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = call([x])  # a list of its own: the generated code empties it
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    run.weight, run.bias = weight, b  # for tests
+    return run
 
 
 def rows_bucket(rows: int) -> int:
@@ -450,6 +645,11 @@ def rows_bucket(rows: int) -> int:
 
 def density_bucket(density: float) -> str:
     return f"{round(density / DENSITY_BUCKET) * DENSITY_BUCKET:.2f}"
+
+
+def spread_key(key: str) -> str:
+    """Where a candidate's spread (see :class:`Measured`) is kept, beside its time under ``key``."""
+    return f"{key} | spread"
 
 
 def cache_key(layer: LayerSpec, candidate: Candidate) -> str:

@@ -40,7 +40,7 @@ class LayerRecord:
     # The PyTorch op the layer runs inside (its fused transformer fast path), "" for a linear.
     fused_op: str = ""
     # Measured with density_threshold="auto" (None otherwise): ms of the way chosen and of dense
-    # F.linear, and whether the times came from the cache (no timing ran for this layer).
+    # (as Inductor compiles it), and whether the times came from the cache (no timing ran for this layer).
     time_ms: float | None = None
     dense_ms: float | None = None
     from_cache: bool | None = None

@@ -8,6 +8,7 @@ here depends on how fast this machine is.
 import importlib
 import json
 import multiprocessing
+import statistics
 import warnings
 
 import pytest
@@ -106,8 +107,9 @@ def test_choices_follow_the_recorded_timings(monkeypatch):
     # The three BSR layers ran the sparse path that was timed (the tile kernel), including the one
     # at density 0.95 that the op's fixed rule (tiles up to 0.5) would have run dense.
     assert len(sparse_calls) == 3
-    # One timing run per layer; dense only once: its time does not depend on the density.
-    assert [[c.label for c in call] for call in timer.calls] == [["dense", "bsr32"]] + [["bsr32"]] * 3
+    # One timing run per layer, dense in each: a sparse candidate's spread is measured against
+    # dense's calls of the same rounds.
+    assert [[c.label for c in call] for call in timer.calls] == [["dense", "bsr32"]] * 4
 
 
 def test_summary_says_the_expected_speedup(monkeypatch):
@@ -142,15 +144,15 @@ def test_second_compile_hits_the_cache(monkeypatch):
     model, x = FourDensities().eval(), torch.randn(3, FEATURES)
     timed_before = measure.spent.candidates_timed
     compile_and_run(model, x, {"blocksize": 32})
-    assert timer.timed == 5 and measure.spent.candidates_timed == timed_before + 5
+    assert timer.timed == 8 and measure.spent.candidates_timed == timed_before + 8  # dense with each
 
     # A new process: nothing in memory, the file on disk.
     measure.forget_loaded_caches()
     torch._dynamo.reset()
     sparse_compile.clear_reports()
     compiled, out = compile_and_run(model, x, {"blocksize": 32})
-    assert timer.timed == 5, "the second compile timed something"
-    assert measure.spent.candidates_timed == timed_before + 5
+    assert timer.timed == 8, "the second compile timed something"
+    assert measure.spent.candidates_timed == timed_before + 8
     layers = sparse_compile.report(compiled).layers
     assert [layer.format for layer in layers] == EXPECTED
     assert all(layer.from_cache for layer in layers)
@@ -198,12 +200,14 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(monkeypatch, content):
     path.write_text(content)
     with pytest.warns(UserWarning, match=r"timing cache .* is corrupt \(.*\); ignoring it"):
         compiled, _ = compile_and_run(FourDensities().eval(), torch.randn(2, FEATURES), {"blocksize": 32})
-    assert timer.timed == 5
+    assert timer.timed == 8
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == EXPECTED
     entries = json.loads(path.read_text())["entries"]
     assert all(isinstance(ms, float) for ms in entries.values())
-    # 5 layer timings, and the whole-graph verdict's 5 entries (sparse ms, dense ms, ratio, spread, keep).
-    assert len([key for key in entries if " | graph " not in key]) == 5
+    # 5 layer timings (dense, BSR at 4 densities) and BSR's 4 spreads, and the whole-graph
+    # verdict's 5 entries (sparse ms, dense ms, ratio, spread, keep).
+    assert len([key for key in entries if " | graph " not in key and not key.endswith(" | spread")]) == 5
+    assert len([key for key in entries if " | graph " not in key and key.endswith(" | spread")]) == 4
     assert len([key for key in entries if " | graph " in key]) == 5
 
 
@@ -308,3 +312,164 @@ def test_dense_narrow_linear_says_why():
     decision = decide(torch.randn(10, 512), SparseOptions(blocksize=16))
     assert decision.format == "dense" and "no block to skip" in decision.reason
     assert "smaller than" not in decision.reason
+
+
+# --------------------------------------------------------------------------------------------
+# The tie rule: sparse runs only when it beats dense by more than the spread and the minimum
+
+
+def measured_timer(dense_ms, sparse_ms, spread):
+    """Dense ``dense_ms``; every sparse candidate ``sparse_ms`` with ``spread`` (a fraction of dense)."""
+
+    def timer(requests):
+        return [
+            measure.Measured(dense_ms) if r.candidate.kind == "dense" else measure.Measured(sparse_ms, spread)
+            for r in requests
+        ]
+
+    return timer
+
+
+@pytest.mark.parametrize(
+    "dense_ms, sparse_ms, spread, min_saving, expected",
+    [
+        (1.0, 0.9, 0.15, "auto", "measured_tie"),  # 0.1 ms faster, within the spread of 0.15 ms
+        (1.0, 0.9, 0.05, "auto", "bsr"),  # beyond the spread (0.05 ms) and the minimum (0.02 ms)
+        (0.176, 0.160, 0.0, "auto", "measured_tie"),  # 0.016 ms faster: below the CPU minimum, 0.02 ms
+        (0.176, 0.160, 0.0, 0.01, "bsr"),  # ... and above a minimum of 0.01 ms
+        (0.176, 0.133, 0.3, "auto", "measured_tie"),  # issue 21's GPT-2 c_proj: 0.043 ms, within 30% of dense
+        (0.176, 0.133, 0.1, "auto", "bsr"),
+        (1.0, 1.2, 0.0, 0.0, "measured_faster"),
+        (1.0, 1.0, 0.0, 0.0, "measured_faster"),  # an exact tie
+    ],
+)
+def test_tie_band(monkeypatch, dense_ms, sparse_ms, spread, min_saving, expected):
+    monkeypatch.setattr(measure, "timer", measured_timer(dense_ms, sparse_ms, spread))
+    weight = keep_blocks(torch.randn(256, 256), 16)  # block density 0.25 at block 32
+    decision = decide(weight, SparseOptions(blocksize=32, formats=("bsr",), min_saving_ms=min_saving), rows=48)
+    if expected == "bsr":
+        assert decision.format == "bsr" and decision.time_ms == sparse_ms and decision.dense_ms == dense_ms
+        return
+    assert decision.format == "dense" and decision.reason_code.value == expected, decision.reason
+    assert decision.time_ms == dense_ms and dense_ms in dict(decision.timings).values()
+    if expected == "measured_tie":
+        band = max(spread * dense_ms, 0.02 if min_saving == "auto" else min_saving)
+        assert decision.reason.startswith(
+            f"a tie: BSR at block 32 (density 0.25) measured {sparse_ms:.3g} ms vs {dense_ms:.3g} ms dense, "
+            f"{dense_ms - sparse_ms:.3g} ms faster, needed more than {band:.3g} ms (spread {100 * spread:.0f}% of dense"
+        ), decision.reason
+
+
+def test_a_candidate_beyond_its_band_wins_over_a_faster_one_within_its_own(monkeypatch):
+    # bsr16 is fastest but within its spread (0.5 of dense); bsr32 saves less, beyond its spread.
+    table = {"dense": 1.0, "bsr16": measure.Measured(0.6, 0.5), "bsr32": measure.Measured(0.7, 0.1), "bsr64": 0.9, "bsr128": 0.95}
+    monkeypatch.setattr(measure, "timer", RecordedTimer(table))
+    weight = keep_blocks(torch.randn(256, 256), 4)  # 4 blocks of 32: some to skip at 16 and 32
+    decision = decide(weight, SparseOptions(blocksize="auto", formats=("bsr",)), rows=48)
+    assert decision.format == "bsr" and decision.blocksize == 32 and decision.time_ms == 0.7
+
+
+def test_a_dense_layer_that_inductor_cannot_compile_is_timed_eagerly(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(measure, "_compile_dense", broken)
+    x, bias = torch.randn(5, 33), torch.randn(17)
+    run = measure._DenseRun(x, bias)
+    out = run()
+    assert out.shape == (5, 17)
+    reference = x.double() @ run._fn.weight.double().t() + bias.double()
+    torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tie_says_so_in_the_report_and_the_counters_and_the_spread_is_cached(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    timer = RecordedTimer({"dense": 1.0, "bsr32": measure.Measured(0.8, 0.25)})  # 0.2 ms faster, 0.25 needed
+    monkeypatch.setattr(measure, "timer", timer)
+    model = nn.Sequential(nn.Linear(FEATURES, FEATURES)).eval()
+    keep_blocks(model[0].weight, 6)
+    x = torch.randn(3, FEATURES)
+    compiled, out = compile_and_run(model, x, {"blocksize": 32})
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+    text = str(sparse_compile.report(compiled))
+    assert "a tie: BSR at block 32" in text and "needed more than 0.25 ms (spread 25% of dense" in text, text
+    assert counters["sparse_compile"]["dense_measured_tie"] == 1
+    # A new process reads the time and the spread from the cache, and decides the same.
+    measure.forget_loaded_caches()
+    torch._dynamo.reset()
+    sparse_compile.clear_reports()
+    compiled, _ = compile_and_run(model, x, {"blocksize": 32})
+    assert timer.timed == 2
+    (layer,) = sparse_compile.report(compiled).layers
+    assert layer.format == "dense" and layer.from_cache and "spread 25% of dense" in layer.reason
+
+
+def test_spread_is_half_the_iqr_of_paired_ratios():
+    # Dense's calls vary (load), the candidate's follow them at 0.5-0.8 of dense in each round.
+    dense = [1.0, 2.0, 4.0, 3.0, 1.5]
+    ratios = [0.5, 0.6, 0.8, 0.7, 0.65]
+    samples = {0: dense, 1: [d * r for d, r in zip(dense, ratios)], 2: [0.9] * 5}
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    assert measure._spread(samples, 1, 0) == pytest.approx((high - low) / 2)
+    assert measure._spread(samples, 0, 0) == 0.0  # dense itself
+    assert measure._spread(samples, 1, None) == 0.0  # nothing to pair with
+    assert measure._spread({0: dense}, 1, 0) == 0.0  # dropped as hopeless: only warm-up calls
+    # A candidate that is steady while dense varies: the spread shows dense's noise.
+    assert measure._spread(samples, 2, 0) > 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Dense as Inductor compiles it
+
+
+def test_inductor_dense_computes_the_layer_and_compiles_once_per_shape():
+    from torch._dynamo.utils import counters
+
+    x = torch.randn(7, 96)
+    before = {name: dict(counter) for name, counter in counters.items()}
+    compiles = measure.spent.dense_compiles
+    run = measure.inductor_dense(40, x, bias=True)
+    out = run(x)
+    reference = torch.nn.functional.linear(x.double(), run.weight.double(), run.bias.double())
+    torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=1e-4)
+    assert measure.spent.dense_compiles == compiles + 1
+    assert measure.inductor_dense(40, x, bias=True) is run  # cached in the process
+    assert {name: dict(counter) for name, counter in counters.items()} == before  # the user's counters untouched
+    no_bias = measure.inductor_dense(40, x, bias=False)
+    assert no_bias is not run and no_bias.bias is None
+    torch.testing.assert_close(no_bias(x).double(), x.double() @ no_bias.weight.double().t(), atol=1e-4, rtol=1e-4)
+
+
+def test_dense_compiled_inside_the_backend_does_not_recurse_nor_count(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    calls = []
+
+    def preparing_timer(requests):
+        calls.append([r.candidate.label for r in requests])
+        for request in requests:
+            if request.prepare is not None:
+                before = {name: dict(counter) for name, counter in counters.items()}
+                request.prepare()
+                assert {name: dict(counter) for name, counter in counters.items()} == before
+            out = request.run()
+            assert out.shape == (request.layer.rows, request.layer.out_features)
+        return conftest_modelled(requests)
+
+    from conftest import modelled_timer as conftest_modelled
+
+    monkeypatch.setattr(measure, "timer", preparing_timer)
+    model = nn.Sequential(nn.Linear(FEATURES, 2 * FEATURES), nn.Linear(2 * FEATURES, FEATURES)).eval()  # no C++ kernel to build
+    prune_linear_blocks_(model, 0.9, 32)
+    x = torch.randn(2, 5, FEATURES)
+    compiles = measure.spent.dense_compiles
+    compiled, out = compile_and_run(model, x, {"blocksize": 32, "check_graph": False})
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+    # One timing run per layer: the helper graphs' compiles did not run the backend's pass.
+    assert calls == [["dense", "bsr32"], ["dense", "bsr32"]]
+    assert measure.spent.dense_compiles == compiles + 2
+    report = sparse_compile.report(compiled)
+    assert [layer.format for layer in report.layers] == ["bsr", "bsr"], str(report)
+    assert counters["sparse_compile"]["bsr_layers"] == 2

@@ -18,6 +18,9 @@ def test_defaults():
     assert options.density_threshold == DEFAULT_DENSITY_THRESHOLD == "auto"
     assert options.measured
     assert options.check_graph is True
+    assert options.min_saving_ms == "auto"
+    assert options.min_saving_ms_for("cpu") == 0.02 and options.min_saving_ms_for("cuda") == 0.005
+    assert SparseOptions.from_user({"min_saving_ms": 0.1}).min_saving_ms_for("cuda") == 0.1
 
 
 @pytest.mark.parametrize("threshold", [0, 0.4, 1])
@@ -32,7 +35,7 @@ def test_fixed_blocksize(blocksize):
 
 
 def test_unknown_key_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\].*\['blocksize', 'density_threshold', 'formats', 'check_graph'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['block_size'\].*\['blocksize', 'density_threshold', 'formats', 'check_graph', 'min_saving_ms'\]"):
         SparseOptions.from_user({"block_size": 32})
 
 
@@ -51,6 +54,9 @@ def test_unknown_key_lists_valid_ones():
         ({"density_threshold": None}, TypeError, "'auto' or a number"),
         ({"check_graph": "no"}, TypeError, "check_graph must be True or False"),
         ({"check_graph": 0}, TypeError, "check_graph must be True or False"),
+        ({"min_saving_ms": -0.01}, ValueError, r"min_saving_ms=-0.01 must be a number of ms >= 0"),
+        ({"min_saving_ms": "fast"}, TypeError, "min_saving_ms must be 'auto' or a number"),
+        ({"min_saving_ms": float("inf")}, ValueError, "must be a number of ms"),
     ],
 )
 def test_bad_values(options, error, match):

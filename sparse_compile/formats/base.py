@@ -46,6 +46,7 @@ class ReasonCode(enum.Enum):
     UNSUPPORTED_DTYPE = "unsupported_dtype"
     ABOVE_THRESHOLD = "above_threshold"  # numeric density_threshold
     MEASURED_FASTER = "measured_faster"  # dense measured faster than every sparse candidate
+    MEASURED_TIE = "measured_tie"  # sparse measured faster, but not beyond the spread or the minimum saving
     NO_KERNEL_FOR_DEVICE = "no_kernel_for_device"
     NO_BLOCK_TO_SKIP = "no_block_to_skip"
     NOT_2_4 = "not_2_4"
@@ -92,7 +93,7 @@ class Candidate:
         return self.kind if self.blocksize is None else f"{self.kind}{self.blocksize}"
 
 
-#: Dense ``F.linear``, the candidate every sparse one is timed against.
+#: Dense (``x @ W.T + b`` as Inductor compiles it), the candidate every sparse one is timed against.
 DENSE = Candidate("dense")
 
 
@@ -107,7 +108,8 @@ class LayerDecision:
         reason: for dense layers, why (every format's reason, in words); empty for sparse layers.
         reason_code: for dense layers, the :class:`ReasonCode` of ``reason``; None for sparse ones.
         time_ms: measured time of the chosen way (``None`` with a numeric threshold).
-        dense_ms: measured time of dense ``F.linear`` for the same layer.
+        dense_ms: measured time of dense for the same layer (as the compiled graph runs it:
+            ``sparse_compile.measure.inductor_dense``).
         from_cache: True when no timing ran for this layer (cache hit, or a layer of the same
             shape and density measured before); ``None`` when nothing was timed.
         timings: ``(candidate label, ms)`` of every candidate timed, e.g. ``("bsr32", 0.41)``.
