@@ -49,12 +49,14 @@ import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile
 from sparse_compile.attention import multi_head_attention
 from sparse_compile.formats.base import Reason, ReasonCode
 from sparse_compile.kernels.masked_linear import SUPPORTED_DTYPES, cpu_kernel_name, triton_tile_size_ok
+from sparse_compile.passes import sparse_conv
 from sparse_compile.passes.sparse_linear import _LayerNamer
 from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 _TILE_MASKED_WEIGHT = (torch.ops.sparse_compile.tile_masked_weight, torch.ops.sparse_compile.tile_masked_weight.default)
 _MHA = (torch.nn.functional.multi_head_attention_forward,)
+_CONVS = (torch.conv1d, torch.conv2d, torch.conv3d)
 _HALF = (torch.float16, torch.bfloat16)
 
 _NOT_TILE_MASKED = Reason(
@@ -72,21 +74,24 @@ class MaskedLinearPass:
         self.graph_report = graph_report
 
     def __call__(self, gm: torch.fx.GraphModule) -> int:
-        """Rewrites ``gm`` in place; returns how many linears now run masked."""
+        """Rewrites ``gm`` in place; returns how many linears and 1x1 convolutions now run masked."""
         # Weights are graph inputs here (no freezing): layers are named after their modules.
         names = _LayerNamer(gm, {})
-        rewritten = 0
+        rewritten = convs = 0
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
             if node.target in _LINEARS:
                 rewritten += self._linear(gm, node, names)
+            elif node.target in _CONVS:
+                convs += self._convolution(gm, node, names)
             elif node.target in _MHA:
                 rewritten += self._attention(gm, node, names)
         gm.graph.lint()
         gm.recompile()
         counters["sparse_compile"]["masked_linear_rewrites"] += rewritten
-        return rewritten
+        counters["sparse_compile"]["masked_conv1x1_rewrites"] += convs
+        return rewritten + convs
 
     def _linear(self, gm: torch.fx.GraphModule, node: torch.fx.Node, names: _LayerNamer) -> int:
         x, weight, bias = _linear_args(node)
@@ -110,6 +115,43 @@ class MaskedLinearPass:
             gm.graph.erase_node(weight)
         return 1
 
+    def _convolution(self, gm: torch.fx.GraphModule, node: torch.fx.Node, names: _LayerNamer) -> int:
+        """A ``torch.conv1d/2d/3d`` call: a Supermask 1x1 convolution (groups 1, no padding) runs
+        as the matmul over channels it is, through the masked op (:func:`masked_conv1x1`); every
+        other convolution is recorded dense with the reason."""
+        x, weight, bias, stride, padding, _dilation, groups = _conv_args(node)
+        weight_val = _value(weight)
+        if weight_val is None or weight_val.dim() < 3:
+            return 0
+        matrix = weight_val.flatten(1)
+        kind = sparse_conv.conv_kind(weight_val.shape)
+        name = names(node, weight, *matrix.shape)
+        tile_masked = isinstance(weight, torch.fx.Node) and weight.target in _TILE_MASKED_WEIGHT
+        tile_size = int(weight.args[2]) if tile_masked else None
+        x_val = _value(x)
+        if not tile_masked:
+            reason = _NOT_TILE_MASKED
+        elif (why := sparse_conv.why_not_matmul(weight_val.shape, False, groups, _padding(padding, weight_val))):
+            reason = why
+        elif x_val is None or x_val.dim() != weight_val.dim() or not isinstance(stride, (tuple, list, int)):
+            reason = Reason(ReasonCode.OTHER, "unbatched input or a stride that is not a constant")
+        else:
+            reason = self._why_dense(x, weight, bias, _value(node), tile_size)
+        self._record(name, matrix, tile_size, reason, _value(node), kind=kind)
+        if reason:
+            return 0
+        spatial = weight_val.dim() - 2
+        strides = (int(stride),) * spatial if isinstance(stride, int) else tuple(int(s) for s in stride)
+        masked_weight, tile_mask, _ = weight.args
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(masked_conv1x1, (x, masked_weight, tile_mask, bias, tile_size, strides))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not weight.users:
+            gm.graph.erase_node(weight)
+        return 1
+
     def _record(
         self,
         name: str,
@@ -117,6 +159,7 @@ class MaskedLinearPass:
         tile_size: int | None,
         reason: Reason | None,
         result: torch.Tensor | None = None,
+        kind: str = "linear",
     ) -> None:
         """One linear in the report: masked when ``reason`` is None, else dense with it. ``result``
         (the traced output) tells the matmul's dtype when autocast makes it differ from the weight's."""
@@ -136,6 +179,7 @@ class MaskedLinearPass:
                 reason_code=reason.code if reason else None,
                 device=weight.device.type,
                 kernel=DENSE_KERNEL if reason else _masked_kernel(weight.device.type),
+                kind=kind,
             )
         )
 
@@ -314,6 +358,43 @@ def masked_linear_like_f_linear(
         if bias is not None and bias.dtype not in (dtype, torch.float32):
             bias = bias.to(dtype)
     return torch.ops.sparse_compile.masked_linear(x, weight, tile_mask, bias, tile_size)
+
+
+def masked_conv1x1(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tile_mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    tile_size: int,
+    stride: tuple[int, ...],
+) -> torch.Tensor:
+    """``conv(x, tile_masked_weight(weight, tile_mask, tile_size), bias, stride)`` for a 1x1
+    convolution (groups 1, no padding), as the masked matmul over channels it is.
+
+    ``x [N, C, *spatial]`` is subsampled by the stride, its channels moved last, multiplied by the
+    ``[out, in]`` view of the weight through :func:`masked_linear_like_f_linear` (autocast
+    included) and moved back: ``[N, out, *spatial_out]``, channels-last in memory. The weight's
+    and the mask's trailing 1x1 dims are views, so their gradients come back in their shapes.
+    """
+    if any(step != 1 for step in stride):
+        x = x[(slice(None), slice(None), *(slice(None, None, step) for step in stride))]
+    out = masked_linear_like_f_linear(x.movedim(1, -1), weight.flatten(1), tile_mask.flatten(1), bias, tile_size)
+    return out.movedim(-1, 1)
+
+
+def _conv_args(node: torch.fx.Node):
+    """``(x, weight, bias, stride, padding, dilation, groups)`` of a ``torch.convNd`` call, defaults filled in."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    args = list(node.args) + list(defaults[len(node.args):])
+    return tuple(node.kwargs.get(key, value) for key, value in zip(names, args))
+
+
+def _padding(padding, weight: torch.Tensor):
+    """A ``torch.convNd`` padding argument as a tuple per spatial dim (or its string)."""
+    if isinstance(padding, int):
+        return (padding,) * (weight.dim() - 2)
+    return padding
 
 
 def _name(dtype: torch.dtype) -> str:

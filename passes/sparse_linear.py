@@ -42,9 +42,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import sparse_compile.kernels  # noqa: F401  (registers torch.ops.sparse_compile.*)
 from sparse_compile import formats as _formats
 from sparse_compile.analysis import decide
-from sparse_compile.formats.base import LayerDecision, ReasonCode
+from sparse_compile.formats.base import LayerDecision, Reason, ReasonCode
 from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
+from sparse_compile.passes import sparse_conv
 from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 aten = torch.ops.aten
@@ -97,6 +98,17 @@ class SparseLinearPass(CustomGraphPass):
             if node.op == "call_function" and node.target in _FUSED_FAST_PATH_WEIGHTS:
                 self._record_fused_fast_path(node, constants, names)
                 continue
+            if node.op == "call_function" and node.target in _PACKED_CONVS:
+                self._record_packed_conv(node, names)
+                continue
+            conv = sparse_conv.match_conv(node)
+            if conv is not None:
+                recorded = len(self.graph_report.layers)
+                try:
+                    self._convolution(gm, node, conv, constants, names, converted)
+                except Exception as error:  # noqa: BLE001 - a conv the pass cannot take stays dense
+                    self._conv_failed(node, conv, recorded, error)
+                continue
             match = _match_linear(node)
             if match is None:
                 continue
@@ -123,6 +135,66 @@ class SparseLinearPass(CustomGraphPass):
             self.graph_report.no_linear, self.graph_report.linears_hidden = why, hidden
         graph.eliminate_dead_code()
         gm.recompile()
+
+    def _convolution(self, gm, node, conv: "sparse_conv.ConvMatch", constants, names, converted) -> None:
+        """A convolution: analysed as its ``[out, in*kh*kw]`` weight view with the linears'
+        machinery; a 1x1 one that is a matmul over channels runs as its format's op
+        (``passes/sparse_conv.py``), every other one stays dense with the reason."""
+        weight = constants.tensor(conv.weight)
+        fake_weight = _fake(conv.weight)
+        kind = sparse_conv.conv_kind(fake_weight.shape)
+        matrix_shape = (int(fake_weight.shape[0]), math.prod(int(d) for d in fake_weight.shape[1:]))
+        name = names(node, conv.weight, *matrix_shape)
+        why = conv.why_not_matmul(fake_weight.shape)
+        if weight is None:
+            why = Reason(ReasonCode.RUNTIME_WEIGHT, "weight is not a constant of the graph (computed from a runtime input)")
+        if why is not None:
+            record = _record(name, fake_weight.new_empty(matrix_shape), LayerDecision.dense(why))
+            self.graph_report.layers.append(dataclasses.replace(record, kind=kind))
+            return
+        matrix = sparse_conv.weight_matrix(weight)
+        rows = rows_hint(sparse_conv.output_rows(node))
+        decision = decide(matrix, self.options, rows=rows, formats=self.formats)
+        self.graph_report.layers.append(dataclasses.replace(_record(name, matrix, decision), kind=kind))
+        if not decision.is_sparse:
+            return
+        key = _weight_key(weight, decision.candidate)
+        if key not in converted:
+            converted[key] = _Constants.convert(gm, matrix, decision)
+        weights = converted[key]
+        with gm.graph.inserting_before(node):
+            tensors = [None if name is None else _get_constant(gm, name) for name in weights.names]
+        sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, conv.bias, weights.static_args)
+
+    def _conv_failed(self, node, conv: "sparse_conv.ConvMatch", recorded: int, error: Exception) -> None:
+        """The rewrite of a convolution raised: it stays dense (the node is still in the graph
+        unless the replacement finished), and its record says why."""
+        if node.graph is None or node not in node.graph.nodes:  # replaced: the error came after
+            raise error
+        previous = self.graph_report.layers[recorded:]
+        del self.graph_report.layers[recorded:]
+        why = Reason(ReasonCode.OTHER, f"the convolution rewrite failed ({type(error).__name__}: {error}), left dense")
+        fake_weight = _fake(conv.weight)
+        matrix_shape = (int(fake_weight.shape[0]), math.prod(int(d) for d in fake_weight.shape[1:]))
+        name = previous[0].name if previous else f"<{node.name}>"
+        record = _record(name, fake_weight.new_empty(matrix_shape), LayerDecision.dense(why))
+        self.graph_report.layers.append(dataclasses.replace(record, kind=sparse_conv.conv_kind(fake_weight.shape)))
+
+    def _record_packed_conv(self, node, names) -> None:
+        """A convolution freezing packed for oneDNN (``mkldnn._convolution_pointwise``): the backend
+        lets it pack only those the pass could not run sparse (``sparse_conv.may_run_sparse``)."""
+        transposed = node.target is sparse_conv.PACKED_CONV_TRANSPOSE
+        # (x, weight, bias, padding, [output_padding,] stride, dilation, groups, ...)
+        weight_node, padding, groups = node.args[1], node.args[3], node.args[7 if transposed else 6]
+        fake_weight = weight_node.meta.get("val") if isinstance(weight_node, torch.fx.Node) else None
+        if not isinstance(fake_weight, torch.Tensor) or fake_weight.dim() < 3:
+            return
+        matrix_shape = (int(fake_weight.shape[0]), math.prod(int(d) for d in fake_weight.shape[1:]))
+        reason = sparse_conv.packed_conv_reason(fake_weight.shape, int(groups), padding, transposed)
+        record = _record(names(node, weight_node, *matrix_shape), fake_weight.new_empty(matrix_shape), LayerDecision.dense(reason))
+        self.graph_report.layers.append(
+            dataclasses.replace(record, kind=sparse_conv.conv_kind(fake_weight.shape), kernel="oneDNN convolution (packed)")
+        )
 
     def _record_runtime_weight(self, node, weight_t_node, names) -> None:
         """A linear whose weight is computed from graph inputs: say so rather than skip it silently."""
@@ -173,6 +245,10 @@ class SparseLinearPass(CustomGraphPass):
             )
             record = _record(names.for_fused_weight(node, weight_node, suffix), weight, dense)
             self.graph_report.layers.append(dataclasses.replace(record, fused_op=op_name))
+
+
+#: oneDNN's packed convolutions (``passes/sparse_conv.py``), where this build of PyTorch has them.
+_PACKED_CONVS = tuple(op for op in (sparse_conv.PACKED_CONV, sparse_conv.PACKED_CONV_TRANSPOSE) if op is not None)
 
 
 # For each fused op of PyTorch's transformer inference fast path: (argument index, layer name
@@ -301,6 +377,13 @@ class _ConstantEvaluator:
         if value.dim() == 3 and value.shape[0] > 0 and value.stride(0) == 0:
             return value[0]
         return value if value.dim() == 2 else None
+
+    def tensor(self, node: torch.fx.Node) -> torch.Tensor | None:
+        """The node's constant value as it is (any number of dims: a conv weight), or None."""
+        if node not in self._values:
+            self._values[node] = self._evaluate(node)
+        value = self._values[node]
+        return value if isinstance(value, torch.Tensor) else None
 
     def _evaluate(self, node: torch.fx.Node):
         if node.op == "get_attr":
@@ -445,7 +528,7 @@ class _LayerNamer:
         if node.op != "get_attr":
             return None
         tensor = getattr(self._gm, str(node.target), None)
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.is_mkldnn:  # oneDNN-packed: no storage
             return None
         parameter = self._weight_names.get(tensor.untyped_storage().data_ptr())
         if parameter is None or tensor.storage_offset() != 0:

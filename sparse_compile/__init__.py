@@ -11,7 +11,7 @@ _root_folders.install()  # the checkout's kernels/, passes/, training/ are not t
 
 from sparse_compile.options import DEFAULT_DENSITY_THRESHOLD, SparseOptions
 from sparse_compile.export import PackageReport, aoti_compile_and_package, aoti_load_package, package_report
-from sparse_compile.pruning import prune_blocks_, prune_linear_blocks_
+from sparse_compile.pruning import prune_blocks_, prune_conv1x1_blocks_, prune_linear_blocks_
 from sparse_compile.report import CompileReport, LayerRecord, clear_reports, report
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "clear_reports",
     "package_report",
     "prune_blocks_",
+    "prune_conv1x1_blocks_",
     "prune_linear_blocks_",
     "report",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import re
@@ -48,6 +49,7 @@ from sparse_compile import measure
 from sparse_compile.formats import get as get_format
 from sparse_compile.formats.base import ReasonCode
 from sparse_compile.options import SparseOptions, inductor_config_for_mode
+from sparse_compile.passes import sparse_conv
 from sparse_compile.passes.sparse_linear import SparseLinearPass, chain_passes
 from sparse_compile.passes.fused_transformer import DECOMPOSITIONS as FUSED_TRANSFORMER_DECOMPOSITIONS
 from sparse_compile.passes.masked_linear import MaskedLinearPass
@@ -219,7 +221,8 @@ def _freezing_patterns_without_packing():
     packing on (``backend="inductor"`` with freezing, say) every linear with a constant weight was
     packed before our pass ran, and the pass found "0 of 0 linear layers" (issue 21, item 5).
     Hidden here are the entries those registrations add (:data:`_WEIGHT_PACKING_MODULES`), which
-    leaves what a process that never packed has; they are put back afterwards.
+    leaves what a process that never packed has; they are put back afterwards. oneDNN's
+    convolution packing stays for the convolutions the pass cannot run sparse (:func:`_without_packing`).
     """
     from torch._inductor.fx_passes import freezing_patterns
 
@@ -227,7 +230,7 @@ def _freezing_patterns_without_packing():
     for pattern_pass, patterns in zip(freezing_patterns.pass_patterns, saved):
         kept = collections.defaultdict(list)
         for key, entries in patterns.items():
-            entries = [entry for entry in entries if not _packs_weights(entry)]
+            entries = [new for entry in entries if (new := _without_packing(entry)) is not None]
             if entries:
                 kept[key] = entries
         pattern_pass.patterns = kept
@@ -236,6 +239,24 @@ def _freezing_patterns_without_packing():
     finally:
         for pattern_pass, patterns in zip(freezing_patterns.pass_patterns, saved):
             pattern_pass.patterns = patterns
+
+
+def _without_packing(entry):
+    """A freezing pattern entry as our compiles use it: unchanged, hidden (None: it packs weights),
+    or for oneDNN's convolution packing, restricted to the convolutions our pass could not run
+    sparse anyway (``sparse_conv.may_run_sparse``): dense convolutions keep Inductor's oneDNN path
+    (a CNN whose convolutions are dense runs as ``backend="inductor"`` with freezing makes it);
+    the pass records them from the packed op."""
+    if not _packs_weights(entry):
+        return entry
+    if getattr(entry.handler, "__name__", "") != "convolution" or not hasattr(entry, "extra_check"):
+        return None
+    check = entry.extra_check
+
+    def packable_and_not_ours(match) -> bool:
+        return check(match) and not sparse_conv.may_run_sparse(match.output_node())
+
+    return dataclasses.replace(entry, extra_check=packable_and_not_ours)
 
 
 def _packs_weights(entry) -> bool:
@@ -384,14 +405,19 @@ def _log_and_count(graph_report: GraphReport, sparse_pass: SparseLinearPass) -> 
     DEBUG ones too. Counters go to ``torch._dynamo.utils.counters["sparse_compile"]``:
     ``<format>_layers`` and ``<format>_weights`` per sparse format (``bsr_layers``,
     ``bsr_weights``: BSR copies made, tied weights share one), ``dense_layers`` and
-    ``dense_<code>`` per reason code (``formats.base.ReasonCode``), ``inductor_failures`` and
-    ``fallback_*``.
+    ``dense_<code>`` per reason code (``formats.base.ReasonCode``), ``conv1x1_layers`` /
+    ``conv_kxk_layers`` (convolutions found) and ``conv1x1_sparse`` / ``conv_kxk_sparse`` (of
+    which run sparse), ``inductor_failures`` and ``fallback_*``.
     """
     stats = counters["sparse_compile"]
     for fmt in sparse_pass.formats:
         stats[f"{fmt.counter}_weights"] += sparse_pass.weights_converted.get(fmt.name, 0)
     for layer in graph_report.layers:
         size = f"{layer.out_features}x{layer.in_features} {layer.dtype}"
+        if layer.kind != "linear":  # convolutions: found, and run sparse (passes/sparse_conv.py)
+            kind = layer.kind.replace(" ", "_")
+            stats[f"{kind}_layers"] += 1
+            stats[f"{kind}_sparse"] += layer.format != "dense"
         if layer.format == "bsr":
             stats["bsr_layers"] += 1
             log.debug(

@@ -1,4 +1,4 @@
-"""Block magnitude pruning: make a model's linear weights block-sparse, in place.
+"""Block magnitude pruning: make a model's linear (and 1x1 convolution) weights block-sparse, in place.
 
 For users who have a dense model and want to try the backend, and for the benchmarks and tests.
 It keeps, per weight, the ``b x b`` blocks with the largest L2 norm and zeroes the rest — the
@@ -79,6 +79,69 @@ def prune_linear_blocks_(
         detail = f"; not pruned, 2-D weights of other modules: {', '.join(skipped)}" if skipped else ""
         warnings.warn(f"{message} (it prunes {known}){detail}", UserWarning, stacklevel=2)
     return pruned
+
+
+def prune_conv1x1_blocks_(
+    model: nn.Module,
+    sparsity: float,
+    blocksize: int,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> list[str]:
+    """Block-prunes the weights of every convolution the ``sparse`` backend can run sparse.
+
+    Those are the 1x1 convolutions with ``groups=1``, no padding and not transposed
+    (``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``, any stride): a matmul over channels, which the
+    backend runs in its sparse format (``passes/sparse_conv.py``). Their ``[out, in]`` view is
+    pruned in ``blocksize x blocksize`` blocks, exactly the blocks BSR skips. Other convolutions
+    (kxk, depthwise/grouped, padded 1x1) run dense whatever their zeros, so they are left as they
+    are. A ``UserWarning`` names the 1x1 ones left (grouped, padded, transposed: a 1x1 the name
+    promises but the backend cannot take), and says so when nothing at all was pruned.
+
+    Args:
+        filter_fn: ``(qualified name, module) -> bool``; modules for which it is false are skipped.
+
+    Returns:
+        the names of the pruned weights.
+    """
+    pruned, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        label = f"{name}.weight" if name else "weight"
+        why = conv_not_matmul_reason(module)
+        if why:
+            if all(k == 1 for k in module.kernel_size):
+                skipped.append(f"{name or '<root>'} ({why})")
+            continue
+        weight = module.weight.data
+        prune_blocks_(weight.view(weight.shape[0], weight.shape[1]), sparsity, blocksize)
+        pruned.append(label)
+    if skipped or not pruned:
+        message = f"prune_conv1x1_blocks_ pruned {len(pruned)} weights" if pruned else "prune_conv1x1_blocks_ pruned no layer"
+        detail = f"; not pruned, {len(skipped)} 1x1 convolutions the backend runs dense: {', '.join(skipped[:5])}" if skipped else ""
+        detail += ", ..." if len(skipped) > 5 else ""
+        warnings.warn(f"{message} (it prunes 1x1 convolutions, groups=1, no padding){detail}", UserWarning, stacklevel=2)
+    return pruned
+
+
+def conv_not_matmul_reason(module: nn.Module) -> str:
+    """Why the backend runs ``module`` (a convolution) dense whatever its zeros, or ``""`` when it is
+    a 1x1 convolution it can run sparse (the rule of ``passes/sparse_conv.py``, for modules)."""
+    kernel = tuple(module.kernel_size)
+    if any(k != 1 for k in kernel):
+        return "x".join(map(str, kernel))
+    if module.transposed:
+        return "transposed"
+    if module.groups != 1:
+        return f"groups={module.groups}"
+    padding = module.padding
+    if isinstance(padding, str):
+        return "" if padding in ("valid", "same") else f"padding={padding!r}"
+    if any(p != 0 for p in padding):
+        return f"padding={tuple(padding)}"
+    return ""
 
 
 def _linear_weights(module: nn.Module) -> list[str] | None:

@@ -49,6 +49,9 @@ class LayerRecord:
     kernel: str = DENSE_KERNEL
     # Why the layer stays dense, as a code (its counter: ``dense_<code value>``); None for sparse layers.
     reason_code: ReasonCode | None = None
+    # What the layer is: "linear", "conv1x1" or "conv kxk" (a convolution's ``[out, in*kh*kw]``
+    # weight view is its out x in; see ``passes/sparse_conv.py``).
+    kind: str = "linear"
 
 
 @dataclasses.dataclass
@@ -98,15 +101,15 @@ class GraphReport:
         if verdict is not None and not verdict.keep:
             return (
                 f"sparse backend, graph {self.graph_id}: kept dense: the whole graph measured "
-                f"{verdict.speedup:.2f}x with {self.sparse_before_check} of {len(self.layers)} linear "
-                f"layers {self.how_before_check} ({_verdict_numbers(verdict)}; per layer"
+                f"{verdict.speedup:.2f}x with {self.sparse_before_check} of {_layers(self.layers)} "
+                f"{self.how_before_check} ({_verdict_numbers(verdict)}; per layer"
                 f"{_expected_speedup(self.layers).removeprefix(';')}), so it runs as Inductor alone "
                 "compiles it (call sparse_compile.report(model) for details)"
                 + (f"; {self.fallback}" if self.fallback else "")
             )
         return (
-            f"sparse backend, graph {self.graph_id}: {len(sparse)} of {len(self.layers)} linear "
-            f"layers {how}" + _expected_speedup(self.layers) + self._graph_check_text()
+            f"sparse backend, graph {self.graph_id}: {len(sparse)} of {_layers(self.layers)} {how}"
+            + _kxk_tail(self.layers) + _expected_speedup(self.layers) + self._graph_check_text()
             + (f", {len(fused)} inside PyTorch's fused transformer fast path" if fused else "")
             + (" (call sparse_compile.report(model) for details)" if self.layers else "")
             + (f"; {self.fallback}" if self.fallback else "")
@@ -135,6 +138,27 @@ class GraphReport:
         if self.graph_check is None:
             return f"; whole-graph check skipped: {self.graph_check_skipped}" if self.graph_check_skipped else ""
         return f"; whole graph {self.graph_check.speedup:.2f}x over Inductor alone ({_verdict_numbers(self.graph_check)})"
+
+
+#: The report's kinds of layer (``LayerRecord.kind``).
+LAYER_KINDS = ("linear", "conv1x1", "conv kxk")
+
+
+def _layers(layers: list[LayerRecord]) -> str:
+    """The layers that can run sparse, counted: ``"9 linear layers"``, or where 1x1 convolutions
+    are among them ``"37 layers (1 linear, 36 conv1x1)"``. kxk convolutions, which have no sparse
+    path, are left to :func:`_kxk_tail`: a ViT's patch embedding does not change its line."""
+    counted = [layer for layer in layers if layer.kind != "conv kxk"]
+    counts = {kind: sum(layer.kind == kind for layer in counted) for kind in LAYER_KINDS[:2]}
+    if counts["linear"] == len(counted):
+        return f"{len(counted)} linear layers"
+    return f"{len(counted)} layers (" + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) + ")"
+
+
+def _kxk_tail(layers: list[LayerRecord]) -> str:
+    """``"; 16 conv kxk dense (only 1x1 convolutions run sparse)"``, or nothing without any."""
+    kxk = sum(layer.kind == "conv kxk" for layer in layers)
+    return f"; {kxk} conv kxk dense (only 1x1 convolutions run sparse)" if kxk else ""
 
 
 def _verdict_numbers(verdict) -> str:
@@ -208,6 +232,7 @@ class CompileReport:
         rows = [
             [
                 layer.name,
+                layer.kind,
                 f"{layer.out_features}x{layer.in_features}",
                 layer.dtype,
                 layer.format,
@@ -224,7 +249,7 @@ class CompileReport:
         lines = [graph.summary() for graph in self.graphs]
         if rows:
             headers = [
-                "layer", "out x in", "dtype", "format", "kernel", "block/tile", "block density",
+                "layer", "kind", "out x in", "dtype", "format", "kernel", "block/tile", "block density",
                 "ms", "dense ms", "timing", "why dense",
             ]
             lines.append(tabulate(rows, headers=headers, disable_numparse=True))

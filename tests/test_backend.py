@@ -332,7 +332,9 @@ def test_mutated_buffers_still_update_the_model():
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(model[1].running_var, reference[1].running_var)
     assert int(model[1].num_batches_tracked) == 2
-    assert [layer.format for layer in sparse_compile.report(compiled).layers] == ["bsr"]
+    assert [(layer.kind, layer.format) for layer in sparse_compile.report(compiled).layers] == [
+        ("conv kxk", "dense"), ("linear", "bsr")
+    ]
 
 
 # --- Issue 21, item 5: a freezing compile with backend="inductor" must not hide the linears from

@@ -61,6 +61,10 @@ def test_resnet18_final_linear():
     model = torchvision.models.resnet18(num_classes=100).eval()
     prune_linear_blocks_(model, sparsity=0.8, blocksize=32)
     report, code = run_compiled(model, torch.randn(2, 3, 32, 32), {"blocksize": 32})
-    assert [(layer.name, layer.format) for layer in report.layers] == [("fc", "bsr")], str(report)
+    assert [(layer.name, layer.format) for layer in report.layers if layer.kind == "linear"] == [("fc", "bsr")], str(report)
+    # Its convolutions are listed too (dense: not pruned; the 7x7 and 3x3 ones have no sparse path).
+    kinds = [layer.kind for layer in report.layers if layer.kind != "linear"]
+    assert (kinds.count("conv1x1"), kinds.count("conv kxk")) == (3, 17), str(report)
+    assert all(layer.format == "dense" for layer in report.layers if layer.kind != "linear")
     assert cpu_bsr_op_name() in code
     assert counters["sparse_compile"]["bsr_layers"] == 1

@@ -159,7 +159,7 @@ def test_layers_it_cannot_take_stay_dense_with_the_reason():
     # The attention call is rewritten only for a projection the masked op takes: tile 8 is not.
     assert reasons["attention.out_proj"][0] == "dense" and "tile 8 < 16" in reasons["attention.out_proj"][1]
     assert "attention.in_proj" in reasons  # not masked, recorded too
-    assert "conv" not in reasons  # convolutions are not linears: never rewritten
+    assert reasons["conv"] == ("masked", "")  # a Supermask 1x1 convolution runs masked (tests/test_conv_training.py)
 
 
 class SelfAttentionNet(nn.Module):

@@ -51,6 +51,9 @@ class ReasonCode(enum.Enum):
     NO_BLOCK_TO_SKIP = "no_block_to_skip"
     NOT_2_4 = "not_2_4"
     NOT_TILE_MASKED = "not_tile_masked"  # training graphs: the weight is no Supermask tile mask
+    # A convolution that is not a matmul over channels (kxk, grouped, padded, dilated, transposed):
+    # no sparse path yet (passes/sparse_conv.py)
+    CONV_NOT_MATMUL = "conv_not_matmul"
     OTHER = "other"
 
 
