@@ -275,6 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="which passes run: inference, training")
     parser.add_argument("--no-dense", action="store_true", help="leave out the all-dense model's inference rows")
     parser.add_argument("--verbose", action="store_true", help="print the sparse backend's report per model")
+    common.add_timing_cache_arg(parser)
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     common.finish_args(parser, args, DEFAULTS)
@@ -291,6 +292,13 @@ def _pass(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # A new, empty timing cache unless one is named: per-layer times and whole-graph verdicts
+    # measured now, on the machine as it is (a verdict cached under load would decide this run).
+    with common.timing_cache(args.timing_cache):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     device = common.set_up_run(args)
     common.warm_up_compiler(device)
     torch._dynamo.config.cache_size_limit = 256
@@ -307,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("training", f"train mode, batch {args.train_batch_size}, forward + cross-entropy backward + "
                      "SGD(momentum) step; model compiled, optimizer eager"),
         ("timing", f"median of {args.reps} round-robin rounds per group after {args.warmup} warm-up calls"),
+        ("sparse backend", f"timing cache {args.timing_cache or 'new and empty'}"),
     ]
     common.print_key_values(facts)
     tol = common.tolerance(torch.float32, args.tf32)

@@ -67,6 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=common.positive_int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--work-dir", help="where the packages go (default: a temporary folder)")
     parser.add_argument("--output", metavar="FILE", help="also write the table as markdown")
+    common.add_timing_cache_arg(parser)
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
@@ -81,11 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.set_matmul_precision(False)
-    if args.work_dir:
-        pathlib.Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        return run(args, pathlib.Path(args.work_dir))
-    with tempfile.TemporaryDirectory(prefix="sparse-export-") as work_dir:
-        return run(args, pathlib.Path(work_dir))
+    # A new, empty timing cache unless one is named (as benchmarks.vit and zoo): the package and the
+    # compiled model decide their layers on timings taken now, not ones cached under other load.
+    with common.timing_cache(args.timing_cache):
+        if args.work_dir:
+            pathlib.Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+            return run(args, pathlib.Path(args.work_dir))
+        with tempfile.TemporaryDirectory(prefix="sparse-export-") as work_dir:
+            return run(args, pathlib.Path(work_dir))
 
 
 def run(args: argparse.Namespace, work_dir: pathlib.Path) -> int:
