@@ -295,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A new, empty timing cache unless one is named: per-layer times and whole-graph verdicts
     # measured now, on the machine as it is (a verdict cached under load would decide this run).
     with common.timing_cache(args.timing_cache):
-        return _run(args)
+        return _run(args, argv)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     device = common.set_up_run(args)
     common.warm_up_compiler(device)
     torch._dynamo.config.cache_size_limit = 256

@@ -159,7 +159,7 @@ def build_sparse_package(model, x, args, work_dir):
         torch.export.export(model, (x,)), package_path=path, options={"blocksize": args.blocksize}
     )
     runner = sparse_compile.aoti_load_package(path)
-    return (lambda: runner(x)), f"{len(report.sparse_layers)}/{len(report.layers)}"
+    return (lambda: runner(x)), f"{len(report.sparse_layers)}/{len(report.convertible_layers)}"
 
 
 def build_backend(model, x, args, work_dir):
@@ -172,7 +172,7 @@ def build_backend(model, x, args, work_dir):
         with torch.no_grad():
             return compiled(x)
 
-    return call, f"{len(report.sparse_layers)}/{len(report.layers)}"
+    return call, f"{len(report.sparse_layers)}/{len(report.convertible_layers)}"
 
 
 def build_dense_package(model, x, args, work_dir):

@@ -442,7 +442,7 @@ def sparse_backend(model: nn.Module, setup: Setup, blocksize: int):
 
     def count_layers() -> str:
         report = sparse_compile.report(compiled)
-        return f"{len(report.sparse_layers)}/{len(report.layers)}"
+        return f"{len(report.sparse_layers)}/{len(report.convertible_layers)}"
 
     return lambda: compiled(setup.x), count_layers
 
@@ -603,7 +603,7 @@ def sparse_backend_default(model: nn.Module, setup: Setup):
 
     def count_layers() -> str:
         report = sparse_compile.report(compiled)
-        return f"{len(report.sparse_layers)}/{len(report.layers)}"
+        return f"{len(report.sparse_layers)}/{len(report.convertible_layers)}"
 
     return lambda: compiled(setup.x), count_layers
 

@@ -241,7 +241,7 @@ def run_model(spec: ZooModel, args: argparse.Namespace, device: torch.device, dt
             row.compile_s = seconds if i else None
             row.rel_err, row.tol = common.relative_error(out, ref), tol
         report = sparse_compile.report(copies[SPARSE])
-        rows[SPARSE].sparse_layers = f"{len(report.sparse_layers)}/{len(report.layers)}"
+        rows[SPARSE].sparse_layers = f"{len(report.sparse_layers)}/{len(report.convertible_layers)}"
         if args.verbose:
             print(report)
         timings, errors = common.time_round_robin(

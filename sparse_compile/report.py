@@ -220,6 +220,12 @@ class CompileReport:
         return [layer for layer in self.layers if layer.format != "dense"]
 
     @property
+    def convertible_layers(self) -> list[LayerRecord]:
+        """The layers that have a sparse path, run sparse or not: linears and 1x1 convolutions (a
+        kxk convolution is listed, but always dense). What "N of M" counts in the summary."""
+        return [layer for layer in self.layers if layer.kind != "conv kxk"]
+
+    @property
     def dense_layers(self) -> list[LayerRecord]:
         return [layer for layer in self.layers if layer.format == "dense"]
 
