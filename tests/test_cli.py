@@ -235,7 +235,7 @@ def test_train_then_evaluate_bsr_runs_the_sparse_path(data_path, tmp_path, capsy
     assert bsr["compiled"] and dense["bsr_layers"] == 0
     # in_proj, out_proj, mlp.0, mlp.3 (the 3x32 head is narrower than one block)
     assert bsr["bsr_layers"] >= 4, out[-3000:]
-    assert re.search(r"mlp\.0 +64x32 +float32 +bsr", out)
+    assert re.search(r"mlp\.0 +linear +64x32 +float32 +bsr", out)
     assert bsr["acc1"] == pytest.approx(dense["acc1"])
     assert bsr["acc5"] == pytest.approx(dense["acc5"])
 

@@ -128,7 +128,7 @@ def test_seed_recipe_with_compile_trains_masked_like_eager(data_path, tmp_path, 
     # The report, once, after the first step (before step 0's progress line), and what it says.
     assert masked_summaries(out) == [(MASKED, 5)], out[-3000:]
     assert out.index("linear layers run masked") < out.index("Epoch: [0] [0/3]")
-    assert re.search(r"mlp\.0 +64x32 +float32 +masked +tile kernel \(cpu\) +16", out), out[-3000:]
+    assert re.search(r"mlp\.0 +linear +64x32 +float32 +masked +tile kernel \(cpu\) +16", out), out[-3000:]
     assert res["masked_layers"] == MASKED
     # The rewrite happened once (one graph: no recompile over 2 epochs with evaluations between)
     # and the op ran at each of the 6 steps, forward and input gradient of every masked layer:
@@ -161,7 +161,7 @@ def test_seed_recipe_with_amp_and_compile_runs_masked(data_path, tmp_path, capsy
     res = train_cli.run(argv + ["--compile"])
     out = capsys.readouterr().out
     assert masked_summaries(out) == [(MASKED, 5)], out[-3000:]
-    assert re.search(r"mlp\.0 +64x32 +bfloat16 \(autocast, float32 weights\) +masked +tile kernel \(cpu\)", out)
+    assert re.search(r"mlp\.0 +linear +64x32 +bfloat16 \(autocast, float32 weights\) +masked +tile kernel \(cpu\)", out)
     assert res["masked_layers"] == MASKED
     # As without --amp (see above): 6 steps, forward and input gradient of every masked layer.
     assert counters["sparse_compile"]["masked_linear_rewrites"] == MASKED
