@@ -106,13 +106,7 @@ class MaskedLinearPass:
         if reason:
             return 0
         masked_weight, tile_mask, _ = weight.args
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(masked_linear_like_f_linear, (x, masked_weight, tile_mask, bias, tile_size))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        if not weight.users:
-            gm.graph.erase_node(weight)
+        _replace_masked(gm, node, weight, masked_linear_like_f_linear, (x, masked_weight, tile_mask, bias, tile_size))
         return 1
 
     def _convolution(self, gm: torch.fx.GraphModule, node: torch.fx.Node, names: _LayerNamer) -> int:
@@ -143,13 +137,7 @@ class MaskedLinearPass:
         spatial = weight_val.dim() - 2
         strides = (int(stride),) * spatial if isinstance(stride, int) else tuple(int(s) for s in stride)
         masked_weight, tile_mask, _ = weight.args
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(masked_conv1x1, (x, masked_weight, tile_mask, bias, tile_size, strides))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        if not weight.users:
-            gm.graph.erase_node(weight)
+        _replace_masked(gm, node, weight, masked_conv1x1, (x, masked_weight, tile_mask, bias, tile_size, strides))
         return 1
 
     def _record(
@@ -266,6 +254,18 @@ class MaskedLinearPass:
             if isinstance(weight, torch.fx.Node) and not weight.users:
                 gm.graph.erase_node(weight)
         return len(rewrite)
+
+
+def _replace_masked(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.fx.Node, fn, args: tuple) -> None:
+    """``node`` (a linear or convolution on a tile-masked weight) replaced by ``fn(*args)``; the
+    masked-weight node goes too once nothing else reads it."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fn, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    if not weight.users:
+        gm.graph.erase_node(weight)
 
 
 def _masked_kernel(device_type: str) -> str:
