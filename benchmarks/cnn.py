@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -167,7 +168,7 @@ def inference_group(label: str, model: nn.Module, x: torch.Tensor, tol: float, v
             except Exception as error:  # noqa: BLE001 - a row, not a crash
                 row.note = f"not run: {common.describe_error(error)}"
                 continue
-            row.fn = lambda fn=fn: fn(x)
+            row.fn = functools.partial(_call_without_grad, fn, x)
             row.compile_s = None if fn is model else seconds
             row.err, row.tol = common.relative_error(out, ref), tol
             progress(f"inference {label} {row.variant}: first call {seconds:.1f} s")
@@ -177,6 +178,13 @@ def inference_group(label: str, model: nn.Module, x: torch.Tensor, tol: float, v
     if verbose:
         print(report)
     return rows
+
+
+def _call_without_grad(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """``fn(x)`` under ``no_grad``, as it was compiled: with grad on, Dynamo would compile a second,
+    training-style graph (no freezing, no sparse rewrite) and the timing would measure that."""
+    with torch.no_grad():
+        return fn(x)
 
 
 def training_group(label: str, model: nn.Module, x, y, tol: float, masked_total: int) -> list[Row]:
@@ -222,7 +230,10 @@ def training_group(label: str, model: nn.Module, x, y, tol: float, masked_total:
 
 def time_group(rows: list[Row], device: torch.device, warmup: int, reps: int) -> None:
     fns = {i: row.fn for i, row in enumerate(rows) if row.fn is not None and row.ok}
-    timings, errors = common.time_round_robin(fns, device, warmup, reps)
+    # The timed calls must run the graphs that were compiled and checked: a recompile (another
+    # grad mode, a guard that fails) would time a graph nobody checked, so it fails the row.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        timings, errors = common.time_round_robin(fns, device, warmup, reps)
     for i, timing in timings.items():
         rows[i].times_ms = list(timing.times_ms)
     for i, error in errors.items():
