@@ -641,6 +641,7 @@ def _compile_dense(out_features: int, x: torch.Tensor, bias: bool) -> Callable[[
     from torch._dynamo.utils import counters
     from torch._guards import tracing
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.virtualized import V
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from sparse_compile import backend  # imports this module: imported here
@@ -667,8 +668,12 @@ def _compile_dense(out_features: int, x: torch.Tensor, bias: bool) -> Callable[[
     backend._register_freezing_patterns()
     try:
         # A compile of its own, outside the fake mode and the tracing context of the compile it
-        # may run in.
-        with unset_fake_temporarily(), tracing(None), torch.no_grad(), backend._freezing_patterns_without_packing():
+        # may run in, and a just-in-time one even inside an AOTInductor compile (whose flag would
+        # send compile_fx down the export path, which needs the outer compile's fake mode).
+        with (
+            unset_fake_temporarily(), tracing(None), torch.no_grad(), V.set_aot_compilation(False),
+            backend._freezing_patterns_without_packing(),
+        ):  # fmt: skip
             compiled = compile_fx(gm, [x], config_patches=patches, inner_compile=inner_compile)
     finally:
         counters.clear()

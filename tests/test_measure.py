@@ -442,6 +442,20 @@ def test_inductor_dense_computes_the_layer_and_compiles_once_per_shape():
     torch.testing.assert_close(no_bias(x).double(), x.double() @ no_bias.weight.double().t(), atol=1e-4, rtol=1e-4)
 
 
+def test_inductor_dense_compiles_just_in_time_inside_an_aotinductor_compile():
+    # Packaging (sparse_compile.aoti_compile_and_package) times the layers inside AOTInductor's
+    # compile, whose flag sent the one-op compile down the export path: it failed ("None does not
+    # have the attribute 'allow_non_fake_inputs'") and the layer was timed as eager F.linear.
+    from torch._inductor.virtualized import V
+
+    x = torch.randn(5, 72)
+    with V.set_aot_compilation(True):
+        run = measure.inductor_dense(24, x, bias=True)
+        out = run(x)
+    reference = torch.nn.functional.linear(x.double(), run.weight.double(), run.bias.double())
+    torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_dense_compiled_inside_the_backend_does_not_recurse_nor_count(monkeypatch):
     from torch._dynamo.utils import counters
 
