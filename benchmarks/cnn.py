@@ -10,8 +10,9 @@ head) gets a :class:`~sparse_compile.training.Supermask` with ``--sparsity`` and
 
 Inference (eval mode, ``torch.no_grad()``, batch ``--batch-size``): the masks finalized (the
 masked weights as plain tensors), then run as dense eager, ``backend="inductor"`` with
-``options={"freezing": True}`` (the same constant folding, BatchNorm into the convolutions
-included, that the sparse backend does) and ``backend="sparse"``, which runs the 1x1
+``options={"freezing": True}`` and freezing on while Dynamo traces (the same constant folding,
+BatchNorm into the convolutions included, that the sparse backend does; ``options`` alone freezes
+nothing with torch 2.11) and ``backend="sparse"``, which runs the 1x1
 convolutions as BSR matmuls over channels. The unmasked model runs the same three ways once:
 its ``backend="sparse"`` row is the all-dense CNN, whose convolutions the backend must leave
 as fast as Inductor's. Every row is checked against eager on its own weights.
@@ -33,6 +34,7 @@ misses them for reasons of its own).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -163,8 +165,12 @@ def inference_group(label: str, model: nn.Module, x: torch.Tensor, tol: float, v
     with torch.no_grad():
         ref = model(x)
         for row, fn in zip(rows, fns):
+            # Freezing applies when it is on while Dynamo traces (the first call): with torch 2.11,
+            # options={"freezing": True} alone leaves the parameters graph inputs (docs/inference.md).
+            freezing = torch._inductor.config.patch(freezing=True) if row.variant == "inductor+freezing" else contextlib.nullcontext()
             try:
-                out, seconds = common.first_call(lambda fn=fn: fn(x), x.device)
+                with freezing:
+                    out, seconds = common.first_call(lambda fn=fn: fn(x), x.device)
             except Exception as error:  # noqa: BLE001 - a row, not a crash
                 row.note = f"not run: {common.describe_error(error)}"
                 continue
