@@ -364,7 +364,16 @@ int32_t sc_tile_mm(const void* a, int32_t a_bf16, int64_t lda, int64_t m, const 
                    const int32_t* row_ptr, const int32_t* col_idx, int64_t nb, int64_t n, int64_t k, int64_t t,
                    int64_t tp, const float* bias, void* out, int32_t out_bf16, int64_t ldo, int threads) {
   if (format != PACKED_FP32 && !(SC_NATIVE_BF16 && format == PACKED_BF16_PAIRS && a_bf16 && out_bf16)) return -1;
-  const int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
+  if (m <= 0) return 0;
+  // Chunks of at most ROW_CHUNK rows, of one size (a multiple of the register block's rows), as
+  // many as a multiple of the threads: the static schedule then gives every thread the same rows.
+  // Cut at ROW_CHUNK alone, DeiT's 394 rows gave one of two threads 288 rows and the other 106,
+  // and 48 rows (2 x 24 tokens) ran on one thread.
+  int64_t chunks = (m + ROW_CHUNK - 1) / ROW_CHUNK;
+  if (threads > 1) chunks = (chunks + threads - 1) / threads * threads;
+  int64_t chunk_rows = (m + chunks - 1) / chunks;
+  chunk_rows = (chunk_rows + ROWS - 1) / ROWS * ROWS;
+  chunks = (m + chunk_rows - 1) / chunk_rows;
 #pragma omp parallel num_threads(threads)
   {
     // bf16 `a` on the fp32 path: each chunk's rows converted once into this thread's buffer
@@ -373,7 +382,7 @@ int32_t sc_tile_mm(const void* a, int32_t a_bf16, int64_t lda, int64_t m, const 
     float* a_fp32 = (a_bf16 && format == PACKED_FP32) ? new float[ROW_CHUNK * k] : nullptr;
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
-      const int64_t begin = c * ROW_CHUNK, end = (c + 1) * ROW_CHUNK < m ? (c + 1) * ROW_CHUNK : m;
+      const int64_t begin = c * chunk_rows, end = (c + 1) * chunk_rows < m ? (c + 1) * chunk_rows : m;
       const float* fp = (const float*)packed;
 #if SC_NATIVE_BF16
       if (format == PACKED_BF16_PAIRS) {

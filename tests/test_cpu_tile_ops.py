@@ -75,6 +75,30 @@ def test_both_packed_layouts_give_the_same_bf16_result(packed_format):
     torch.testing.assert_close(out.double(), reference(x, w, None), atol=3e-2, rtol=2e-2)
 
 
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("rows", [1, 5, 13, 48, 97, 394])
+@pytest.mark.parametrize("packed_format", FORMATS)
+def test_every_row_is_computed_however_the_rows_split_over_threads(threads, rows, packed_format):
+    # The kernel cuts the rows into equal chunks, a multiple of the threads in number (a
+    # multiple of the 6-row register block in size): uneven counts leave short or empty chunks.
+    dtype = torch.bfloat16 if packed_format == 1 else torch.float32
+    n, k, t = 80, 96, 16
+    w, x, bias = block_sparse(n, k, t, 0.5, dtype), torch.randn(rows, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    bsr = BsrWeight.from_dense(w, t)
+    packed = torch.ops.sparse_compile.tile_pack_blocks(bsr.values, packed_format)
+    out = tile_linear(x, packed, bsr.crow_indices, bsr.col_indices, bias, n, k, t, packed_format)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.double(), reference(x, w, bias), atol=tol, rtol=tol)
+
+
 def test_tile_linear_reads_a_strided_input_and_no_rows():
     n, k, t = 64, 96, 32
     w = block_sparse(n, k, t, 0.5)
