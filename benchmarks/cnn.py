@@ -21,7 +21,8 @@ Training step (train mode, batch ``--train-batch-size``): forward, cross-entropy
 an SGD (momentum) step of the Supermask model (not finalized: the masks train), as eager,
 ``backend="inductor"`` and ``backend="sparse"`` (1x1 convolutions through the masked op, dropped
 tiles skipped in the forward and input-gradient matmuls). Checked: the first step's gradients
-of every parameter against eager's.
+of every parameter against eager's in float64; the sparse row within twice the worse error of
+eager's and Inductor's float32 rows.
 
 Timing: rows of a group are timed round-robin (one call of each per round, ``--reps`` rounds),
 so load from other processes hits every row alike; medians, and for inference the median of
@@ -193,10 +194,17 @@ def _call_without_grad(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> An
         return fn(x)
 
 
+def _float64_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The first step's gradients of every parameter, eager in float64: the rows' reference."""
+    wide = copy.deepcopy(model).train().double()
+    nn.functional.cross_entropy(wide(x.double()), y).backward()
+    return {name: p.grad.detach() for name, p in wide.named_parameters() if p.grad is not None}
+
+
 def training_group(label: str, model: nn.Module, x, y, tol: float, masked_total: int) -> list[Row]:
     """Eager, inductor and sparse training-step rows of one Supermask model, compiled and checked."""
     rows = [Row("training", label, variant) for variant in TRAINING_VARIANTS]
-    ref = None
+    ref = _float64_gradients(model, x, y)
     for row, backend in zip(rows, (None, "inductor", "sparse")):
         trained = copy.deepcopy(model).train()
         compiled = trained if backend is None else torch.compile(trained, backend=backend)
@@ -215,17 +223,16 @@ def training_group(label: str, model: nn.Module, x, y, tol: float, masked_total:
             row.note = f"not run: {common.describe_error(error)}"
             continue
         grads = {name: p.grad.detach().clone() for name, p in trained.named_parameters() if p.grad is not None}
-        ref = grads if ref is None else ref
         if grads.keys() != ref.keys():
             row.note = f"WRONG: other parameters got gradients: {sorted(grads.keys() ^ ref.keys())[:3]}"
             continue
-        row.err = max(common.relative_error(grads[k], ref[k]) for k in ref)
-        # A deep BatchNorm network's gradients differ from eager's by more than the float32
-        # tolerance under any compiler (reductions in another order): the sparse row may differ
-        # from eager by up to twice what Inductor's own row does.
-        row.tol = tol if backend != "sparse" or rows[1].err is None else max(tol, 2 * rows[1].err)
-        if backend == "inductor":
-            row.tol = max(tol, row.err)  # the yardstick itself
+        row.err = max(common.relative_error(grads[k].double(), ref[k]) for k in ref)
+        # A deep train-mode BatchNorm network's float32 gradients differ from float64 ones by more
+        # than the float32 tolerance, eager's included (ResNet-50 at 64 px: 7% on a BatchNorm bias,
+        # 2x2 pixels x batch 16 per channel in layer4): eager and Inductor are the yardsticks, and
+        # the sparse row may differ from float64 by up to twice the worse of them.
+        yardstick = max((r.err for r in rows[:2] if r.err is not None), default=None)
+        row.tol = max(tol, row.err) if backend != "sparse" else max(tol, 2 * (yardstick or tol))
         row.fn, row.compile_s = step, None if backend is None else seconds
         if backend == "sparse":
             report = sparse_compile.report(compiled)
@@ -254,7 +261,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
         if not row.times_ms or row.note:
             err = "-" if row.err is None else f"{row.err:.1e}"
             wrong = f"WRONG: err > {row.tol:.0e}" if row.err is not None and not row.ok else ""
-            out.append(cells + ["-"] * 6 + [common.fmt(row.compile_s, 1), err, row.note or wrong or "-"])
+            out.append(cells + ["-"] * 5 + [common.fmt(row.compile_s, 1), err, row.note or wrong or "-"])
             continue
         spread = "-"
         if row is not inductor and inductor.times_ms and len(inductor.times_ms) == len(row.times_ms):
@@ -391,7 +398,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "(inference: as the backend saw them; training: with a Supermask). vs eager, vs inductor: that row's median "
         "/ this row's median (>1: faster); spread: interquartile range of the per-round ratios inductor / this row. "
         "compile s: the first call or step. err: inference max|out - eager| / max|eager|; training the worst such "
-        "error over the first step's gradients (training: a sparse row passes within twice Inductor's own error)."
+        "error over the first step's gradients against eager's in float64 (a sparse row passes within twice the "
+        "worse of the eager and Inductor rows' errors)."
     )
     return common.finish_run(args, argv, "benchmarks.cnn", "CNN with Supermask 1x1 convolutions", legend, facts,
                              [table], raw, all_ok, ours_not_run=ours_not_run, closing=closing)

@@ -62,6 +62,27 @@ def test_a_row_of_ours_that_cannot_run_fails_the_run(capsys, monkeypatch):
     assert "a row of sparse_compile did not run: training 75% / 16" in captured.err
 
 
+def test_a_training_row_with_wrong_gradients_fails_the_run(capsys, monkeypatch):
+    # The reference is eager in float64: a "sparse" step whose gradients are off by a third
+    # (its output scaled) must fail, while the eager and Inductor yardsticks (eager here) pass.
+    class Scaled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x) * 1.5
+
+    def fake_compile(model, backend="inductor", options=None, **kwargs):
+        return Scaled(model) if backend == "sparse" else model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert cnn.main(TINY + ["--passes", "training", "--output", ""]) == 1
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("training") and " / 16 " in line]
+    assert len(rows) == 3 and "WRONG" in rows[2] and rows[0].rstrip().endswith("ok"), out
+
+
 def test_bad_flags_are_argparse_errors(capsys):
     with pytest.raises(SystemExit):
         cnn.parse_args(["--passes", "fly"])
