@@ -155,7 +155,9 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const bool bf16 = a.scalar_type() == at::kBFloat16;
   const int64_t m = a.size(0);
   at::Tensor bias_fp32;
-  if (bias.has_value()) bias_fp32 = bias->to(at::kFloat).contiguous();
+  // The backend stores a constant bias in fp32 (ConvertedWeight.bias_dtype): then nothing to do.
+  if (bias.has_value())
+    bias_fp32 = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
   at::Tensor out = at::empty({m, out_features}, a.options());
   if (m > 0 && out_features > 0) {
     const int32_t status = sc_tile_mm(

@@ -29,6 +29,7 @@ Everything else stays as it was, for Inductor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -164,7 +165,8 @@ class SparseLinearPass(CustomGraphPass):
         weights = converted[key]
         with gm.graph.inserting_before(node):
             tensors = [None if name is None else _get_constant(gm, name) for name in weights.names]
-        sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, conv.bias, weights.static_args)
+            bias = constant_bias(gm, conv.bias, weights)
+        sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, bias, weights.static_args)
 
     def _conv_failed(self, node, conv: "sparse_conv.ConvMatch", recorded: int, error: Exception) -> None:
         """The rewrite of a convolution raised: it stays dense (the node is still in the graph
@@ -418,6 +420,7 @@ class _Constants:
     names: tuple[str | None, ...]
     static_args: tuple
     out_features: int
+    bias_dtype: torch.dtype | None = None
 
     @classmethod
     def convert(cls, gm: torch.fx.GraphModule, weight: torch.Tensor, decision: LayerDecision) -> "_Constants":
@@ -425,13 +428,16 @@ class _Constants:
         names = tuple(
             None if tensor is None else _add_constant(gm, prefix, tensor) for prefix, tensor in converted.constants
         )
-        return cls(decision.format, converted.op, names, converted.static_args, converted.out_features)
+        return cls(
+            decision.format, converted.op, names, converted.static_args, converted.out_features, converted.bias_dtype
+        )
 
 
 def _replace(gm, node, x, constants: _Constants, bias) -> None:
     graph = gm.graph
     with graph.inserting_before(node):
         tensors = [None if name is None else _get_constant(gm, name) for name in constants.names]
+        bias = constant_bias(gm, bias, constants)
         if bias is not None and bias.meta["val"].dim() == 2:
             bias = graph.call_function(aten.view.default, (bias, [constants.out_features]))
             bias.meta["val"] = _fake(node).new_empty(constants.out_features)
@@ -439,6 +445,19 @@ def _replace(gm, node, x, constants: _Constants, bias) -> None:
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+
+
+def constant_bias(gm: torch.fx.GraphModule, bias: torch.fx.Node | None, constants: _Constants) -> torch.fx.Node | None:
+    """``bias`` as the op adds it: a constant (frozen) bias of another dtype than
+    ``constants.bias_dtype`` becomes a new constant in that dtype (a ``get_attr`` at the insert
+    point), converted once here rather than by the op on every call. A bias computed at run time,
+    or already of that dtype, is returned as it is."""
+    if bias is None or constants.bias_dtype is None or bias.op != "get_attr":
+        return bias
+    tensor = functools.reduce(getattr, bias.target.split("."), gm)
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype == constants.bias_dtype:
+        return bias
+    return _get_constant(gm, _add_constant(gm, "_sparse_bias", tensor.detach().to(constants.bias_dtype).contiguous()))
 
 
 def _add_constant(gm: torch.fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:

@@ -161,12 +161,15 @@ class ConvertedWeight:
         constants: ``(name prefix, tensor or None)`` per tensor argument after ``x``.
         static_args: the int/str arguments after ``bias``.
         out_features: rows of the weight (the op's output features).
+        bias_dtype: the dtype the op adds its bias in, or None (the layer's own): a constant bias
+            of another dtype is stored converted once, not converted by the op on every call.
     """
 
     op: torch._ops.OpOverload
     constants: tuple[tuple[str, Optional[torch.Tensor]], ...]
     static_args: tuple
     out_features: int
+    bias_dtype: Optional[torch.dtype] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +247,8 @@ class SparseFormat:
         """A call computing the layer on ``x`` as the converted layer would (timed by ``measure``)."""
         converted = self.convert(weight, candidate)
         tensors = [t for _, t in converted.constants]
+        if bias is not None and converted.bias_dtype is not None:
+            bias = bias.to(converted.bias_dtype)  # as the pass stores a constant bias
 
         def run():
             with torch.no_grad():
