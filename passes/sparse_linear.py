@@ -29,7 +29,6 @@ Everything else stays as it was, for Inductor.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import re
@@ -127,7 +126,7 @@ class SparseLinearPass(CustomGraphPass):
             key = _weight_key(weight_t, decision.candidate)
             if key not in converted:
                 converted[key] = _Constants.convert(gm, weight, decision)
-            _replace(gm, node, x, converted[key], bias)
+            _replace(gm, node, x, converted[key], bias, constants)
         self.weights_converted = {}
         for constants in converted.values():
             self.weights_converted[constants.format] = self.weights_converted.get(constants.format, 0) + 1
@@ -165,7 +164,7 @@ class SparseLinearPass(CustomGraphPass):
         weights = converted[key]
         with gm.graph.inserting_before(node):
             tensors = [None if name is None else _get_constant(gm, name) for name in weights.names]
-            bias = constant_bias(gm, conv.bias, weights)
+            bias = _bias_as_the_op_adds_it(gm, conv.bias, constants, weights.bias_dtype)
         sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, bias, weights.static_args)
 
     def _conv_failed(self, node, conv: "sparse_conv.ConvMatch", recorded: int, error: Exception) -> None:
@@ -433,11 +432,11 @@ class _Constants:
         )
 
 
-def _replace(gm, node, x, constants: _Constants, bias) -> None:
+def _replace(gm, node, x, constants: _Constants, bias, values: "_ConstantEvaluator") -> None:
     graph = gm.graph
     with graph.inserting_before(node):
         tensors = [None if name is None else _get_constant(gm, name) for name in constants.names]
-        bias = constant_bias(gm, bias, constants)
+        bias = _bias_as_the_op_adds_it(gm, bias, values, constants.bias_dtype)
         if bias is not None and bias.meta["val"].dim() == 2:
             bias = graph.call_function(aten.view.default, (bias, [constants.out_features]))
             bias.meta["val"] = _fake(node).new_empty(constants.out_features)
@@ -447,17 +446,19 @@ def _replace(gm, node, x, constants: _Constants, bias) -> None:
     graph.erase_node(node)
 
 
-def constant_bias(gm: torch.fx.GraphModule, bias: torch.fx.Node | None, constants: _Constants) -> torch.fx.Node | None:
-    """``bias`` as the op adds it: a constant (frozen) bias of another dtype than
-    ``constants.bias_dtype`` becomes a new constant in that dtype (a ``get_attr`` at the insert
-    point), converted once here rather than by the op on every call. A bias computed at run time,
-    or already of that dtype, is returned as it is."""
-    if bias is None or constants.bias_dtype is None or bias.op != "get_attr":
+def _bias_as_the_op_adds_it(
+    gm: torch.fx.GraphModule, bias: torch.fx.Node | None, values: "_ConstantEvaluator", dtype: torch.dtype | None
+) -> torch.fx.Node | None:
+    """``bias`` as the op adds it: a constant bias (frozen, or computed from constants) of another
+    dtype than ``dtype`` (``ConvertedWeight.bias_dtype``) becomes a new constant in that dtype (a
+    ``get_attr`` at the insert point), converted once here rather than by the op on every call. A
+    bias computed at run time, already of that dtype, or with no ``dtype`` asked, stays as it is."""
+    if bias is None or dtype is None:
         return bias
-    tensor = functools.reduce(getattr, bias.target.split("."), gm)
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype == constants.bias_dtype:
+    value = values.tensor(bias)
+    if value is None or value.dtype == dtype:
         return bias
-    return _get_constant(gm, _add_constant(gm, "_sparse_bias", tensor.detach().to(constants.bias_dtype).contiguous()))
+    return _get_constant(gm, _add_constant(gm, "_sparse_bias", value.detach().to(dtype).contiguous()))
 
 
 def _add_constant(gm: torch.fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
