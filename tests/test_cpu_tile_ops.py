@@ -146,8 +146,9 @@ class TwoLinears(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_compiled_graph_calls_tile_linear(fresh_compiler, dtype):
+def compiled_two_linears(dtype):
+    """Block-pruned ``TwoLinears`` in ``dtype``, its input, and the model compiled (both layers
+    sparse whatever the timings) and called once, so that the next call runs compiled code."""
     torch.manual_seed(0)
     model = TwoLinears().eval()
     sparse_compile.prune_linear_blocks_(model, 0.75, 32)
@@ -155,8 +156,15 @@ def test_the_compiled_graph_calls_tile_linear(fresh_compiler, dtype):
     x = torch.randn(3, 7, 128, dtype=dtype)
     compiled = torch.compile(model, backend="sparse", options={"density_threshold": 1.0})
     with torch.no_grad():
-        compiled(x)  # compiles
-        calls = TileKernelCalls()
+        compiled(x)
+    return model, x, compiled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_graph_calls_tile_linear(fresh_compiler, dtype):
+    model, x, compiled = compiled_two_linears(dtype)
+    calls = TileKernelCalls()
+    with torch.no_grad():
         out = compiled(x)
     assert len(calls) == 2
     report = sparse_compile.report(compiled)
@@ -169,18 +177,10 @@ def test_a_bf16_layer_gets_its_bias_in_fp32_once_not_per_call(fresh_compiler):
     # The kernel adds the bias in fp32: the pass stores a frozen bf16 bias converted once, so a
     # compiled call converts nothing (before: one aten copy per layer and call, ~5 us each).
     # (float16 activations are converted to fp32 by the op itself: not checked here.)
-    dtype = torch.bfloat16
-    torch.manual_seed(0)
-    model = TwoLinears().eval()
-    sparse_compile.prune_linear_blocks_(model, 0.75, 32)
-    model = model.to(dtype)
-    x = torch.randn(3, 7, 128, dtype=dtype)
-    compiled = torch.compile(model, backend="sparse", options={"density_threshold": 1.0})
-    with torch.no_grad():
-        compiled(x)  # compiles
-        calls = TileKernelCalls()
-        with torch.profiler.profile() as profile:
-            out = compiled(x)
+    model, x, compiled = compiled_two_linears(torch.bfloat16)
+    calls = TileKernelCalls()
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        out = compiled(x)
     assert len(calls) == 2
     ops = [event.name for event in profile.events()]
     assert ops.count("sparse_compile::tile_linear") == 2
