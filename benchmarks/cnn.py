@@ -168,7 +168,8 @@ def inference_group(label: str, model: nn.Module, x: torch.Tensor, tol: float, v
         for row, fn in zip(rows, fns):
             # Freezing applies when it is on while Dynamo traces (the first call): with torch 2.11,
             # options={"freezing": True} alone leaves the parameters graph inputs (docs/inference.md).
-            freezing = torch._inductor.config.patch(freezing=True) if row.variant == "inductor+freezing" else contextlib.nullcontext()
+            frozen = row.variant == "inductor+freezing"
+            freezing = torch._inductor.config.patch(freezing=True) if frozen else contextlib.nullcontext()
             try:
                 with freezing:
                     out, seconds = common.first_call(lambda fn=fn: fn(x), x.device)
