@@ -306,6 +306,7 @@ def _record(name: str, weight: torch.Tensor, decision: LayerDecision) -> LayerRe
         device=weight.device.type,
         time_ms=decision.time_ms,
         dense_ms=decision.dense_ms,
+        dense_floor_ms=decision.dense_floor_ms,
         from_cache=decision.from_cache,
         kernel=decision.kernel or DENSE_KERNEL,
     )

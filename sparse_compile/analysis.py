@@ -146,7 +146,8 @@ def _fastest(weight, proposals, reasons, rows, options: SparseOptions) -> LayerD
     ranked = sorted(others, key=lambda t: (t.ms, order[t.candidate], -(t.candidate.blocksize or 0)))
     min_saving = options.min_saving_ms_for(weight.device.type)
     winners = [t for t in ranked if dense.ms - t.ms > tie_band_ms(dense.ms, t.spread, min_saving)]
-    timing = dict(dense_ms=dense.ms, from_cache=from_cache, timings=timings)
+    floor = dense.floor_ms(rows) if rows is not None else None
+    timing = dict(dense_ms=dense.ms, dense_floor_ms=floor, from_cache=from_cache, timings=timings)
     if not winners:
         best = ranked[0]
         fmt = owner[best.candidate]

@@ -319,7 +319,9 @@ def _check_whole_graph(compiled, frozen_gm, runtime_inputs, sparse_pass: SparseL
 
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            verdict, plain = measure.check_graph(key, compiled, compile_dense, runtime_inputs, device)
+            verdict, plain = measure.check_graph(
+                key, compiled, compile_dense, runtime_inputs, device, _dense_floor_ms(graph_report)
+            )
     except Exception as error:  # noqa: BLE001 - a failed check keeps the rewrite that compiled
         stats["graph_checks_failed"] += 1
         graph_report.graph_check_skipped = f"it failed ({_first_line(error)}), the rewrite is kept"
@@ -334,6 +336,17 @@ def _check_whole_graph(compiled, frozen_gm, runtime_inputs, sparse_pass: SparseL
     graph_report.fall_back_to_dense(verdict)
     sparse_pass.weights_converted = {}
     return plain
+
+
+def _dense_floor_ms(graph_report: GraphReport) -> float:
+    """What the plain graph spends at least: the per-layer dense floors of its linear layers,
+    summed (``LayerRecord.dense_floor_ms``). Linear layers only: the plain graph runs a
+    convolution as oneDNN's convolution, not as the matmul timed for it, and a fused fast path's
+    weights inside PyTorch's fused op; a layer without a known floor adds nothing."""
+    return sum(
+        layer.dense_floor_ms for layer in graph_report.layers
+        if layer.kind == "linear" and not layer.fused_op and layer.dense_floor_ms is not None
+    )
 
 
 def _why_not_run_again(plain_patches: dict[str, Any]) -> str:

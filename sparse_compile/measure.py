@@ -35,7 +35,9 @@ The whole-graph check (:func:`check_graph`): per-layer times say little where a 
 some layer runs sparse, the backend also times the compiled graph against the same graph compiled
 by Inductor alone, round-robin on the traced inputs, and keeps the rewrite only when the median
 ratio of their calls says it is faster by more than the measured spread (and at least
-:data:`GRAPH_MIN_GAIN`). The verdict is cached in
+:data:`GRAPH_MIN_GAIN`). Unless the rewritten graph, timed alone first, is already below the
+plain graph's dense floor (its linear layers' per-layer dense times, summed) by
+:data:`GRAPH_FLOOR_MARGIN`: then the plain graph is neither compiled nor timed. The verdict is cached in
 the same file, keyed by the graph's structure, shapes, the layers' decisions (format, block size,
 density bucket) and the device.
 
@@ -112,6 +114,18 @@ GRAPH_MAX_ROUNDS = 30
 GRAPH_BUDGET_S = 1.0
 GRAPH_MIN_GAIN = 0.03
 
+# The floor shortcut of the whole-graph check: the rewritten graph is first timed alone
+# (GRAPH_WARMUP calls, then GRAPH_ALONE_CALLS, the median counts). The plain graph runs every
+# linear layer dense, so it takes at least the sum of their dense times as measured per layer
+# (the "dense floor", ``LayerRecord.dense_floor_ms``). When the rewritten graph's median is below
+# that floor by GRAPH_FLOOR_MARGIN, the rewrite is kept without compiling the plain graph: one
+# Inductor compile of the whole graph saved (deit_tiny, cold: 11 of 55 s). The margin covers what
+# the per-layer floor does not see: the plain graph's linears packed for oneDNN/MKL (its freezing
+# packs them; the per-layer dense time is Inductor's ``addmm``) and concatenated where they share
+# an input, and the noise of a few calls.
+GRAPH_ALONE_CALLS = 5
+GRAPH_FLOOR_MARGIN = 1.5
+
 
 # --------------------------------------------------------------------------------------------
 # What is timed
@@ -153,6 +167,7 @@ class Spent:
     graphs_timed: int = 0  # whole-graph checks that timed (not read from the cache)
     graph_check_seconds: float = 0.0  # whole-graph checks: Inductor's compile of the plain graph and the timing
     graph_compile_seconds: float = 0.0  # of which compiling the plain graph
+    graphs_below_floor: int = 0  # of the graphs timed, kept by the floor shortcut (plain graph not compiled)
     dense_compiles: int = 0  # one-op dense graphs Inductor compiled to time dense (once per shape)
     dense_compile_seconds: float = 0.0  # their compile time (within ``seconds``)
 
@@ -177,6 +192,17 @@ class Timed:
     ms: float
     from_cache: bool
     spread: float = 0.0  # see Measured
+    # The rows it was timed with (the cache shares a time within a rows bucket); None when
+    # unknown (an entry written before the rows were kept).
+    rows: int | None = None
+
+    def floor_ms(self, rows: int) -> float | None:
+        """A lower bound of this candidate's time at ``rows``: ``ms``, scaled down in proportion
+        when it was timed with more rows (a matmul's time is a fixed cost plus a cost per row, so
+        it shrinks no faster than the rows do); None when the rows it was timed with are unknown."""
+        if self.rows is None or self.rows <= 0:
+            return None
+        return self.ms * min(1.0, rows / self.rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +360,8 @@ def time_graphs(fns: Sequence[Callable[[], object]], device: torch.device) -> li
     """ms of every timed call of each of ``fns`` (whole compiled graphs), called round-robin.
 
     CPU: ``time.perf_counter`` around each call. CUDA: CUDA events around each call, synchronized
-    once per round (the first calls, outside the timing, autotune our Triton kernels).
+    once per round (the first calls, outside the timing, autotune our Triton kernels). One graph
+    alone (the floor shortcut, :func:`check_graph`): GRAPH_ALONE_CALLS timed calls.
     """
     cuda = device.type == "cuda"
     if not cuda:
@@ -346,6 +373,9 @@ def time_graphs(fns: Sequence[Callable[[], object]], device: torch.device) -> li
         torch.cuda.synchronize(device)
     # CUDA: events around each call, one synchronize per round (so calls queue as in a run).
     time_round = _cuda_round_timer(device) if cuda else one_call_at_a_time(lambda fn: 1e3 * _seconds(fn))
+    if len(fns) == 1:
+        times = round_robin(dict(enumerate(fns)), GRAPH_ALONE_CALLS, time_round)
+        return [times[0]]
     times = round_robin(
         dict(enumerate(fns)), GRAPH_MAX_ROUNDS, time_round,
         stop=lambda done, elapsed, times: elapsed > GRAPH_BUDGET_S and (
@@ -377,8 +407,9 @@ def _clear(samples: list[list[float]]) -> bool:
     return bool(ratios) and (max(ratios) < 1 - GRAPH_CLEAR_GAIN or min(ratios) > 1)
 
 
-#: The timer :func:`check_graph` calls with ``[rewritten graph, plain graph]`` calls and the
-#: device; returns the ms of every timed call of each. Tests replace it.
+#: The timer :func:`check_graph` calls with ``[rewritten graph, plain graph]`` calls (or the
+#: rewritten graph's alone, for the floor shortcut) and the device; returns the ms of every timed
+#: call of each. Tests replace it.
 graph_timer: Callable[[Sequence[Callable[[], object]], torch.device], list[list[float]]] = time_graphs
 
 
@@ -390,6 +421,11 @@ class GraphVerdict:
     round runs both back to back, so load from other processes hits both alike. ``spread`` is half
     the interquartile range of those ratios (the noise the rewrite must beat); ``sparse_ms`` and
     ``dense_ms`` are the median calls (ms), shown in the report.
+
+    With ``floor`` the plain graph was neither compiled nor timed: ``dense_ms`` is the dense
+    floor (the summed per-layer dense times of its linear layers, which the plain graph spends at
+    least) and ``ratio`` the rewritten graph's median over it, so the true speedup is at least
+    :attr:`speedup`.
     """
 
     sparse_ms: float
@@ -399,11 +435,13 @@ class GraphVerdict:
     keep: bool
     from_cache: bool = False
     seconds: float = 0.0  # what the check cost this compile (plain compile + timing)
+    floor: bool = False
 
     @property
     def band(self) -> float:
-        """How much faster (fraction) the rewrite had to be to be kept."""
-        return max(self.spread, GRAPH_MIN_GAIN)
+        """How much faster (fraction) the rewrite had to be to be kept (than the dense floor, with
+        ``floor``)."""
+        return 1.0 - 1.0 / GRAPH_FLOOR_MARGIN if self.floor else max(self.spread, GRAPH_MIN_GAIN)
 
     @property
     def speedup(self) -> float:
@@ -434,6 +472,7 @@ def check_graph(
     compile_dense: Callable[[], Callable[..., object]],
     inputs: Sequence[object],
     device: torch.device,
+    dense_floor_ms: float = 0.0,
 ) -> tuple[GraphVerdict, Callable[..., object] | None]:
     """The whole-graph verdict for the graph ``key`` names, from the cache or timed now.
 
@@ -441,20 +480,45 @@ def check_graph(
     (Inductor alone) when needed: always when timing, and on a cached verdict only when that
     verdict is dense. Both are called with ``inputs``. Returns the verdict and the plain graph's
     compiled function (None when it was not compiled).
+
+    ``dense_floor_ms`` (0: none): what the plain graph spends at least, in its linear layers run
+    dense (see :data:`GRAPH_FLOOR_MARGIN`). Then the rewritten graph is timed alone first, and
+    when it is below the floor by the margin the rewrite is kept without compiling the plain graph.
     """
     cache = current_cache()
     keys = {part: f"{key} | {part}" for part in ("sparse ms", "dense ms", "ratio", "spread", "keep")}
     cached = {part: cache.get(k) for part, k in keys.items()}
+    floor_key = f"{key} | floor"
     start = time.perf_counter()
     if all(value is not None for value in cached.values()):
         keep = bool(cached["keep"])
         dense_fn = None if keep else _compile_timed(compile_dense)
         verdict = GraphVerdict(
             cached["sparse ms"], cached["dense ms"], cached["ratio"], cached["spread"], keep, from_cache=True,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, floor=bool(cache.get(floor_key)),
         )
         spent.graph_check_seconds += verdict.seconds
         return verdict, dense_fn
+    if dense_floor_ms > 0:
+        alone = statistics.median(graph_timer([functools.partial(sparse_fn, *inputs)], device)[0])
+        if alone * GRAPH_FLOOR_MARGIN < dense_floor_ms:
+            verdict = GraphVerdict(
+                alone, dense_floor_ms, alone / dense_floor_ms, 0.0, keep=True, floor=True,
+                seconds=time.perf_counter() - start,
+            )
+            spent.graphs_timed += 1
+            spent.graphs_below_floor += 1
+            spent.graph_check_seconds += verdict.seconds
+            log.info(
+                "sparse_compile: whole graph timed alone: median %.3g ms, below the %.3g ms its linear layers "
+                "take dense (per layer) by more than %.2fx: the plain graph is not compiled (%.2f s)",
+                alone, dense_floor_ms, GRAPH_FLOOR_MARGIN, verdict.seconds,
+            )
+            cache.put({
+                keys["sparse ms"]: verdict.sparse_ms, keys["dense ms"]: verdict.dense_ms,
+                keys["ratio"]: verdict.ratio, keys["spread"]: 0.0, keys["keep"]: 1.0, floor_key: 1.0,
+            })
+            return verdict, None
     dense_fn = _compile_timed(compile_dense)
     sparse_samples, dense_samples = graph_timer(
         [functools.partial(sparse_fn, *inputs), functools.partial(dense_fn, *inputs)], device
@@ -469,7 +533,7 @@ def check_graph(
     )
     cache.put({
         keys["sparse ms"]: verdict.sparse_ms, keys["dense ms"]: verdict.dense_ms,
-        keys["ratio"]: verdict.ratio, keys["spread"]: verdict.spread, keys["keep"]: float(verdict.keep),
+        keys["ratio"]: verdict.ratio, keys["spread"]: verdict.spread, keys["keep"]: float(verdict.keep), floor_key: 0.0,
     })
     return verdict, dense_fn
 
@@ -510,6 +574,7 @@ def time_candidates(
     keys = [cache_key(layer, candidate) for candidate in candidates]
     known = {key: cache.get(key) for key in keys}
     spreads = {key: cache.get(spread_key(key)) or 0.0 for key in keys}
+    timed_rows = {key: _int_or_none(cache.get(rows_key(key))) for key in keys}
     missing = [c for c, key in zip(candidates, keys) if known[key] is None]
     if missing and DENSE not in missing and DENSE in candidates:
         missing.insert(0, DENSE)
@@ -530,11 +595,23 @@ def time_candidates(
             raise RuntimeError(f"sparse_compile.measure: the timer returned {len(measured)} times for {len(missing)} candidates")
         new = {cache_key(layer, c): float(m.ms) for c, m in zip(missing, measured)}
         new_spreads = {cache_key(layer, c): float(m.spread) for c, m in zip(missing, measured) if c.kind != "dense"}
-        cache.put({**new, **{spread_key(key): spread for key, spread in new_spreads.items()}})
+        new_rows = {key: layer.rows for key in new}
+        cache.put({
+            **new, **{spread_key(key): spread for key, spread in new_spreads.items()},
+            **{rows_key(key): float(n) for key, n in new_rows.items()},
+        })
         known.update(new)
         spreads.update(new_spreads)
+        timed_rows.update(new_rows)
     missing_labels = {c.label for c in missing}
-    return [Timed(c, known[key], c.label not in missing_labels, spreads[key]) for c, key in zip(candidates, keys)]
+    return [
+        Timed(c, known[key], c.label not in missing_labels, spreads[key], timed_rows[key])
+        for c, key in zip(candidates, keys)
+    ]
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _requests(weight: torch.Tensor, layer: LayerSpec, candidates: Sequence[Candidate]) -> list[TimingRequest]:
@@ -703,6 +780,11 @@ def density_bucket(density: float) -> str:
 def spread_key(key: str) -> str:
     """Where a candidate's spread (see :class:`Measured`) is kept, beside its time under ``key``."""
     return f"{key} | spread"
+
+
+def rows_key(key: str) -> str:
+    """Where the rows a candidate was timed with (:attr:`Timed.rows`) are kept, beside its time."""
+    return f"{key} | rows"
 
 
 def cache_key(layer: LayerSpec, candidate: Candidate) -> str:

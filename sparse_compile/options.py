@@ -60,7 +60,9 @@ class SparseOptions:
             compiled graph against the same graph compiled by Inductor alone (with freezing) on
             the traced inputs, and keep the rewrite only where it wins beyond the noise; else
             the graph runs as Inductor alone compiles it (``sparse_compile.measure``: the
-            whole-graph check). ``False`` skips the check (one Inductor compile less).
+            whole-graph check; the plain graph is not compiled when the rewritten graph alone
+            is far below the dense time of its linear layers: the floor shortcut). ``False``
+            skips the check (one Inductor compile less).
         min_saving_ms: with ``density_threshold="auto"``, a sparse candidate runs only when it
             saves more than this per call (ms) over dense, and more than the measured spread
             (``docs/measurement.md``: the tie rule). ``"auto"`` (default): :data:`MIN_SAVING_MS`

@@ -44,6 +44,9 @@ class LayerRecord:
     time_ms: float | None = None
     dense_ms: float | None = None
     from_cache: bool | None = None
+    # A lower bound of dense's time at the traced rows (``LayerDecision.dense_floor_ms``), summed
+    # by the whole-graph check's floor shortcut; None when unknown.
+    dense_floor_ms: float | None = None
     # What runs the layer, named where it was decided (a sparse format's ``SparseFormat.kernel``,
     # e.g. "triton bsr"; the masked pass; the fused op) and shown as it is.
     kernel: str = DENSE_KERNEL
@@ -137,7 +140,14 @@ class GraphReport:
     def _graph_check_text(self) -> str:
         if self.graph_check is None:
             return f"; whole-graph check skipped: {self.graph_check_skipped}" if self.graph_check_skipped else ""
-        return f"; whole graph {self.graph_check.speedup:.2f}x over Inductor alone ({_verdict_numbers(self.graph_check)})"
+        verdict = self.graph_check
+        if verdict.floor:
+            return (
+                f"; whole graph at least {verdict.speedup:.2f}x over Inductor alone ({verdict.sparse_ms:.3g} ms "
+                f"(median) vs {verdict.dense_ms:.3g} ms that its linear layers alone take dense (per layer), "
+                f"{'cached' if verdict.from_cache else 'measured'}; the plain graph not compiled)"
+            )
+        return f"; whole graph {verdict.speedup:.2f}x over Inductor alone ({_verdict_numbers(verdict)})"
 
 
 #: The report's kinds of layer (``LayerRecord.kind``).

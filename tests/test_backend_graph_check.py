@@ -3,8 +3,14 @@ Inductor alone compiles it, and kept only when it wins beyond the noise.
 
 A stand-in graph timer (``sparse_compile.measure.graph_timer``) decides; nothing here depends on
 how fast this machine is. The per-layer timer is the suite's modelled one (tests/conftest.py):
-ThreeLinears' two pruned layers run BSR, the third stays dense.
+ThreeLinears' two pruned layers run BSR, the third stays dense (untimed: it has no empty block);
+dense takes 1 ms a layer, so the plain graph's dense floor (its timed linear layers' dense times,
+summed) is DENSE_FLOOR_MS. Where the
+timed comparison is under test, the stand-in's rewritten graph takes no less than the floor (so
+the floor shortcut cannot decide) and its plain graph no less than the floor, as a real one.
 """
+
+import math
 
 
 import pytest
@@ -40,18 +46,32 @@ class ThreeLinears(nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
+#: ThreeLinears' dense floor under the modelled timer: its two timed linear layers, 1 ms each.
+DENSE_FLOOR_MS = 2.0
+
+
 class GraphTimer:
-    """Every call of the rewritten graph takes ``sparse_ms``, of the plain graph ``dense_ms``."""
+    """Every call of the rewritten graph takes ``sparse_ms``, of the plain graph ``dense_ms``.
+
+    ``comparisons`` counts the timed comparisons of both graphs, ``alone`` the rewritten graph
+    timed alone (the floor shortcut)."""
 
     def __init__(self, sparse_ms, dense_ms, calls=5):
         self.sparse_ms, self.dense_ms, self.n = sparse_ms, dense_ms, calls
-        self.calls = 0
+        self.comparisons = self.alone = 0
 
     def __call__(self, fns, device):
-        self.calls += 1
+        if len(fns) == 1:
+            self.alone += 1
+        else:
+            self.comparisons += 1
         for fn in fns:  # the real timer runs them: so does the stand-in, so a broken graph fails here
             fn()
-        return [[self.sparse_ms] * self.n, [self.dense_ms] * self.n]
+        return [[self.sparse_ms] * self.n, [self.dense_ms] * self.n][: len(fns)]
+
+    @property
+    def calls(self):
+        return self.comparisons + self.alone
 
 
 @pytest.fixture
@@ -61,15 +81,15 @@ def sparse_calls():
 
 
 def test_slower_whole_graph_falls_back_to_dense(monkeypatch, sparse_calls):
-    timer = GraphTimer(sparse_ms=2.20, dense_ms=1.71)
+    timer = GraphTimer(sparse_ms=4.40, dense_ms=3.42)
     monkeypatch.setattr(measure, "graph_timer", timer)
     model, x = ThreeLinears().eval(), torch.randn(2, 24, 64)
     compiled, out = compile_and_run(model, x)
-    assert timer.calls == 1
+    assert timer.comparisons == 1 and timer.alone == 1
     report = sparse_compile.report(compiled)
     text = str(report)
     assert "kept dense: the whole graph measured 0.78x with 2 of 3 linear layers run as BSR" in text
-    assert "2.2 ms vs 1.71 ms for Inductor alone (medians), measured" in text
+    assert "4.4 ms vs 3.42 ms for Inductor alone (medians), measured" in text
     assert [layer.format for layer in report.layers] == ["dense"] * 3
     assert all(layer.reason.startswith("whole graph measured 0.78x") for layer in report.layers[:2])
     assert "per layer bsr measured" in report.layers[0].reason
@@ -85,13 +105,14 @@ def test_slower_whole_graph_falls_back_to_dense(monkeypatch, sparse_calls):
 
 
 def test_faster_whole_graph_keeps_the_rewrite(monkeypatch, sparse_calls):
-    timer = GraphTimer(sparse_ms=1.0, dense_ms=1.5)
+    timer = GraphTimer(sparse_ms=3.0, dense_ms=4.5)
     monkeypatch.setattr(measure, "graph_timer", timer)
     model, x = ThreeLinears().eval(), torch.randn(2, 24, 64)
     compiled, out = compile_and_run(model, x)
     text = str(sparse_compile.report(compiled))
+    assert timer.comparisons == 1
     assert "2 of 3 linear layers run as BSR" in text
-    assert "whole graph 1.50x over Inductor alone (1 ms vs 1.5 ms for Inductor alone (medians), measured, needed 3% faster)" in text
+    assert "whole graph 1.50x over Inductor alone (3 ms vs 4.5 ms for Inductor alone (medians), measured, needed 3% faster)" in text
     stats = counters["sparse_compile"]
     assert stats["graphs_kept_sparse"] == 1 and stats["bsr_layers"] == 2
     before = len(sparse_calls)
@@ -100,10 +121,83 @@ def test_faster_whole_graph_keeps_the_rewrite(monkeypatch, sparse_calls):
     assert len(sparse_calls) == before + 2
 
 
-@pytest.mark.parametrize("sparse_ms", [1.0, 1.02, 0.99])
+def test_a_rewrite_far_below_the_dense_floor_is_kept_without_the_plain_compile(monkeypatch, sparse_calls):
+    # The plain graph runs the two pruned linears dense: it takes at least their 2 ms. A rewritten
+    # graph of 1 ms is below that by more than the margin: the plain graph need not be compiled to know.
+    plain_compiles = []
+    compile_timed = measure._compile_timed
+    monkeypatch.setattr(
+        measure, "_compile_timed", lambda compile_dense: plain_compiles.append(1) or compile_timed(compile_dense)
+    )
+    timer = GraphTimer(sparse_ms=1.0, dense_ms=math.nan)  # the plain graph is never timed
+    monkeypatch.setattr(measure, "graph_timer", timer)
+    model, x = ThreeLinears().eval(), torch.randn(2, 24, 64)
+    below_before = measure.spent.graphs_below_floor
+    compiled, out = compile_and_run(model, x)
+    assert timer.alone == 1 and timer.comparisons == 0 and plain_compiles == []
+    assert measure.spent.graphs_below_floor == below_before + 1
+    report = sparse_compile.report(compiled)
+    assert [layer.dense_floor_ms for layer in report.layers] == [1.0, 1.0, None]
+    text = str(report)
+    assert "2 of 3 linear layers run as BSR" in text
+    assert (
+        "whole graph at least 2.00x over Inductor alone (1 ms (median) vs 2 ms that its linear layers alone "
+        "take dense (per layer), measured; the plain graph not compiled)"
+    ) in text
+    stats = counters["sparse_compile"]
+    assert stats["graphs_kept_sparse"] == 1 and stats["graph_checks"] == 1 and stats["bsr_layers"] == 2
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+    before = len(sparse_calls)
+    with torch.no_grad():
+        compiled(x)
+    assert len(sparse_calls) == before + 2
+    # A new process reads the verdict from the file: nothing timed, nothing compiled.
+    measure.forget_loaded_caches()
+    torch._dynamo.reset()
+    sparse_compile.clear_reports()
+    compiled, _ = compile_and_run(model, x)
+    assert timer.alone == 1 and plain_compiles == []
+    assert "vs 2 ms that its linear layers alone take dense (per layer), cached; the plain graph not compiled" in str(
+        sparse_compile.report(compiled)
+    )
+
+
+def test_a_rewrite_within_the_margin_of_the_floor_is_timed_against_the_plain_graph(monkeypatch):
+    # Just above floor / margin: the per-layer floor alone cannot tell, so both graphs are timed.
+    timer = GraphTimer(sparse_ms=DENSE_FLOOR_MS / measure.GRAPH_FLOOR_MARGIN * 1.01, dense_ms=2.5)
+    monkeypatch.setattr(measure, "graph_timer", timer)
+    compiled, _ = compile_and_run(ThreeLinears().eval(), torch.randn(2, 24, 64))
+    assert timer.alone == 1 and timer.comparisons == 1
+    assert "for Inductor alone (medians), measured" in str(sparse_compile.report(compiled))
+
+
+def test_the_dense_floor_counts_linear_layers_with_a_known_floor():
+    from sparse_compile import backend
+    from sparse_compile.report import GraphReport, LayerRecord
+
+    def layer(floor, **kw):
+        return LayerRecord("l", 8, 8, "float32", "bsr", 32, 0.1, dense_ms=9.0, dense_floor_ms=floor, **kw)
+
+    report = GraphReport(0, [
+        layer(2.0), layer(0.5), layer(None),  # a linear without known rows adds nothing
+        layer(5.0, kind="conv1x1"),  # the plain graph runs it as oneDNN's convolution
+        layer(7.0, fused_op="aten._native_multi_head_attention"),  # inside PyTorch's fused op
+    ])
+    assert backend._dense_floor_ms(report) == pytest.approx(2.5)
+
+
+def test_the_real_graph_timer_times_one_graph_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(measure, "_seconds", lambda fn: fn() or 1e-3)
+    samples = measure.time_graphs([lambda: calls.append(1)], torch.device("cpu"))
+    assert samples == [[1.0] * measure.GRAPH_ALONE_CALLS]
+    assert len(calls) == measure.GRAPH_WARMUP + measure.GRAPH_ALONE_CALLS
+
+
+@pytest.mark.parametrize("sparse_ms", [3.3, 3.366, 3.234])
 def test_a_win_within_the_band_is_dense(monkeypatch, sparse_ms):
     # 2% faster is within the 3% minimum gain: dense; so is a tie, or slower.
-    monkeypatch.setattr(measure, "graph_timer", GraphTimer(sparse_ms=sparse_ms, dense_ms=1.0))
+    monkeypatch.setattr(measure, "graph_timer", GraphTimer(sparse_ms=sparse_ms, dense_ms=3.3))
     compiled, _ = compile_and_run(ThreeLinears().eval(), torch.randn(4, 64))
     assert counters["sparse_compile"]["graphs_kept_dense"] == 1
     assert "kept dense" in str(sparse_compile.report(compiled))
@@ -125,7 +219,7 @@ def test_rounds_are_compared_pairwise():
 
 @pytest.mark.parametrize("verdict", ["dense", "sparse"])
 def test_second_compile_reuses_the_verdict(monkeypatch, verdict):
-    timer = GraphTimer(sparse_ms=2.0 if verdict == "dense" else 1.0, dense_ms=1.5)
+    timer = GraphTimer(sparse_ms=4.0 if verdict == "dense" else 3.0, dense_ms=3.5)
     monkeypatch.setattr(measure, "graph_timer", timer)
     model, x = ThreeLinears().eval(), torch.randn(2, 64)
     compile_and_run(model, x)
@@ -134,7 +228,7 @@ def test_second_compile_reuses_the_verdict(monkeypatch, verdict):
     sparse_compile.clear_reports()
     counters["sparse_compile"].clear()
     compiled, out = compile_and_run(model, x)
-    assert timer.calls == 1, "the second compile timed the graph again"
+    assert timer.comparisons == 1 and timer.alone == 1, "the second compile timed the graph again"
     text = str(sparse_compile.report(compiled))
     assert "for Inductor alone (medians), cached" in text
     assert counters["sparse_compile"]["graph_checks_cached"] == 1

@@ -171,6 +171,33 @@ def test_layers_of_one_shape_and_density_share_one_measurement(monkeypatch):
     assert [layer.from_cache for layer in sparse_compile.report(compiled).layers] == [False, True, True]
 
 
+def test_a_cached_time_keeps_the_rows_it_was_timed_with_and_floors_by_them(monkeypatch):
+    # Rows 200 and 150 share a rows bucket (256), so the second layer reads the first's time: its
+    # dense floor scales that time down to its own rows, a bound a matmul's time (a fixed cost
+    # plus a cost per row) cannot fall below; with more rows than timed it stays the time itself.
+    timer = RecordedTimer({"dense": 2.0, "bsr32": 0.5})
+    monkeypatch.setattr(measure, "timer", timer)
+    weight = keep_blocks(torch.randn(FEATURES, FEATURES), 6)
+    first = decide(weight, SparseOptions(blocksize=32), rows=200)
+    second = decide(weight, SparseOptions(blocksize=32), rows=150)
+    third = decide(weight, SparseOptions(blocksize=32), rows=250)
+    assert len(timer.calls) == 1 and second.from_cache and third.from_cache
+    assert first.dense_floor_ms == 2.0 and third.dense_floor_ms == 2.0
+    assert second.dense_floor_ms == pytest.approx(2.0 * 150 / 200)
+    # In a new process the rows come from the file.
+    measure.forget_loaded_caches()
+    assert decide(weight, SparseOptions(blocksize=32), rows=130).dense_floor_ms == pytest.approx(2.0 * 130 / 200)
+    assert len(timer.calls) == 1
+    # A caller that does not know the rows gets no floor.
+    assert decide(weight, SparseOptions(blocksize=32)).dense_floor_ms is None
+
+
+def test_floor_of_a_time_without_its_rows_is_unknown():
+    timed = measure.Timed(DENSE, 3.0, from_cache=True)
+    assert timed.floor_ms(64) is None
+    assert measure.Timed(DENSE, 3.0, from_cache=True, rows=128).floor_ms(32) == pytest.approx(0.75)
+
+
 def test_cache_key_names_everything_a_time_depends_on():
     layer = measure.LayerSpec(768, 3072, torch.bfloat16, 394, torch.device("cpu"))
     key = measure.cache_key(layer, Candidate("bsr", 32, 0.102))
@@ -204,11 +231,14 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(monkeypatch, content):
     assert [layer.format for layer in sparse_compile.report(compiled).layers] == EXPECTED
     entries = json.loads(path.read_text())["entries"]
     assert all(isinstance(ms, float) for ms in entries.values())
-    # 5 layer timings (dense, BSR at 4 densities) and BSR's 4 spreads, and the whole-graph
-    # verdict's 5 entries (sparse ms, dense ms, ratio, spread, keep).
-    assert len([key for key in entries if " | graph " not in key and not key.endswith(" | spread")]) == 5
-    assert len([key for key in entries if " | graph " not in key and key.endswith(" | spread")]) == 4
-    assert len([key for key in entries if " | graph " in key]) == 5
+    # 5 layer timings (dense, BSR at 4 densities), the rows each was timed with and BSR's 4
+    # spreads, and the whole-graph verdict's 6 entries (sparse ms, dense ms, ratio, spread, keep,
+    # floor: whether the floor shortcut decided).
+    layer_entries = [key for key in entries if " | graph " not in key]
+    assert len([key for key in layer_entries if not key.endswith((" | spread", " | rows"))]) == 5
+    assert len([key for key in layer_entries if key.endswith(" | rows")]) == 5
+    assert len([key for key in layer_entries if key.endswith(" | spread")]) == 4
+    assert len([key for key in entries if " | graph " in key]) == 6
 
 
 def _write_entries(directory, worker, count):

@@ -110,6 +110,9 @@ class LayerDecision:
         time_ms: measured time of the chosen way (``None`` with a numeric threshold).
         dense_ms: measured time of dense for the same layer (as the compiled graph runs it:
             ``sparse_compile.measure.inductor_dense``).
+        dense_floor_ms: a lower bound of dense's time at the traced rows (``dense_ms`` scaled down
+            when it was timed with more rows, ``measure.Timed.floor_ms``); ``None`` when the rows
+            are not known. The whole-graph check sums it (``measure.GRAPH_FLOOR_MARGIN``).
         from_cache: True when no timing ran for this layer (cache hit, or a layer of the same
             shape and density measured before); ``None`` when nothing was timed.
         timings: ``(candidate label, ms)`` of every candidate timed, e.g. ``("bsr32", 0.41)``.
@@ -124,6 +127,7 @@ class LayerDecision:
     reason: str = ""
     time_ms: float | None = None
     dense_ms: float | None = None
+    dense_floor_ms: float | None = None
     from_cache: bool | None = None
     timings: tuple[tuple[str, float], ...] = ()
     candidate: Candidate | None = None
