@@ -90,6 +90,7 @@ class SparseLinearPass(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.ran = True
+        _keep_our_constants_as_buffers()
         gm = graph.owning_module
         names = _LayerNamer(gm, self.weight_names)
         constants = _ConstantEvaluator(gm)
@@ -463,13 +464,46 @@ def _bias_as_the_op_adds_it(
 
 
 def _add_constant(gm: torch.fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
-    """Stores ``tensor`` on ``gm`` under a new name (as freezing stores its ``_frozen_param*``)."""
+    """Stores ``tensor`` on ``gm`` under a new name (as freezing stores its ``_frozen_param*``),
+    marked as ours (see :func:`_keep_our_constants_as_buffers`)."""
     index = 0
     while hasattr(gm, f"{prefix}{index}"):
         index += 1
     name = f"{prefix}{index}"
+    setattr(tensor, _OURS, True)
     gm.register_buffer(name, tensor)
     return name
+
+
+#: The attribute that marks a tensor as a constant this pass added to the graph.
+_OURS = "_sparse_compile_constant"
+
+
+def _keep_our_constants_as_buffers() -> None:
+    """Keeps Inductor from inlining the constants this pass adds.
+
+    Inductor inlines a 1-D constant of up to 8 elements as code that rebuilds it on every call
+    (``GraphLowering.can_inline_constant``). A converted weight's index arrays often are that
+    small (DeiT-tiny's 192x192 layers at 90% / 32: 7 block-row pointers, 4 column indices), and
+    each one's values went into a C++ kernel of its own, fused with its neighbours: timm
+    DeiT-tiny's rewritten graph had 32 distinct kernels to compile instead of 9, 15 s of a 57 s
+    cold compile. Our marked tensors are kept as buffers (as every larger constant is); every
+    other constant is inlined as before. Installed once per process; where Inductor's hook is
+    not the static method this was written for, nothing is changed (the compile is slower, not
+    different).
+    """
+    from torch._inductor.graph import GraphLowering
+
+    current = GraphLowering.__dict__.get("can_inline_constant")
+    if not isinstance(current, staticmethod) or getattr(current.__func__, _OURS, False):
+        return
+    inline = current.__func__
+
+    def can_inline_constant(t: torch.Tensor) -> bool:
+        return not getattr(t, _OURS, False) and inline(t)
+
+    setattr(can_inline_constant, _OURS, True)
+    GraphLowering.can_inline_constant = staticmethod(can_inline_constant)
 
 
 def _get_constant(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:

@@ -447,3 +447,35 @@ def test_packed_linears_are_named_as_a_bug(monkeypatch, caplog):
     assert "no linear layer found: 2 linear layer(s) reached the pass already packed" in text
     assert any("already packed" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     torch.testing.assert_close(out.double(), float64_reference(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_converted_weights_index_arrays_stay_constants_not_code(monkeypatch):
+    # Inductor inlines a 1-D constant of up to 8 elements as code rebuilt on every call. A
+    # converted weight's index arrays are often that small, and each layer's became a C++ kernel
+    # of its own (timm DeiT-tiny: 32 kernels to compile instead of 9). The pass keeps its own
+    # constants as buffers.
+    from torch._inductor.graph import GraphLowering
+
+    kept_as_buffers = []
+    add_tensor_constant = GraphLowering.add_tensor_constant
+
+    def spy(self, data, name=None):
+        kept_as_buffers.append(name)
+        return add_tensor_constant(self, data, name)
+
+    monkeypatch.setattr(GraphLowering, "add_tensor_constant", spy)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    for layer in (model[0], model[2]):
+        prune_blocks_(layer.weight.data, 0.75, 32)  # 1 of 2 x 2 blocks: index arrays of 3 and 1 entries
+    x = torch.randn(5, 64)
+    compiled = torch.compile(model, backend="sparse", options={"density_threshold": 0.5, "blocksize": 32})
+    with torch.no_grad():
+        out = compiled(x)
+    report = sparse_compile.report(compiled)
+    assert [layer.format for layer in report.layers] == ["bsr", "bsr"], str(report)
+    ours = [name for name in kept_as_buffers if name and name.startswith("_sparse_")]
+    # Per layer: the values, the block-row pointers and the column indices.
+    assert len(ours) == 6 and sum("col" in name for name in ours) == 2, ours
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x.double())
+    torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=1e-4)
