@@ -703,7 +703,7 @@ def inductor_dense(out_features: int, x: torch.Tensor, bias: bool = True) -> Cal
     ~10 us a call on this project's CPU, which a layer inside a graph does not pay).
     :data:`spent` counts the compiles and their seconds.
     """
-    key = (out_features, *x.shape, x.dtype, bool(bias), x.device)
+    key = (out_features, *x.shape, x.dtype, bool(bias), x.device, dense_settings())
     if key not in _dense_compiled:
         start = time.perf_counter()
         try:
@@ -799,7 +799,19 @@ def cache_key(layer: LayerSpec, candidate: Candidate) -> str:
     ]
     if candidate.density is not None:
         parts.append(f"density {density_bucket(candidate.density)}")
+    if candidate.kind == "dense" and dense_settings():
+        parts.append(dense_settings())
     return " | ".join(parts)
+
+
+def dense_settings() -> str:
+    """The Inductor settings that change how dense is compiled, and so its time, beyond the shape
+    (empty by default): ``mode="max-autotune"`` searches GEMM kernels where the default mode
+    calls ``mm``/``addmm``. Part of a dense time's cache key and of the one-op compile's; a sparse
+    candidate runs our op, the same in every mode."""
+    from torch._inductor import config as inductor_config
+
+    return "max-autotune" if inductor_config.max_autotune or inductor_config.max_autotune_gemm else ""
 
 
 def device_name(device: torch.device) -> str:

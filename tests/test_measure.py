@@ -198,6 +198,27 @@ def test_floor_of_a_time_without_its_rows_is_unknown():
     assert measure.Timed(DENSE, 3.0, from_cache=True, rows=128).floor_ms(32) == pytest.approx(0.75)
 
 
+def test_dense_times_of_another_mode_are_kept_apart(monkeypatch):
+    # mode="max-autotune" compiles dense otherwise (a GEMM search): its dense times, and its
+    # one-op compiles, must not be reused by a default-mode compile, nor the other way round.
+    layer = measure.LayerSpec(384, 1536, torch.float32, 256, torch.device("cpu"))
+    bsr = Candidate("bsr", 32, 0.1)
+    default_dense, default_bsr = measure.cache_key(layer, DENSE), measure.cache_key(layer, bsr)
+    with torch._inductor.config.patch(max_autotune=True):
+        tuned_dense, tuned_bsr = measure.cache_key(layer, DENSE), measure.cache_key(layer, bsr)
+    assert tuned_dense == default_dense + " | max-autotune"
+    assert tuned_bsr == default_bsr  # our op runs the same in every mode
+    compiles = []
+    monkeypatch.setattr(measure, "_dense_compiled", {})
+    monkeypatch.setattr(measure, "_compile_dense", lambda *args: compiles.append(args) or (lambda x: x))
+    x = torch.randn(8, 16)
+    measure.inductor_dense(32, x)
+    measure.inductor_dense(32, x)
+    with torch._inductor.config.patch(max_autotune_gemm=True):
+        measure.inductor_dense(32, x)
+    assert len(compiles) == 2
+
+
 def test_cache_key_names_everything_a_time_depends_on():
     layer = measure.LayerSpec(768, 3072, torch.bfloat16, 394, torch.device("cpu"))
     key = measure.cache_key(layer, Candidate("bsr", 32, 0.102))
