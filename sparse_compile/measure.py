@@ -439,9 +439,9 @@ class GraphVerdict:
 
     @property
     def band(self) -> float:
-        """How much faster (fraction) the rewrite had to be to be kept (than the dense floor, with
-        ``floor``)."""
-        return 1.0 - 1.0 / GRAPH_FLOOR_MARGIN if self.floor else max(self.spread, GRAPH_MIN_GAIN)
+        """How much faster (fraction) the rewrite had to be to be kept (a timed comparison's; a
+        ``floor`` verdict had to be below the floor by :data:`GRAPH_FLOOR_MARGIN`)."""
+        return max(self.spread, GRAPH_MIN_GAIN)
 
     @property
     def speedup(self) -> float:
@@ -514,10 +514,7 @@ def check_graph(
                 "take dense (per layer) by more than %.2fx: the plain graph is not compiled (%.2f s)",
                 alone, dense_floor_ms, GRAPH_FLOOR_MARGIN, verdict.seconds,
             )
-            cache.put({
-                keys["sparse ms"]: verdict.sparse_ms, keys["dense ms"]: verdict.dense_ms,
-                keys["ratio"]: verdict.ratio, keys["spread"]: 0.0, keys["keep"]: 1.0, floor_key: 1.0,
-            })
+            _store_verdict(cache, keys, floor_key, verdict)
             return verdict, None
     dense_fn = _compile_timed(compile_dense)
     sparse_samples, dense_samples = graph_timer(
@@ -531,11 +528,16 @@ def check_graph(
         "(spread %.1f%%); plain compile and timing %.2f s",
         verdict.sparse_ms, verdict.dense_ms, verdict.speedup, 100 * verdict.spread, verdict.seconds,
     )
-    cache.put({
-        keys["sparse ms"]: verdict.sparse_ms, keys["dense ms"]: verdict.dense_ms,
-        keys["ratio"]: verdict.ratio, keys["spread"]: verdict.spread, keys["keep"]: float(verdict.keep), floor_key: 0.0,
-    })
+    _store_verdict(cache, keys, floor_key, verdict)
     return verdict, dense_fn
+
+
+def _store_verdict(cache: TimingCache, keys: Mapping[str, str], floor_key: str, verdict: GraphVerdict) -> None:
+    """Caches ``verdict`` under ``keys`` (one per part) and ``floor_key`` (whether the floor decided)."""
+    cache.put({
+        keys["sparse ms"]: verdict.sparse_ms, keys["dense ms"]: verdict.dense_ms, keys["ratio"]: verdict.ratio,
+        keys["spread"]: verdict.spread, keys["keep"]: float(verdict.keep), floor_key: float(verdict.floor),
+    })
 
 
 def _compile_timed(compile_dense: Callable[[], Callable[..., object]]) -> Callable[..., object]:
@@ -799,8 +801,9 @@ def cache_key(layer: LayerSpec, candidate: Candidate) -> str:
     ]
     if candidate.density is not None:
         parts.append(f"density {density_bucket(candidate.density)}")
-    if candidate.kind == "dense" and dense_settings():
-        parts.append(dense_settings())
+    settings = dense_settings() if candidate.kind == "dense" else ""
+    if settings:
+        parts.append(settings)
     return " | ".join(parts)
 
 
