@@ -5,13 +5,12 @@ A stand-in graph timer (``sparse_compile.measure.graph_timer``) decides; nothing
 how fast this machine is. The per-layer timer is the suite's modelled one (tests/conftest.py):
 ThreeLinears' two pruned layers run BSR, the third stays dense (untimed: it has no empty block);
 dense takes 1 ms a layer, so the plain graph's dense floor (its timed linear layers' dense times,
-summed) is DENSE_FLOOR_MS. Where the
-timed comparison is under test, the stand-in's rewritten graph takes no less than the floor (so
-the floor shortcut cannot decide) and its plain graph no less than the floor, as a real one.
+summed) is DENSE_FLOOR_MS. Where the timed comparison is under test, the stand-in's rewritten
+graph takes no less than the floor (so the floor shortcut cannot decide) and its plain graph no
+less than the floor, as a real one.
 """
 
 import math
-
 
 import pytest
 import torch
