@@ -6,11 +6,11 @@ Checks, each a row of the table (exit status 1 when one fails):
 
 - packaging: ``sparse_compile.aoti_compile_and_package`` converts both linears to BSR with the
   Triton kernel (the report's rows);
-- the package: what its generated code calls for the converted layers: our op through
-  AOTInductor's proxy executor (``sparse_compile::bsr_linear`` in ``*.wrapper.json``), and whether
-  our Triton kernel (``bsr_linear_kernel``) is compiled into it. Issue 22 asks for the latter;
-  with the rewrite inserted after AOTAutograd the op is not decomposed, so this row is expected to
-  fail until the op is traced where AOTInductor compiles the kernel (see docs/export.md);
+- the package: what its generated code calls for the converted layers: our Triton kernel
+  (``bsr_linear_kernel``) compiled into it (issue 22: the pass traces each op call into its
+  kernel call for packages, ``passes/triton_kernels.py``), the report's "Triton kernels" line,
+  and, for information, calls of our op left for AOTInductor's proxy executor
+  (``sparse_compile::bsr_linear`` in ``*.wrapper.json``: 0 expected);
 - the fresh process: ``import sparse_compile``, ``aoti_load_package``, one call: output against
   float64 eager, no Inductor compile, load + first call time, and the CUDA kernels that ran
   (profiler): our Triton kernel's name among them.
@@ -91,6 +91,8 @@ def round_trip(args: argparse.Namespace, work_dir: pathlib.Path) -> list[list[st
     rows.append(["layers converted (report)", f"{len(report.sparse_layers)}/{len(report.layers)}, kernel {kernels}",
                  _ok(len(report.sparse_layers) == 2 and kernels == ["triton bsr"])])
 
+    rows.append(["Triton kernels (report)", report.triton_kernels or "-",
+                 _ok(report.triton_kernels.startswith("2 op call(s) compiled into the package"))])
     op_calls, kernel_files = package_contents(path)
     rows.append([f"{OP_NAME} calls in the package (proxy executor)", str(op_calls), "info"])
     rows.append([f"{KERNEL_NAME} compiled into the package", ", ".join(kernel_files) or "nowhere",

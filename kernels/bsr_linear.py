@@ -6,9 +6,10 @@ Triton kernel through ``wrap_triton``; on CPU it runs the path its ``variant`` n
 tile kernel, gathered block matmuls or a dense rebuild (``_bsr_linear_cpu``; ``"auto"``: a fixed
 rule). A layer the ``sparse`` backend converts on CPU calls the tile kernel's C++ op
 ``tile_linear`` instead (``sparse_compile/formats/bsr.py``). The ``sparse`` backend inserts the op after AOTAutograd,
-where a ``triton_op`` is no longer decomposed: in the compiled graph it is an external call that
-Inductor does not fuse around (``wrap_triton`` would let Inductor see the kernel only where the
-op is traced before that). Importing this module registers the op.
+where a ``triton_op`` is no longer decomposed: in a ``torch.compile`` graph it is an external call
+that Inductor does not fuse around. AOTInductor packages trace each call into its ``wrap_triton``
+kernel call instead (``passes/triton_kernels.py``), so the kernel is compiled into the package.
+Importing this module registers the op.
 
 Triton is optional: where torch comes without it (CPU-only wheels, some platforms), the op is a
 plain ``torch.library.custom_op`` with the same schema, the CPU path works as before, and CUDA
@@ -320,7 +321,7 @@ _GATHER_MIN_BLOCKSIZE = 32
 
 # triton_op: where the op is traced before AOTAutograd (a user's model calling it under
 # torch.compile) Inductor can see the Triton kernel inside it; the sparse backend inserts it after,
-# where it is an external call (see the module docstring). Without triton the same schema is a
+# where it is an external call, except in AOTInductor packages (see the module docstring). Without triton the same schema is a
 # plain custom op (CPU and fake implementations only).
 _define_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 

@@ -7,6 +7,9 @@
   ``nn.TransformerEncoderLayer`` op into plain ops, so the pass sees its linears.
 - :class:`~sparse_compile.passes.masked_linear.MaskedLinearPass`: rewrite of Dynamo training
   graphs that runs Supermask linears as ``torch.ops.sparse_compile.masked_linear``.
+- :func:`~sparse_compile.passes.triton_kernels.inline_triton_ops`: for AOTInductor packages, our
+  Triton ops' CUDA calls traced into the Triton kernel calls they are made of, so the kernels are
+  compiled into the package.
 """
 
 # This folder sits at the repository root, where ``python -m``, ``python -c`` and pytest put it on

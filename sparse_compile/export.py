@@ -30,14 +30,20 @@ What the package calls: the converted layers are calls of the ``torch.ops.sparse
 inserted after AOTAutograd, so AOTInductor keeps them as custom-op calls that its proxy executor
 makes through the dispatcher at run time (the ``.pt2``'s ``*.wrapper.json`` lists them, with their
 constant and static arguments). The ops must be registered in the loading process:
-``import sparse_compile``. On CUDA that call launches our Triton kernel from Python (JIT-compiled
-and autotuned at its first call), not a kernel compiled into the package.
+``import sparse_compile``. On CUDA the calls of our Triton op (``bsr_linear``) are replaced by
+the Triton kernel calls the op is made of (``passes/triton_kernels.py``), so that AOTInductor
+autotunes and compiles the kernel into the package, as it does a user's own Triton kernel; a
+call that cannot be (symbolic shapes) stays an op call whose kernel Triton compiles at its first
+call in the loading process. The report says which (``PackageReport.triton_kernels``). Should
+AOTInductor fail on the inlined kernels, the package is built again with the op calls, with a
+warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,9 +55,12 @@ from sparse_compile import measure
 from sparse_compile.formats.base import ReasonCode
 from sparse_compile.options import SparseOptions
 from sparse_compile.passes.sparse_linear import SparseLinearPass, chain_passes
+from sparse_compile.passes.triton_kernels import inline_triton_ops
 from sparse_compile.report import CompileReport, GraphReport, LayerRecord, new_graph_report
 
 __all__ = ["PackageReport", "aoti_compile_and_package", "aoti_load_package", "package_report"]
+
+log = logging.getLogger(__name__)
 
 #: Name of the report inside the archive (under its ``extra/`` folder, torch's place for
 #: files of the user's own).
@@ -77,18 +86,58 @@ class PackageReport(CompileReport):
     package_path: str = ""
     device: str = ""  # the device the layers were timed on, as timings name it ("cpu: <model>, 2 threads")
     options: dict = dataclasses.field(default_factory=dict)
+    #: CUDA packages: how our Triton ops' calls were packaged (compiled in, or op calls and why); "" on CPU.
+    triton_kernels: str = ""
 
     def __str__(self) -> str:
         head = f"sparse_compile package {self.package_path} (packaged on {self.device or 'an unknown device'})"
+        if self.triton_kernels:
+            head += f"\nTriton kernels: {self.triton_kernels}"
         return f"{head}\n{super().__str__()}"
 
 
 class _PackagingPass(SparseLinearPass):
     """The backend's pass, shared rather than copied when ``compile_fx_aot`` deep-copies its
-    config patches: the pass that runs must record into the report the caller returns."""
+    config patches: the pass that runs must record into the report the caller returns.
+
+    With ``inline_triton``, the calls of our Triton ops it inserted on CUDA are then replaced by
+    their Triton kernel calls (``passes/triton_kernels.py``): AOTInductor compiles those into the
+    package."""
+
+    def __init__(self, *args, inline_triton: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inline_triton = inline_triton
+        self.triton_inlined = 0
+        self.triton_left: list[str] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        super().__call__(graph)
+        if not self.inline_triton:
+            return
+        inlined, left = inline_triton_ops(graph.owning_module)
+        self.triton_inlined += inlined
+        self.triton_left += left
+        if inlined:
+            graph.eliminate_dead_code()
+            graph.owning_module.recompile()
 
     def __deepcopy__(self, memo):
         return self
+
+    def triton_summary(self) -> str:
+        """What the report says of the Triton op calls ("" when there were none)."""
+        parts = []
+        if self.triton_inlined:
+            parts.append(f"{self.triton_inlined} op call(s) compiled into the package as Triton kernel calls")
+        if self.triton_left:
+            parts.append(
+                f"{len(self.triton_left)} left as op calls (kernel compiled by Triton at the first call after loading): "
+                + "; ".join(self.triton_left)
+            )
+        if not self.inline_triton:
+            parts.append("op calls (kernel compiled by Triton at the first call after loading): "
+                         "AOTInductor failed on the inlined kernels, see the warning")
+        return ", ".join(parts)
 
 
 def aoti_compile_and_package(
@@ -139,9 +188,7 @@ def aoti_compile_and_package(
 
     module = exported_program.module(check_guards=False)
     args, kwargs = exported_program.example_inputs
-    graph_report = new_graph_report()
-    sparse_pass = _PackagingPass(sparse_options, graph_report, _weight_names(module))
-    configs["post_grad_custom_pre_pass"] = chain_passes(sparse_pass, configs.get("post_grad_custom_pre_pass"))
+    user_pass = configs.get("post_grad_custom_pre_pass")
     configs["aot_inductor.package"] = True  # aot_compile returns the files to package
 
     from sparse_compile import backend as _backend  # here: it imports Inductor's compiler, import sparse_compile does not
@@ -149,8 +196,24 @@ def aoti_compile_and_package(
     # The freezing patterns are registered once per process: first under the user's settings
     # (see backend._register_freezing_patterns), then the weight-packing ones hidden for us.
     _backend._register_freezing_patterns()
-    with torch.no_grad(), _backend._freezing_patterns_without_packing():
-        aoti_files = torch._inductor.aot_compile(module, args, kwargs, options=configs)
+    for inline_triton in (True, False):
+        graph_report = new_graph_report()
+        sparse_pass = _PackagingPass(sparse_options, graph_report, _weight_names(module), inline_triton=inline_triton)
+        configs["post_grad_custom_pre_pass"] = chain_passes(sparse_pass, user_pass)
+        try:
+            with torch.no_grad(), _backend._freezing_patterns_without_packing():
+                aoti_files = torch._inductor.aot_compile(module, args, kwargs, options=configs)
+            break
+        except Exception as error:
+            if not sparse_pass.triton_inlined:
+                raise
+            # Never a failed package because of the inlining: the op calls run the same kernel.
+            log.warning(
+                "sparse_compile.aoti_compile_and_package: AOTInductor failed on our inlined Triton kernels "
+                "(%s: %s); packaging again with the ops called instead", type(error).__name__, error,
+            )
+            counters["sparse_compile"]["aoti_triton_inline_failed"] += 1
+    counters["sparse_compile"]["aoti_triton_kernels_inlined"] += sparse_pass.triton_inlined
     if not sparse_pass.ran:
         graph_report.no_linear = "the sparse pass did not run on this graph (Inductor did not call it)"
         graph_report.linears_hidden = True
@@ -167,6 +230,7 @@ def aoti_compile_and_package(
         package_path=os.fspath(package_path),
         device=measure.device_name(device),
         options=dataclasses.asdict(sparse_options),
+        triton_kernels=sparse_pass.triton_summary(),
     )
     from torch.export.pt2_archive._package import package_pt2
 
@@ -333,6 +397,7 @@ def _report_json(result: PackageReport) -> str:
             "package_path": result.package_path,
             "device": result.device,
             "options": result.options,
+            "triton_kernels": result.triton_kernels,
             "graphs": graphs,
             "text": str(CompileReport(result.graphs)),  # the table as printed, for a reader without us
         },
@@ -368,4 +433,7 @@ def _report_from_json(text: str) -> PackageReport:
         verdict = known.pop("graph_check", None)
         known["graph_check"] = measure.GraphVerdict(**verdict) if verdict else None
         graphs.append(GraphReport(layers=layers, **known))
-    return PackageReport(graphs, package_path=data["package_path"], device=data["device"], options=data["options"])
+    return PackageReport(
+        graphs, package_path=data["package_path"], device=data["device"], options=data["options"],
+        triton_kernels=data.get("triton_kernels", ""),
+    )

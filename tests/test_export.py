@@ -191,3 +191,42 @@ def test_bad_input_gets_an_error_naming_the_fix(call, error, words, tmp_path):
     assert words in str(raised.value)
     assert not (tmp_path / "m.pt2").exists()
 
+
+
+def test_a_package_is_built_with_the_op_calls_when_aotinductor_fails_on_inlined_kernels(tmp_path, monkeypatch, caplog):
+    """CUDA packages compile our Triton kernels in (passes/triton_kernels.py). Should AOTInductor
+    fail on them, the package is built again with the op calls (which run the same kernel), with
+    a warning and the report saying so. Simulated on CPU: the pass claims one inlined kernel and
+    the first compile fails after it ran."""
+    import sparse_compile.export as export_module
+
+    monkeypatch.setattr(export_module, "inline_triton_ops", lambda gm: (1, []))
+    real_aot_compile = torch._inductor.aot_compile
+    compiles = []
+
+    def failing_once(*args, **kwargs):
+        files = real_aot_compile(*args, **kwargs)
+        compiles.append(kwargs["options"]["post_grad_custom_pre_pass"])
+        if len(compiles) == 1:
+            raise RuntimeError("simulated: a Triton kernel AOTInductor could not compile")
+        return files
+
+    monkeypatch.setattr(torch._inductor, "aot_compile", failing_once)
+    torch.manual_seed(0)
+    model = block_pruned_mlp()
+    x = torch.randn(8, 256)
+    path = tmp_path / "m.pt2"
+    with caplog.at_level("WARNING", logger="sparse_compile.export"):
+        report = sparse_compile.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=path, options=OPTIONS)
+    assert len(compiles) == 2
+    assert "AOTInductor failed on our inlined Triton kernels" in caplog.text and "simulated" in caplog.text
+    assert len(report.sparse_layers) == 2  # the second compile's report, not both
+    assert "AOTInductor failed on the inlined kernels" in report.triton_kernels
+    assert sparse_compile.package_report(path).triton_kernels == report.triton_kernels
+    assert "Triton kernels: " in str(report)
+
+
+def test_a_cpu_package_reports_no_triton_kernels(mlp_package):
+    _, _, path, report, counted = mlp_package
+    assert report.triton_kernels == "" and "Triton kernels" not in str(report)
+    assert counted.get("aoti_triton_kernels_inlined", 0) == 0 and "aoti_triton_inline_failed" not in counted
