@@ -90,16 +90,10 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     if any(n.op == "get_attr" for n in traced.graph.nodes):
         raise RuntimeError("the traced body holds constants of its own")
 
-    env: dict[torch.fx.Node, torch.fx.Node] = dict(zip((n for n in traced.graph.nodes if n.op == "placeholder"), inputs))
-    result = None
+    # The traced placeholders are the call's inputs; fx copies the rest in front of the call.
+    inputs_of_trace = dict(zip((n for n in traced.graph.nodes if n.op == "placeholder"), inputs))
     with gm.graph.inserting_before(node):
-        for traced_node in traced.graph.nodes:
-            if traced_node.op == "placeholder":
-                continue
-            if traced_node.op == "output":
-                result = torch.fx.node.map_arg(traced_node.args[0], lambda arg: env[arg])
-                break
-            env[traced_node] = gm.graph.node_copy(traced_node, lambda arg: env[arg])
+        result = gm.graph.graph_copy(traced.graph, inputs_of_trace)
     if not isinstance(result, torch.fx.Node):
         raise RuntimeError(f"the traced body returned {type(result).__name__}, not one tensor")
     node.replace_all_uses_with(result)
