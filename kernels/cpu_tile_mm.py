@@ -41,7 +41,13 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-__all__ = ["bsr_mm", "load", "tile_linear_calls", "native_bfloat16", "pack_bsr_values", "tile_mm", "unavailable_reason"]
+__all__ = [
+    "amx_calls", "bsr_mm", "load", "native_amx", "native_bfloat16", "pack_bsr_values", "tile_linear_calls", "tile_mm",
+    "unavailable_reason", "use_amx",
+]
+
+#: ``SPARSE_COMPILE_CPU_AMX=0`` keeps the bf16 path off the CPU's AMX tiles (see :func:`use_amx`).
+AMX_ENV = "SPARSE_COMPILE_CPU_AMX"
 
 SOURCES = (Path(__file__).with_name("cpu_tile_mm.cpp"), Path(__file__).with_name("cpu_tile_ops.cpp"))
 # The kernel's register block is 16 columns wide: packed tile rows are padded to a multiple.
@@ -202,6 +208,8 @@ def _load(path: Path) -> None:
     if _loaded_path is None:
         torch.ops.load_library(str(path))
         _loaded_path = path
+        if os.environ.get(AMX_ENV, "1").strip() == "0":
+            torch.ops.sparse_compile.tile_set_amx(False)
     _register_fakes()
 
 
@@ -264,6 +272,29 @@ def native_bfloat16() -> bool:
     """Whether the built kernel multiplies bf16 with the CPU's own bf16 dot products (AVX-512 BF16:
     decided when the kernel is compiled for this host). Else bf16 is computed in fp32 registers."""
     return _library.get() is not None and bool(torch.ops.sparse_compile.tile_native_bf16())
+
+
+def native_amx() -> bool:
+    """Whether bf16 products can run on the CPU's AMX tile unit (Sapphire Rapids and later, on a
+    Linux kernel that grants the tile state): the kernel was built for AMX-BF16 here. Then calls
+    with bf16 pairs, tiles of a multiple of 16 and K a multiple of the tile size run rows in
+    blocks of 16 on AMX (the rest on AVX-512 BF16), unless turned off (:func:`use_amx`)."""
+    return _library.get() is not None and bool(torch.ops.sparse_compile.tile_native_amx())
+
+
+def use_amx(enabled: bool) -> bool:
+    """Turns the AMX path on or off for later calls in this process, returning whether it was on
+    (off for good where :func:`native_amx` is False). For tests of the AVX-512 BF16 path and A/B
+    benchmarks on an AMX host; ``SPARSE_COMPILE_CPU_AMX=0`` starts a process with it off."""
+    load()
+    return bool(torch.ops.sparse_compile.tile_set_amx(bool(enabled)))
+
+
+def amx_calls() -> int:
+    """How many kernel calls in this process ran rows on AMX tiles (0 before the library is loaded)."""
+    if _loaded_path is None:
+        return 0
+    return int(torch.ops.sparse_compile.tile_amx_calls())
 
 
 def _packed_format(a_dtype: torch.dtype, weight_dtype: torch.dtype, native_bf16: Optional[bool]) -> int:

@@ -30,6 +30,9 @@
 
 extern "C" {
 int32_t sc_native_bf16(void);
+int32_t sc_native_amx(void);
+int32_t sc_set_amx(int32_t enabled);
+int64_t sc_amx_calls(void);
 int64_t sc_pack_kept_tiles(const void* w, int32_t w_bf16, int64_t n, int64_t k, int64_t w_s0, int64_t w_s1,
                            const float* mask, int64_t nb, int64_t kb, int64_t mask_s0, int64_t mask_s1, int64_t t,
                            int64_t tp, int64_t capacity, int32_t format, int32_t round_bf16, int32_t* row_ptr,
@@ -175,6 +178,12 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 
 bool tile_native_bf16() { return sc_native_bf16() != 0; }
 
+bool tile_native_amx() { return sc_native_amx() != 0; }
+
+bool tile_set_amx(bool enabled) { return sc_set_amx(enabled ? 1 : 0) != 0; }
+
+int64_t tile_amx_calls() { return sc_amx_calls(); }
+
 int64_t tile_linear_calls() { return tile_linear_call_count.load(std::memory_order_relaxed); }
 
 }  // namespace
@@ -188,6 +197,9 @@ TORCH_LIBRARY_FRAGMENT(sparse_compile, m) {
       "tile_pack_masked(Tensor weight, Tensor tile_mask, int tile_size, int kept, int packed_format, bool round_bf16) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("tile_native_bf16() -> bool", &tile_native_bf16);
+  m.def("tile_native_amx() -> bool", &tile_native_amx);
+  m.def("tile_set_amx(bool enabled) -> bool", &tile_set_amx);
+  m.def("tile_amx_calls() -> int", &tile_amx_calls);
   m.def("tile_linear_calls() -> int", &tile_linear_calls);
 }
 

@@ -83,18 +83,31 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+# Row schedules: the register-block paths (fp32, AVX-512 BF16), and AMX's where the CPU has it.
+SCHEDULES = [(f, False) for f in FORMATS] + (
+    [(1, True)] if cpu_tile_mm.unavailable_reason() is None and cpu_tile_mm.native_amx() else []
+)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("rows", [1, 5, 13, 48, 97, 394])
-@pytest.mark.parametrize("packed_format", FORMATS)
-def test_every_row_is_computed_however_the_rows_split_over_threads(threads, rows, packed_format):
+@pytest.mark.parametrize("packed_format,amx", SCHEDULES, ids=[f"format{f}{'-amx' if a else ''}" for f, a in SCHEDULES])
+def test_every_row_is_computed_however_the_rows_split_over_threads(threads, rows, packed_format, amx):
     # The kernel cuts the rows into equal chunks, a multiple of the threads in number (a
     # multiple of the 6-row register block in size): uneven counts leave short or empty chunks.
+    # On AMX, one range per thread, a multiple of 16 rows, the rows past the last 16 on AVX-512.
     dtype = torch.bfloat16 if packed_format == 1 else torch.float32
     n, k, t = 80, 96, 16
     w, x, bias = block_sparse(n, k, t, 0.5, dtype), torch.randn(rows, k, dtype=dtype), torch.randn(n, dtype=dtype)
     bsr = BsrWeight.from_dense(w, t)
     packed = torch.ops.sparse_compile.tile_pack_blocks(bsr.values, packed_format)
-    out = tile_linear(x, packed, bsr.crow_indices, bsr.col_indices, bias, n, k, t, packed_format)
+    before = cpu_tile_mm.use_amx(amx)
+    try:
+        amx_calls = cpu_tile_mm.amx_calls()
+        out = tile_linear(x, packed, bsr.crow_indices, bsr.col_indices, bias, n, k, t, packed_format)
+        assert cpu_tile_mm.amx_calls() - amx_calls == int(amx and rows >= 16)
+    finally:
+        cpu_tile_mm.use_amx(before)
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.double(), reference(x, w, bias), atol=tol, rtol=tol)
 
