@@ -224,7 +224,9 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
     @torch.library.register_fake("sparse_compile::tile_linear")
-    def _tile_linear_fake(x, packed, row_ptr, col_idx, bias, out_features, in_features, tile_size, packed_format):
+    def _tile_linear_fake(
+        x, packed, row_ptr, col_idx, bias, out_features, in_features, tile_size, packed_format, activation="none"
+    ):
         torch._check(x.shape[-1] == in_features, lambda: f"tile_linear: x has {x.shape[-1]} features, expected {in_features}")
         return x.new_empty((*x.shape[:-1], out_features))
 

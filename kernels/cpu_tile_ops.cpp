@@ -41,7 +41,8 @@ void sc_pack_bsr_blocks(const void* values, int32_t values_bf16, int64_t blocks,
                         int32_t format, void* packed);
 int32_t sc_tile_mm(const void* a, int32_t a_bf16, int64_t lda, int64_t m, const void* packed, int32_t format,
                    const int32_t* row_ptr, const int32_t* col_idx, int64_t nb, int64_t n, int64_t k, int64_t t,
-                   int64_t tp, const float* bias, void* out, int32_t out_bf16, int64_t ldo, int threads);
+                   int64_t tp, const float* bias, void* out, int32_t out_bf16, int64_t ldo, int threads,
+                   int32_t activation);
 }
 
 namespace {
@@ -59,6 +60,15 @@ const int fork_handler_registered = pthread_atfork(nullptr, nullptr, note_fork);
 // Calls of tile_linear in this process (tile_linear_calls()): how tests and users see that a compiled
 // graph ran the sparse kernel, where Python counters cannot count (no Python on this path).
 std::atomic<int64_t> tile_linear_call_count{0};
+
+// The `activation` argument of tile_linear, as the kernel's code (cpu_tile_mm.cpp: ACTIVATION_*).
+int32_t activation_code(c10::string_view activation) {
+  if (activation == "none") return 0;
+  if (activation == "gelu") return 1;
+  if (activation == "relu") return 2;
+  TORCH_CHECK(false, "tile_linear: activation must be \"none\", \"gelu\" (exact, erf) or \"relu\", got \"",
+              std::string(activation), "\"");
+}
 
 int64_t padded(int64_t t) { return (t + PACKED_COLUMNS - 1) / PACKED_COLUMNS * PACKED_COLUMNS; }
 
@@ -127,8 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_pack_masked(const at::Tensor
 
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                        const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features, int64_t tile_size,
-                       int64_t format) {
+                       int64_t format, c10::string_view activation) {
   check_format(format, "tile_linear");
+  const int32_t activation_id = activation_code(activation);
   tile_linear_call_count.fetch_add(1, std::memory_order_relaxed);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -167,7 +178,7 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed, const at::
         a.data_ptr(), bf16, a.stride(0), m, packed.data_ptr(), (int32_t)format, row_ptr.data_ptr<int32_t>(),
         col_idx.data_ptr<int32_t>(), nb, out_features, in_features, tile_size, padded(tile_size),
         bias.has_value() ? bias_fp32.data_ptr<float>() : nullptr, out.data_ptr(), bf16, out.stride(0),
-        in_forked_child ? 1 : at::get_num_threads());
+        in_forked_child ? 1 : at::get_num_threads(), activation_id);
     TORCH_CHECK(status == 0, "tile_linear: this build of the tile kernel cannot run packed layout ", format, " with ", dtype);
   }
   if (dtype == at::kHalf) out = out.to(at::kHalf);
@@ -191,7 +202,7 @@ int64_t tile_linear_calls() { return tile_linear_call_count.load(std::memory_ord
 TORCH_LIBRARY_FRAGMENT(sparse_compile, m) {
   m.def(
       "tile_linear(Tensor x, Tensor packed, Tensor row_ptr, Tensor col_idx, Tensor? bias, int out_features, "
-      "int in_features, int tile_size, int packed_format) -> Tensor");
+      "int in_features, int tile_size, int packed_format, str activation=\"none\") -> Tensor");
   m.def("tile_pack_blocks(Tensor values, int packed_format) -> Tensor");
   m.def(
       "tile_pack_masked(Tensor weight, Tensor tile_mask, int tile_size, int kept, int packed_format, bool round_bf16) "

@@ -36,6 +36,7 @@ from typing import Callable, Mapping
 
 import torch
 import torch.fx
+from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -45,7 +46,7 @@ from sparse_compile.analysis import decide
 from sparse_compile.formats.base import LayerDecision, Reason, ReasonCode
 from sparse_compile.measure import rows_hint
 from sparse_compile.options import SparseOptions
-from sparse_compile.passes import sparse_conv
+from sparse_compile.passes import epilogues, sparse_conv
 from sparse_compile.report import DENSE_KERNEL, GraphReport, LayerRecord
 
 aten = torch.ops.aten
@@ -95,6 +96,7 @@ class SparseLinearPass(CustomGraphPass):
         names = _LayerNamer(gm, self.weight_names)
         constants = _ConstantEvaluator(gm)
         converted: dict[tuple, _Constants] = {}  # one converted copy per weight, for tied weights
+        calls: list[tuple[torch.fx.Node, int]] = []  # each new op call and its layer's record
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in _FUSED_FAST_PATH_WEIGHTS:
                 self._record_fused_fast_path(node, constants, names)
@@ -127,7 +129,8 @@ class SparseLinearPass(CustomGraphPass):
             key = _weight_key(weight_t, decision.candidate)
             if key not in converted:
                 converted[key] = _Constants.convert(gm, weight, decision)
-            _replace(gm, node, x, converted[key], bias, constants)
+            calls.append((_replace(gm, node, x, converted[key], bias, constants), len(self.graph_report.layers) - 1))
+        self._fuse_activations(calls)
         self.weights_converted = {}
         for constants in converted.values():
             self.weights_converted[constants.format] = self.weights_converted.get(constants.format, 0) + 1
@@ -136,6 +139,17 @@ class SparseLinearPass(CustomGraphPass):
             self.graph_report.no_linear, self.graph_report.linears_hidden = why, hidden
         graph.eliminate_dead_code()
         gm.recompile()
+
+    def _fuse_activations(self, calls: list[tuple[torch.fx.Node, int]]) -> None:
+        """GELU / ReLU after a CPU tile kernel call run inside it (``epilogues.py``): the layer's
+        kernel column says so ("tile kernel (cpu) + gelu"), ``counters["sparse_compile"]["fused_<name>"]`` counts."""
+        for call, index in calls:
+            activation = epilogues.fuse_activation(call)
+            if activation is None:
+                continue
+            record = self.graph_report.layers[index]
+            self.graph_report.layers[index] = dataclasses.replace(record, kernel=f"{record.kernel} + {activation}")
+            counters["sparse_compile"][f"fused_{activation}"] += 1
 
     def _convolution(self, gm, node, conv: "sparse_conv.ConvMatch", constants, names, converted) -> None:
         """A convolution: analysed as its ``[out, in*kh*kw]`` weight view with the linears'
@@ -434,7 +448,7 @@ class _Constants:
         )
 
 
-def _replace(gm, node, x, constants: _Constants, bias, values: "_ConstantEvaluator") -> None:
+def _replace(gm, node, x, constants: _Constants, bias, values: "_ConstantEvaluator") -> torch.fx.Node:
     graph = gm.graph
     with graph.inserting_before(node):
         tensors = [None if name is None else _get_constant(gm, name) for name in constants.names]
@@ -446,6 +460,7 @@ def _replace(gm, node, x, constants: _Constants, bias, values: "_ConstantEvaluat
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    return new
 
 
 def _bias_as_the_op_adds_it(

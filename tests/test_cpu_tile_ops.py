@@ -148,6 +148,63 @@ def test_tile_linear_schema_and_fake_implementation():
     packed, crow, col, packed_format = converted(block_sparse(n, k, t, 0.5), t, torch.float32)
     args = (torch.randn(2, 5, k), packed, crow, col, torch.randn(n), n, k, t, packed_format)
     torch.library.opcheck(tile_linear, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(tile_linear, (*args, "gelu"), test_utils=("test_schema", "test_faketensor"))
+
+
+def gelu_float64(v):
+    return 0.5 * v * (1 + torch.erf(v / 2**0.5))
+
+
+ACTIVATIONS = {"gelu": gelu_float64, "relu": torch.relu}
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("packed_format,amx", SCHEDULES, ids=[f"format{f}{'-amx' if a else ''}" for f, a in SCHEDULES])
+def test_tile_linear_applies_the_activation_to_its_fp32_sums(activation, packed_format, amx):
+    # The activation of the layer's output (GELU exact, ReLU), applied before rounding: against
+    # float64 of activation(x @ W^T + b). Shapes with partial row and column blocks on every path.
+    dtype = torch.bfloat16 if packed_format == 1 else torch.float32
+    for rows, n, k, t in [(50, 70, 96, 32), (7, 48, 64, 16), (37, 96, 128, 64)]:
+        w = block_sparse(n, k, t, 0.5, dtype)
+        x, bias = (torch.randn(rows, k) * 2).to(dtype), torch.randn(n)
+        bsr = BsrWeight.from_dense(w, t)
+        packed = torch.ops.sparse_compile.tile_pack_blocks(bsr.values, packed_format)
+        before = cpu_tile_mm.use_amx(amx)
+        try:
+            amx_calls = cpu_tile_mm.amx_calls()
+            out = tile_linear(x, packed, bsr.crow_indices, bsr.col_indices, bias, n, k, t, packed_format, activation)
+            assert cpu_tile_mm.amx_calls() - amx_calls == int(amx and rows >= 16)
+        finally:
+            cpu_tile_mm.use_amx(before)
+        expected = ACTIVATIONS[activation](reference(x, w, bias))
+        if dtype == torch.float32:  # fp32 sums (the activation's own error: the test below)
+            torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+        else:  # one rounding to bf16 (half an ulp), fp32 sums
+            torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=2**-8)
+
+
+def test_tile_linear_gelu_matches_torch_over_the_whole_range():
+    # GELU of single values through an identity tile: the approximated erf against float64 from
+    # -12 to 12 (both tails, the steep middle) and special values.
+    eye = torch.eye(16).unsqueeze(0).contiguous()
+    packed = torch.ops.sparse_compile.tile_pack_blocks(eye, 0)
+    row_ptr, col = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    values = torch.linspace(-12, 12, 16 * 4001)
+    out = tile_linear(values.view(-1, 16), packed, row_ptr, col, None, 16, 16, 16, 0, "gelu").view(-1)
+    torch.testing.assert_close(out.double(), gelu_float64(values.double()), atol=1e-6, rtol=1e-6)
+    special = torch.tensor([float("nan"), 0.0, -0.0, 1e-30, -1e-30, 100.0, -100.0, float("-inf")])
+    x = torch.zeros(len(special), 16)
+    x[:, 0] = special  # one value per row: NaN and inf stay in their own row
+    out = tile_linear(x, packed, row_ptr, col, None, 16, 16, 16, 0, "gelu")[:, 0]
+    assert out[0].isnan() and out[-1].isnan()  # as torch: -inf * (1 + erf(-inf)) = -inf * 0
+    torch.testing.assert_close(out[1:-1], torch.nn.functional.gelu(special[1:-1]), atol=1e-30, rtol=1e-6)
+
+
+def test_tile_linear_refuses_an_unknown_activation():
+    n, k, t = 64, 96, 32
+    packed, crow, col, packed_format = converted(block_sparse(n, k, t, 0.5), t, torch.float32)
+    with pytest.raises(RuntimeError, match='activation must be "none", "gelu"'):
+        tile_linear(torch.randn(3, k), packed, crow, col, None, n, k, t, packed_format, "tanh")
 
 
 class TwoLinears(nn.Module):
@@ -181,7 +238,8 @@ def test_the_compiled_graph_calls_tile_linear(fresh_compiler, dtype):
         out = compiled(x)
     assert len(calls) == 2
     report = sparse_compile.report(compiled)
-    assert [layer.kernel for layer in report.layers] == ["tile kernel (cpu)"] * 2
+    # The ReLU between the two runs inside the first call (passes/epilogues.py).
+    assert [layer.kernel for layer in report.layers] == ["tile kernel (cpu) + relu", "tile kernel (cpu)"]
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
     torch.testing.assert_close(out.double(), float64_reference(model, x), **tol)
 
