@@ -95,7 +95,7 @@ def test_mixed_model_bsr_2_4_and_dense():
     x = torch.randn(2, 5, 64)
     report, code = compile_and_check(model, x, {"blocksize": 16})
     assert [(layer.format, layer.kernel) for layer in report.layers] == [
-        ("bsr", "tile kernel (cpu)"), ("2:4", "reference (cpu)"), ("dense", "inductor dense")
+        ("bsr", "tile kernel (cpu) + relu"), ("2:4", "reference (cpu)"), ("dense", "inductor dense")
     ], str(report)
     assert cpu_bsr_op_name() in code and OP_NAME in code
     stats = counters["sparse_compile"]
