@@ -324,3 +324,29 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(result["state"][name], value, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     assert len(result["masked"]) == 2 and result["tiles"] > 0
+
+
+def test_masked_training_graphs_are_split_saving_what_the_backward_reads(monkeypatch):
+    # A training graph with masked layers is partitioned by SavingPartitioner (the backward reads
+    # the forward's values rather than recomputing them, sparse_compile/backend.py); one without
+    # keeps Inductor's min-cut split. Both still train as eager does.
+    from sparse_compile import backend
+
+    split = []
+    original = backend.SavingPartitioner.__call__
+    monkeypatch.setattr(
+        backend.SavingPartitioner, "__call__", lambda self, gm, inputs, **kw: split.append(gm) or original(self, gm, inputs, **kw)
+    )
+    for masked in (True, False):
+        torch._dynamo.reset()
+        split.clear()
+        torch.manual_seed(0)
+        model = supermask(mlp(), 0.8, 16) if masked else mlp()
+        reference = copy.deepcopy(model)
+        batches = make_batches(3, torch.float32)
+        counters.clear()
+        losses = train(model, batches, torch.compile(model, backend="sparse", fullgraph=True))
+        assert_same_training(model, reference, losses, train(reference, batches), torch.float32)
+        assert len(split) == int(masked)
+        assert counters["sparse_compile"]["training_graphs_saving_partition"] == int(masked)
+        assert counters["sparse_compile"]["masked_linear_rewrites"] == (2 if masked else 0)
