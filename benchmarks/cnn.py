@@ -17,6 +17,12 @@ convolutions as BSR matmuls over channels. The unmasked model runs the same thre
 its ``backend="sparse"`` row is the all-dense CNN, whose convolutions the backend must leave
 as fast as Inductor's. Every row is checked against eager on its own weights.
 
+Bi-Mask 2:4 (``--passes bimask``): every convolution but the stem (the first) gets a bidirectional
+:class:`~sparse_compile.training.NMMask` 2:4 (``apply_nm``, Bi-Mask's setting for ResNet-50),
+finalized, and runs the inference rows as above: the sparse backend can run its 1x1 convolutions
+on the 2:4 kernels (cuSPARSELt / CUTLASS on CUDA); on CPU it has only a reference path that never
+beats dense, so the row shows them dense and says why (the reason code of most of its 1x1 convs).
+
 Training step (train mode, batch ``--train-batch-size``): forward, cross-entropy backward and
 an SGD (momentum) step of the Supermask model (not finalized: the masks train), as eager,
 ``backend="inductor"`` and ``backend="sparse"`` (1x1 convolutions through the masked op, dropped
@@ -35,6 +41,7 @@ misses them for reasons of its own).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -49,7 +56,7 @@ from torch import nn
 
 import sparse_compile
 from benchmarks import common
-from sparse_compile.training import apply_supermask, finalize
+from sparse_compile.training import apply_nm, apply_supermask, finalize
 
 DEFAULTS = {
     "cpu": dict(
@@ -119,6 +126,15 @@ def supermask_1x1(model: nn.Module, sparsity: float, tile: int) -> tuple[nn.Modu
     return masked, len(names)
 
 
+def bimask_2_4(model: nn.Module) -> tuple[nn.Module, int]:
+    """A finalized copy of ``model`` with Bi-Mask 2:4 on every convolution but the stem (the first)
+    and on no linear (the ``fc`` head stays dense); returns it and how many convolutions it masks."""
+    masked = copy.deepcopy(model)
+    stem = next(name for name, module in masked.named_modules() if isinstance(module, nn.Conv2d))
+    names = apply_nm(masked, 2, 4, filter_fn=lambda name, module: isinstance(module, nn.Conv2d) and name != stem)
+    return finalize(masked), len(names)
+
+
 # --------------------------------------------------------------------------------------------
 # Rows
 
@@ -183,6 +199,9 @@ def inference_group(label: str, model: nn.Module, x: torch.Tensor, tol: float, v
     report = sparse_compile.report(copies[2])
     convs = [layer for layer in report.layers if layer.kind == "conv1x1"]
     rows[2].sparse = f"{sum(layer.format != 'dense' for layer in convs)}/{len(convs)}"
+    dense = [layer.reason_code.value for layer in convs if layer.format == "dense" and layer.reason_code is not None]
+    if dense:  # why the 1x1 convs that stay dense do: the most common reason code among them
+        rows[2].sparse += f" (dense: {collections.Counter(dense).most_common(1)[0][0]})"
     if verbose:
         print(report)
     return rows
@@ -296,8 +315,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=common.positive_int, help="inference batch")
     parser.add_argument("--train-batch-size", type=common.positive_int, help="training-step batch")
     parser.add_argument("--image-size", type=common.positive_int)
-    parser.add_argument("--passes", default="inference,training", type=common.comma_list(_pass),
-                        help="which passes run: inference, training")
+    parser.add_argument("--passes", default="inference,training,bimask", type=common.comma_list(_pass),
+                        help="which passes run: inference, training, bimask (Bi-Mask 2:4 inference)")
     parser.add_argument("--no-dense", action="store_true", help="leave out the all-dense model's inference rows")
     parser.add_argument("--verbose", action="store_true", help="print the sparse backend's report per model")
     common.add_timing_cache_arg(parser)
@@ -310,8 +329,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _pass(text: str) -> str:
-    if text not in ("inference", "training"):
-        raise ValueError(f"unknown pass {text!r}; use inference, training")
+    if text not in ("inference", "training", "bimask"):
+        raise ValueError(f"unknown pass {text!r}; use inference, training, bimask")
     return text
 
 
@@ -335,7 +354,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     facts = common.environment(device, args.tf32) + [
         ("model", f"{args.model} (random weights), image {args.image_size} px, {convs1x1} 1x1 convolutions"),
         ("masks", "Supermask on every 1x1 convolution (apply_supermask conv1x1_*), sparsity = fraction of "
-                  "tiles dropped; inference: finalized"),
+                  "tiles dropped; inference: finalized; Bi-Mask 2:4: apply_nm on every convolution but the stem, "
+                  "finalized"),
         ("inference", f"eval, no_grad, batch {args.batch_size}; inductor with options={{'freezing': True}}"),
         ("training", f"train mode, batch {args.train_batch_size}, forward + cross-entropy backward + "
                      "SGD(momentum) step; model compiled, optimizer eager"),
@@ -371,6 +391,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                     torch._dynamo.reset()
                     groups.append(training_group(label, masked, x_train, y_train, tol, total))
                     time_group(groups[-1], device, min(args.warmup, 1), args.reps)
+        if "bimask" in args.passes:
+            torch._dynamo.reset()
+            torch.manual_seed(3)
+            groups.append(inference_group("Bi-Mask 2:4", bimask_2_4(base)[0], x, tol, args.verbose))
+            time_group(groups[-1], device, args.warmup, args.reps)
     table = common.Table(f"{args.model}, float32", HEADERS, [r for group in groups for r in table_rows(group)])
     print(f"\n{table.title}\n{table.text()}\n\ntotal {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -395,8 +420,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     all_ok = all(r.ok for r in rows if r.times_ms or r.err is not None) and not any(r.note.startswith("WRONG") for r in rows)
     raw = [dict(kind=r.kind, model=r.model, variant=r.variant, times_ms=r.times_ms) for r in rows if r.times_ms]
     legend = (
-        "sparse 1x1 convs: 1x1 convolutions run sparse (inference: BSR; training: masked) / 1x1 convolutions "
-        "(inference: as the backend saw them; training: with a Supermask). vs eager, vs inductor: that row's median "
+        "sparse 1x1 convs: 1x1 convolutions run sparse (inference: BSR or 2:4; training: masked) / 1x1 convolutions "
+        "(inference: as the backend saw them; training: with a Supermask), and the reason code of most of those "
+        "left dense. vs eager, vs inductor: that row's median "
         "/ this row's median (>1: faster); spread: interquartile range of the per-round ratios inductor / this row. "
         "compile s: the first call or step. err: inference max|out - eager| / max|eager|; training the worst such "
         "error over the first step's gradients against eager's in float64 (a sparse row passes within twice the "

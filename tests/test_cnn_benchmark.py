@@ -88,3 +88,28 @@ def test_bad_flags_are_argparse_errors(capsys):
         cnn.parse_args(["--passes", "fly"])
     with pytest.raises(SystemExit):
         cnn.parse_args(["--dtype", "bfloat16"])
+
+
+def test_the_bimask_rows_say_why_the_2_4_convs_stay_dense_on_cpu(capsys):
+    # Bi-Mask 2:4 on every conv but the stem, finalized: on CPU no 2:4 convolution kernel (the 2:4
+    # kernels are CUDA's) and no all-zero block for BSR, so the sparse row runs them as oneDNN
+    # does, says why, and agrees with eager.
+    assert cnn.main(TINY + ["--passes", "bimask", "--no-dense", "--output", ""]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("inference") and "Bi-Mask 2:4" in line]
+    assert len(rows) == 3 and all(line.rstrip().endswith("ok") for line in rows), out
+    sparse_row = next(line for line in rows if 'backend="sparse"' in line)
+    assert "0/5 (dense: no_block_to_skip)" in sparse_row, out
+
+
+def test_bimask_masks_every_conv_but_the_stem_2_4():
+    model, masked = cnn.bimask_2_4(cnn.build_model("tiny"))
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert masked == len(convs) - 1  # the stem ("0") keeps its weights
+    for name, conv in convs.items():
+        if conv.kernel_size != (1, 1):
+            continue
+        # A 1x1 conv's weight is its [out, in] matrix: at most 2 nonzeros in every 4 inputs.
+        nonzeros = (conv.weight.detach().reshape(conv.weight.shape[0], -1, 4) != 0).sum(-1)
+        assert (nonzeros <= 2).all() and (nonzeros == 2).float().mean() > 0.99, name
+    assert (convs["0"].weight != 0).all()  # the stem keeps every weight
