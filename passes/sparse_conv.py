@@ -168,9 +168,11 @@ def output_rows(node: torch.fx.Node) -> int | None:
     return math.prod(out.shape) // out.shape[1]
 
 
-def replace_conv1x1(graph: torch.fx.Graph, node: torch.fx.Node, match: ConvMatch, op, tensors, bias, static_args) -> None:
-    """Replaces the 1x1 ``node`` by ``op`` over its channels (module docstring). ``tensors`` are
-    the converted weight's constant nodes, made by the caller before ``node``."""
+def replace_conv1x1(
+    graph: torch.fx.Graph, node: torch.fx.Node, match: ConvMatch, op, tensors, bias, static_args
+) -> torch.fx.Node:
+    """Replaces the 1x1 ``node`` by ``op`` over its channels (module docstring); returns the op's
+    call. ``tensors`` are the converted weight's constant nodes, made by the caller before ``node``."""
     x_val = match.x.meta["val"]
     spatial = x_val.dim() - 2
     with graph.inserting_before(node):
@@ -180,13 +182,14 @@ def replace_conv1x1(graph: torch.fx.Graph, node: torch.fx.Node, match: ConvMatch
                 current = _call(graph, aten.slice.Tensor, current, dim, 0, sys.maxsize, step)
         channels_last = [0, *range(2, 2 + spatial), 1]
         current = _call(graph, aten.permute.default, current, channels_last)
-        current = _call(graph, op, current, *tensors, bias, *static_args)
-        current = _call(graph, aten.permute.default, current, [0, 1 + spatial, *range(1, 1 + spatial)])
+        call = _call(graph, op, current, *tensors, bias, *static_args)
+        current = _call(graph, aten.permute.default, call, [0, 1 + spatial, *range(1, 1 + spatial)])
     for key, value in node.meta.items():
         if key != "val":
             current.meta.setdefault(key, value)
     node.replace_all_uses_with(current)
     graph.erase_node(node)
+    return call
 
 
 def _call(graph: torch.fx.Graph, target, *args) -> torch.fx.Node:

@@ -108,9 +108,12 @@ class SparseLinearPass(CustomGraphPass):
             if conv is not None:
                 recorded = len(self.graph_report.layers)
                 try:
-                    self._convolution(gm, node, conv, constants, names, converted)
+                    call = self._convolution(gm, node, conv, constants, names, converted)
                 except Exception as error:  # noqa: BLE001 - a conv the pass cannot take stays dense
                     self._conv_failed(node, conv, recorded, error)
+                    continue
+                if call is not None:
+                    calls.append((call, len(self.graph_report.layers) - 1))
                 continue
             match = _match_linear(node)
             if match is None:
@@ -151,10 +154,10 @@ class SparseLinearPass(CustomGraphPass):
             self.graph_report.layers[index] = dataclasses.replace(record, kernel=f"{record.kernel} + {activation}")
             counters["sparse_compile"][f"fused_{activation}"] += 1
 
-    def _convolution(self, gm, node, conv: "sparse_conv.ConvMatch", constants, names, converted) -> None:
+    def _convolution(self, gm, node, conv: "sparse_conv.ConvMatch", constants, names, converted) -> torch.fx.Node | None:
         """A convolution: analysed as its ``[out, in*kh*kw]`` weight view with the linears'
         machinery; a 1x1 one that is a matmul over channels runs as its format's op
-        (``passes/sparse_conv.py``), every other one stays dense with the reason."""
+        (``passes/sparse_conv.py``; its call is returned), every other one stays dense with the reason."""
         weight = constants.tensor(conv.weight)
         fake_weight = _fake(conv.weight)
         kind = sparse_conv.conv_kind(fake_weight.shape)
@@ -166,13 +169,13 @@ class SparseLinearPass(CustomGraphPass):
         if why is not None:
             record = _record(name, fake_weight.new_empty(matrix_shape), LayerDecision.dense(why))
             self.graph_report.layers.append(dataclasses.replace(record, kind=kind))
-            return
+            return None
         matrix = sparse_conv.weight_matrix(weight)
         rows = rows_hint(sparse_conv.output_rows(node))
         decision = decide(matrix, self.options, rows=rows, formats=self.formats)
         self.graph_report.layers.append(dataclasses.replace(_record(name, matrix, decision), kind=kind))
         if not decision.is_sparse:
-            return
+            return None
         key = _weight_key(weight, decision.candidate)
         if key not in converted:
             converted[key] = _Constants.convert(gm, matrix, decision)
@@ -180,7 +183,7 @@ class SparseLinearPass(CustomGraphPass):
         with gm.graph.inserting_before(node):
             tensors = [None if name is None else _get_constant(gm, name) for name in weights.names]
             bias = _bias_as_the_op_adds_it(gm, conv.bias, constants, weights.bias_dtype)
-        sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, bias, weights.static_args)
+        return sparse_conv.replace_conv1x1(gm.graph, node, conv, weights.op, tensors, bias, weights.static_args)
 
     def _conv_failed(self, node, conv: "sparse_conv.ConvMatch", recorded: int, error: Exception) -> None:
         """The rewrite of a convolution raised: it stays dense (the node is still in the graph

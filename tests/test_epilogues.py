@@ -114,3 +114,36 @@ def test_the_fused_call_is_what_inductor_compiled():
     source = "\n".join(code)
     assert "'gelu'" in source or '"gelu"' in source, source[-3000:]
     assert not re.search(r"\berf\b", source)
+
+
+class ConvBnRelu(nn.Module):
+    """A 1x1 convolution, BatchNorm (folded into it at freezing) and ReLU, as in a ResNet bottleneck."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(32, 64, 1, stride=stride), nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_relu_after_a_sparse_1x1_conv_runs_in_its_kernel(stride):
+    torch.manual_seed(0)
+    model = ConvBnRelu(stride).eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.conv.weight[:, :16] = 0  # half the 16x16 blocks empty
+    x = torch.randn(2, 32, 9, 9)
+    compiled = torch.compile(model, backend="sparse", options={"density_threshold": 0.9, "blocksize": 16})
+    counters.clear()
+    with torch.no_grad():
+        compiled(x)
+        calls = TileKernelCalls()
+        out = compiled(x)
+    assert len(calls) == 1
+    report = sparse_compile.report(compiled)
+    assert [(layer.kind, layer.kernel) for layer in report.layers] == [("conv1x1", "tile kernel (cpu) + relu")]
+    assert counters["sparse_compile"]["fused_relu"] == 1
+    torch.testing.assert_close(out.double(), float64_reference(model, x), **TOLERANCE[torch.float32])
