@@ -271,3 +271,23 @@ def test_prune_conv1x1_blocks_prunes_what_the_backend_converts():
     grouped = nn.Sequential(nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 1, groups=2))
     with pytest.warns(UserWarning, match=r"1 1x1 convolutions the backend runs dense: 1 \(groups=2\)"):
         assert prune_conv1x1_blocks_(grouped, 0.5, 16) == ["0.weight"]
+
+
+@pytest.mark.gpu
+def test_gpu_a_2_4_conv1x1_runs_on_the_2_4_kernel():
+    # Bi-Mask's CNNs: a 1x1 conv whose [out, in] weight is 2:4 runs as the 2:4 linear op over its
+    # channels on CUDA (on CPU freezing packs it for oneDNN: no 2:4 conv kernel there).
+    from sparse_compile.training.nm_mask import nm_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, 256, 1), nn.ReLU()).half().cuda().eval()
+    with torch.no_grad():
+        weight = model[0].weight
+        weight.mul_(nm_mask(weight.reshape(256, 128).float(), 2, 4).reshape(weight.shape).to(weight.dtype))
+    x = torch.randn(2, 128, 8, 8, dtype=torch.half, device="cuda")
+    counters["sparse_compile"].clear()
+    compiled, out = compile_and_run(model, x, options={"formats": ("2:4",)})
+    report = sparse_compile.report(compiled)
+    assert [(layer.kind, layer.format) for layer in report.layers] == [("conv1x1", "2:4")], str(report)
+    assert counters["sparse_compile"]["semi_structured_layers"] == 1
+    torch.testing.assert_close(out.double(), float64_reference(model, x), atol=2e-2, rtol=2e-2)
