@@ -266,6 +266,22 @@ inline void register_block(const A* a, int64_t lda, const float* packed, const i
   }
 }
 
+// The output's column blocks, WIDTH wide (the last of an output tile narrower where N cuts it),
+// output tile by output tile: block(p0, p1, out_col, col0, cols, bias_block) for the block at
+// output column out_col, column col0 of output tile i, whose kept tiles are packed[p0..p1).
+// The walk every path's row chunk shares; `block` runs its rows.
+template <int WIDTH, typename Block>
+inline void for_each_column_block(int64_t nb, int64_t n, int64_t t, const int32_t* row_ptr, const float* bias,
+                                  Block&& block) {
+  for (int64_t i = 0; i < nb; i++) {
+    const int64_t tile_cols = n - i * t < t ? n - i * t : t;
+    for (int64_t col0 = 0; col0 < tile_cols; col0 += WIDTH) {
+      const int cols = tile_cols - col0 < WIDTH ? (int)(tile_cols - col0) : WIDTH;
+      block(row_ptr[i], row_ptr[i + 1], i * t + col0, col0, cols, bias ? bias + i * t + col0 : nullptr);
+    }
+  }
+}
+
 // Rows [begin, end) of the output: every output tile, each as register blocks over all its kept
 // tiles. Its own function, arguments by value: inside the OpenMP region's outlined body the
 // loops read the captured variables through a pointer on every use (~15% slower, measured).
@@ -273,35 +289,41 @@ template <typename A, typename O>
 void row_chunk(const A* a, int64_t lda, const float* packed, const int32_t* row_ptr, const int32_t* col_idx,
                int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp, const float* bias, O* out,
                int64_t ldo, int64_t begin, int64_t end, int32_t activation) {
-  for (int64_t i = 0; i < nb; i++) {
-    const int64_t tile_cols = n - i * t < t ? n - i * t : t;
-    const int32_t p0 = row_ptr[i], p1 = row_ptr[i + 1];
-    for (int64_t col0 = 0; col0 < tile_cols; col0 += COLS) {
-      const int cols = tile_cols - col0 < COLS ? (int)(tile_cols - col0) : COLS;
-      const float* bias_block = bias ? bias + i * t + col0 : nullptr;
-      for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
-        const A* a_rows = a + r0 * lda;
-        O* out_block = out + r0 * ldo + i * t + col0;
+  for_each_column_block<COLS>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
+                                                           int cols, const float* bias_block) {
+    for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
+      const A* a_rows = a + r0 * lda;
+      O* out_block = out + r0 * ldo + out_col;
 #define SC_BLOCK(R) \
   register_block<R>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation)
-        switch (end - r0 < ROWS ? end - r0 : ROWS) {
-          case 6: SC_BLOCK(6); break;
-          case 5: SC_BLOCK(5); break;
-          case 4: SC_BLOCK(4); break;
-          case 3: SC_BLOCK(3); break;
-          case 2: SC_BLOCK(2); break;
-          default: SC_BLOCK(1); break;
-        }
-#undef SC_BLOCK
+      switch (end - r0 < ROWS ? end - r0 : ROWS) {
+        case 6: SC_BLOCK(6); break;
+        case 5: SC_BLOCK(5); break;
+        case 4: SC_BLOCK(4); break;
+        case 3: SC_BLOCK(3); break;
+        case 2: SC_BLOCK(2); break;
+        default: SC_BLOCK(1); break;
       }
+#undef SC_BLOCK
     }
-  }
+  });
 }
 
 // ---- the bf16 pairs path (AVX-512 BF16) --------------------------------------------------------
 
 #if SC_NATIVE_BF16
-constexpr int ROWS_BF16 = 6;  // x 2 vectors of 16 columns: 12 fp32 accumulators, as the fp32 path
+constexpr int ROWS_BF16 = 6;
+
+// 16 fp32 sums of one output row -> `activation` -> bf16 (to nearest even) at `out`, the lanes set
+// in `lanes` only (a block cut by N). Both bf16 paths (vdpbf16ps, AMX) end here.
+inline void store_bf16_row(uint16_t* out, __m512 sums, __mmask16 lanes, int32_t activation) {
+  if (activation != ACTIVATION_NONE) sums = (__m512)activate((v16)sums, activation);
+  const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sums);
+  if (lanes == 0xffff)
+    _mm256_storeu_si256((__m256i*)out, rounded);
+  else
+    _mm256_mask_storeu_epi16(out, lanes, rounded);
+}  // x 2 vectors of 16 columns: 12 fp32 accumulators, as the fp32 path
 
 // One R x (16 * NV) register block of bf16 output from bf16 `a` and the kept tiles' bf16 pairs.
 template <int R, int NV>
@@ -346,47 +368,33 @@ inline void register_block_bf16(const uint16_t* a, int64_t lda, const uint16_t* 
       }
     }
   }
-  for (int r = 0; r < R; r++) {
-    uint16_t* o = out + r * ldo;
-    for (int v = 0; v < NV; v++) {
-      const __m512 value = activation ? (__m512)activate((v16)acc[r][v], activation) : acc[r][v];
-      const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(value);  // to nearest even
-      if (lanes[v] == 0xffff)
-        _mm256_storeu_si256((__m256i*)(o + 16 * v), rounded);
-      else
-        _mm256_mask_storeu_epi16(o + 16 * v, lanes[v], rounded);
-    }
-  }
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < NV; v++) store_bf16_row(out + r * ldo + 16 * v, acc[r][v], lanes[v], activation);
 }
 
 void row_chunk_bf16(const uint16_t* a, int64_t lda, const uint16_t* packed, const int32_t* row_ptr,
                     const int32_t* col_idx, int64_t nb, int64_t n, int64_t k, int64_t t, int64_t tp,
                     const float* bias, uint16_t* out, int64_t ldo, int64_t begin, int64_t end, int32_t activation) {
-  for (int64_t i = 0; i < nb; i++) {
-    const int64_t tile_cols = n - i * t < t ? n - i * t : t;
-    const int32_t p0 = row_ptr[i], p1 = row_ptr[i + 1];
-    for (int64_t col0 = 0; col0 < tile_cols; col0 += 32) {
-      const int cols = tile_cols - col0 < 32 ? (int)(tile_cols - col0) : 32;
-      const float* bias_block = bias ? bias + i * t + col0 : nullptr;
-      for (int64_t r0 = begin; r0 < end; r0 += ROWS_BF16) {
-        const uint16_t* a_rows = a + r0 * lda;
-        uint16_t* out_block = out + r0 * ldo + i * t + col0;
-        // Two vectors only where the packed row has them (tp is a multiple of 16).
+  for_each_column_block<32>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
+                                                         int cols, const float* bias_block) {
+    for (int64_t r0 = begin; r0 < end; r0 += ROWS_BF16) {
+      const uint16_t* a_rows = a + r0 * lda;
+      uint16_t* out_block = out + r0 * ldo + out_col;
+      // Two vectors only where the packed row has them (tp is a multiple of 16).
 #define SC_BLOCK(R)                                                                                                   \
   (cols > 16 ? register_block_bf16<R, 2>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation) \
              : register_block_bf16<R, 1>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation))
-        switch (end - r0 < ROWS_BF16 ? end - r0 : ROWS_BF16) {
-          case 6: SC_BLOCK(6); break;
-          case 5: SC_BLOCK(5); break;
-          case 4: SC_BLOCK(4); break;
-          case 3: SC_BLOCK(3); break;
-          case 2: SC_BLOCK(2); break;
-          default: SC_BLOCK(1); break;
-        }
-#undef SC_BLOCK
+      switch (end - r0 < ROWS_BF16 ? end - r0 : ROWS_BF16) {
+        case 6: SC_BLOCK(6); break;
+        case 5: SC_BLOCK(5); break;
+        case 4: SC_BLOCK(4); break;
+        case 3: SC_BLOCK(3); break;
+        case 2: SC_BLOCK(2); break;
+        default: SC_BLOCK(1); break;
       }
+#undef SC_BLOCK
     }
-  }
+  });
 }
 #endif  // SC_NATIVE_BF16
 
@@ -462,16 +470,9 @@ inline void amx_block(const uint16_t* a, int64_t lda, const uint16_t* packed, co
     const int valid = cols - 16 * v >= 16 ? 16 : cols - 16 * v;
     const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
     const __m512 start = bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * v) : _mm512_setzero_ps();
-    for (int r = 0; r < (TWO_ROW_HALVES ? 32 : 16); r++) {
-      __m512 sum = _mm512_add_ps(_mm512_loadu_ps(scratch + r * 32 + 16 * v), start);
-      if (activation) sum = (__m512)activate((v16)sum, activation);
-      const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sum);  // to nearest even
-      uint16_t* o = out + r * ldo + 16 * v;
-      if (lanes == 0xffff)
-        _mm256_storeu_si256((__m256i*)o, rounded);
-      else
-        _mm256_mask_storeu_epi16(o, lanes, rounded);
-    }
+    for (int r = 0; r < (TWO_ROW_HALVES ? 32 : 16); r++)
+      store_bf16_row(out + r * ldo + 16 * v, _mm512_add_ps(_mm512_loadu_ps(scratch + r * 32 + 16 * v), start), lanes,
+                     activation);
   }
 }
 
@@ -481,28 +482,23 @@ void row_chunk_amx(const uint16_t* a, int64_t lda, const uint16_t* packed, const
                    const int32_t* col_idx, int64_t nb, int64_t n, int64_t t, int64_t tp, int64_t step,
                    const float* bias, uint16_t* out, int64_t ldo, int64_t begin, int64_t end, float* scratch,
                    int32_t activation) {
-  for (int64_t i = 0; i < nb; i++) {
-    const int64_t tile_cols = n - i * t < t ? n - i * t : t;
-    const int32_t p0 = row_ptr[i], p1 = row_ptr[i + 1];
-    for (int64_t col0 = 0; col0 < tile_cols; col0 += 32) {
-      const int cols = tile_cols - col0 < 32 ? (int)(tile_cols - col0) : 32;
-      const float* bias_block = bias ? bias + i * t + col0 : nullptr;
-      for (int64_t r0 = begin; r0 < end; r0 += 32) {
-        const uint16_t* a_rows = a + r0 * lda;
-        uint16_t* out_block = out + r0 * ldo + i * t + col0;
+  for_each_column_block<32>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
+                                                         int cols, const float* bias_block) {
+    for (int64_t r0 = begin; r0 < end; r0 += 32) {
+      const uint16_t* a_rows = a + r0 * lda;
+      uint16_t* out_block = out + r0 * ldo + out_col;
 #define SC_AMX_BLOCK(R2, C2) \
   amx_block<R2, C2>(a_rows, lda, packed, col_idx, p0, p1, t, tp, step, col0, bias_block, cols, out_block, ldo, scratch, \
                     activation)
-        // Two column halves only where the packed row has them (tp is a multiple of 16).
-        if (end - r0 >= 32) {
-          if (cols > 16) SC_AMX_BLOCK(true, true); else SC_AMX_BLOCK(true, false);
-        } else {
-          if (cols > 16) SC_AMX_BLOCK(false, true); else SC_AMX_BLOCK(false, false);
-        }
-#undef SC_AMX_BLOCK
+      // Two column halves only where the packed row has them (tp is a multiple of 16).
+      if (end - r0 >= 32) {
+        if (cols > 16) SC_AMX_BLOCK(true, true); else SC_AMX_BLOCK(true, false);
+      } else {
+        if (cols > 16) SC_AMX_BLOCK(false, true); else SC_AMX_BLOCK(false, false);
       }
+#undef SC_AMX_BLOCK
     }
-  }
+  });
 }
 #endif  // SC_AMX
 
