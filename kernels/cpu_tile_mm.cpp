@@ -39,6 +39,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -121,8 +123,9 @@ inline void store_v8(uint16_t* p, v8 value) { store_bf16x8(p, value); }
 // A linear followed by GELU or ReLU (an MLP's first layer) gets it applied to the fp32 sums before
 // they are rounded and stored: one pass over the output instead of a second kernel reading and
 // writing it again (in timm's DeiT-tiny, bf16, the separate GELU took as long as the 49 sparse
-// linears together). GELU is the exact (erf) one, erf as in ATen's vectorized CPU code (and so in
-// Inductor's C++ kernels): Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7, with a Cephes-style exp.
+// linears together). GELU is the exact (erf) one. For an fp32 output, erf as in ATen's vectorized
+// CPU code (and so in Inductor's C++ kernels): Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7, with
+// a Cephes-style exp. For an output rounded to bf16, a cheaper erf good to bf16 (erf_rational).
 
 constexpr int32_t ACTIVATION_NONE = 0;
 constexpr int32_t ACTIVATION_GELU = 1;
@@ -162,8 +165,9 @@ inline V exp_nonpositive(V x) {
   return y * scale;
 }
 
-// 1 / d for d >= 1: a vector division costs ~16 cycles per 16 lanes on AVX-512 (as much as the
-// rest of the GELU together); the reciprocal estimate (14 bits) and one Newton step give ~28 bits.
+// 1 / d for |d| well above 0 (erf_approx's 1 + 0.33 |x|, erf_rational's denominator): a vector
+// division costs ~16 cycles per 16 lanes on AVX-512 (as much as the rest of the GELU together);
+// the reciprocal estimate (14 bits) and one Newton step give ~28 bits.
 inline v8 reciprocal(v8 d) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
   const v8 r = (v8)_mm256_rcp14_ps((__m256)d);
@@ -202,6 +206,35 @@ inline V erf_approx(V x) {
   return out;
 }
 
+// erf for an output rounded to bfloat16 (8 significant bits): a rational function of x on
+// [-4, 4] (beyond, erf is +-1 in fp32), odd numerator of degree 13 over an even denominator of
+// degree 8 (the coefficients of XLA's / Eigen's fast float erf), |error| <= 4.5e-7. About 20
+// operations against the 35 of erf_approx's reciprocal, polynomial and exp: the fused GELU of a
+// bf16 layer ran at ~28 cycles per 16 values, the largest cost of timm DeiT-tiny's MLPs. For
+// GELU(x) = x/2 (1 + erf(x/sqrt(2))) in bf16: within 2 bf16 ulps of the exact value where
+// |GELU(x)| >= 1e-4, and within 2e-6 in the negative tail below that (x < -3.9, where
+// 1 + erf cancels; erf_approx there keeps 1e-6).
+template <typename V>
+inline V erf_rational(V x) {
+  x = x > 4.0f ? splat<V>(4.0f) : x;
+  x = x < -4.0f ? splat<V>(-4.0f) : x;
+  const V x2 = x * x;
+  V p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  V q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  const V erf = x * p * reciprocal(q);  // q <= -0.0142, far from 0
+  // Rounding takes the quotient to 1 + 2e-7 near +-4: clamped, so that 1 + erf(x) >= 0 and
+  // GELU keeps its sign in the negative tail (and GELU(-inf) is NaN, as torch's).
+  return erf > 1.0f ? splat<V>(1.0f) : (erf < -1.0f ? splat<V>(-1.0f) : erf);
+}
+
 template <typename V>
 inline V activate(V x, int32_t activation) {
   switch (activation) {
@@ -212,6 +245,19 @@ inline V activate(V x, int32_t activation) {
     default:
       return x;
   }
+}
+
+// The activation of fp32 sums about to be rounded to bfloat16: GELU's erf to bf16 precision.
+template <typename V>
+inline V activate_for_bf16(V x, int32_t activation) {
+  if (activation == ACTIVATION_GELU) return x * 0.5f * (1.0f + erf_rational(x * 0.70710678118654752f));
+  return activate(x, activation);
+}
+
+// The activation for an output of type O: float keeps the fp32-accurate GELU.
+template <typename O, typename V>
+inline V activate_for(V x, int32_t activation) {
+  return std::is_same<O, float>::value ? activate(x, activation) : activate_for_bf16(x, activation);
 }
 
 // ---- the fp32 path ----------------------------------------------------------------------------
@@ -252,8 +298,8 @@ inline void register_block(const A* a, int64_t lda, const float* packed, const i
   }
   if (activation != ACTIVATION_NONE)
     for (int r = 0; r < R; r++) {
-      acc[r][0] = activate(acc[r][0], activation);
-      acc[r][1] = activate(acc[r][1], activation);
+      acc[r][0] = activate_for<O>(acc[r][0], activation);
+      acc[r][1] = activate_for<O>(acc[r][1], activation);
     }
   for (int r = 0; r < R; r++) {
     O* o = out + r * ldo;
@@ -262,6 +308,29 @@ inline void register_block(const A* a, int64_t lda, const float* packed, const i
       store_v8(o + 8, acc[r][1]);
     } else {
       for (int c = 0; c < cols; c++) store_element(o + c, c < 8 ? acc[r][0][c] : acc[r][1][c - 8]);
+    }
+  }
+}
+
+// A column block whose output tile keeps no tile of W: every row is activation(bias) (or
+// activation(0)), the same COLS values. Computed once and copied down the rows, instead of once
+// per row: at 90% block sparsity about half the column blocks of a ViT's layers are empty (a
+// 192-deep layer at tile 32 keeps none of its 6 tiles in 0.9^6 = 53% of its block rows), and
+// there a fused GELU was most of the call's time.
+template <typename O>
+inline void constant_rows(const float* bias, int cols, O* out, int64_t ldo, int64_t rows, int32_t activation) {
+  v8 value[2] = {{0}, {0}};
+  if (bias)
+    for (int c = 0; c < cols; c++) value[c / 8][c % 8] = bias[c];
+  value[0] = activate_for<O>(value[0], activation);
+  value[1] = activate_for<O>(value[1], activation);
+  for (int64_t r = 0; r < rows; r++) {
+    O* o = out + r * ldo;
+    if (cols == COLS) {
+      store_v8(o, value[0]);
+      store_v8(o + 8, value[1]);
+    } else {
+      for (int c = 0; c < cols; c++) store_element(o + c, c < 8 ? value[0][c] : value[1][c - 8]);
     }
   }
 }
@@ -291,6 +360,7 @@ void row_chunk(const A* a, int64_t lda, const float* packed, const int32_t* row_
                int64_t ldo, int64_t begin, int64_t end, int32_t activation) {
   for_each_column_block<COLS>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
                                                            int cols, const float* bias_block) {
+    if (p0 == p1) return constant_rows(bias_block, cols, out + begin * ldo + out_col, ldo, end - begin, activation);
     for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
       const A* a_rows = a + r0 * lda;
       O* out_block = out + r0 * ldo + out_col;
@@ -317,13 +387,27 @@ constexpr int ROWS_BF16 = 6;
 // 16 fp32 sums of one output row -> `activation` -> bf16 (to nearest even) at `out`, the lanes set
 // in `lanes` only (a block cut by N). Both bf16 paths (vdpbf16ps, AMX) end here.
 inline void store_bf16_row(uint16_t* out, __m512 sums, __mmask16 lanes, int32_t activation) {
-  if (activation != ACTIVATION_NONE) sums = (__m512)activate((v16)sums, activation);
+  if (activation != ACTIVATION_NONE) sums = (__m512)activate_for_bf16((v16)sums, activation);
   const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sums);
   if (lanes == 0xffff)
     _mm256_storeu_si256((__m256i*)out, rounded);
   else
     _mm256_mask_storeu_epi16(out, lanes, rounded);
 }  // x 2 vectors of 16 columns: 12 fp32 accumulators, as the fp32 path
+
+// An empty column block (see constant_rows) of both bf16 paths: activation(bias), rounded once,
+// stored down the rows.
+inline void constant_rows_bf16(const float* bias, int cols, uint16_t* out, int64_t ldo, int64_t rows,
+                               int32_t activation) {
+  for (int v = 0; v < 2 && 16 * v < cols; v++) {
+    const int valid = cols - 16 * v >= 16 ? 16 : cols - 16 * v;
+    const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
+    __m512 value = bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * v) : _mm512_setzero_ps();
+    if (activation != ACTIVATION_NONE) value = (__m512)activate_for_bf16((v16)value, activation);
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(value);
+    for (int64_t r = 0; r < rows; r++) _mm256_mask_storeu_epi16(out + r * ldo + 16 * v, lanes, rounded);
+  }
+}
 
 // One R x (16 * NV) register block of bf16 output from bf16 `a` and the kept tiles' bf16 pairs.
 template <int R, int NV>
@@ -377,6 +461,7 @@ void row_chunk_bf16(const uint16_t* a, int64_t lda, const uint16_t* packed, cons
                     const float* bias, uint16_t* out, int64_t ldo, int64_t begin, int64_t end, int32_t activation) {
   for_each_column_block<32>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
                                                          int cols, const float* bias_block) {
+    if (p0 == p1) return constant_rows_bf16(bias_block, cols, out + begin * ldo + out_col, ldo, end - begin, activation);
     for (int64_t r0 = begin; r0 < end; r0 += ROWS_BF16) {
       const uint16_t* a_rows = a + r0 * lda;
       uint16_t* out_block = out + r0 * ldo + out_col;
@@ -484,6 +569,7 @@ void row_chunk_amx(const uint16_t* a, int64_t lda, const uint16_t* packed, const
                    int32_t activation) {
   for_each_column_block<32>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
                                                          int cols, const float* bias_block) {
+    if (p0 == p1) return constant_rows_bf16(bias_block, cols, out + begin * ldo + out_col, ldo, end - begin, activation);
     for (int64_t r0 = begin; r0 < end; r0 += 32) {
       const uint16_t* a_rows = a + r0 * lda;
       uint16_t* out_block = out + r0 * ldo + out_col;

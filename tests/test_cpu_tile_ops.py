@@ -200,6 +200,93 @@ def test_tile_linear_gelu_matches_torch_over_the_whole_range():
     torch.testing.assert_close(out[1:-1], torch.nn.functional.gelu(special[1:-1]), atol=1e-30, rtol=1e-6)
 
 
+# Every path by the dtype of its output: SCHEDULES' (fp32 out on the fp32 path, bf16 on the bf16 pairs
+# ones) and the fp32 path with bf16 activations in and out.
+OUTPUT_PATHS = [(f, amx, torch.bfloat16 if f == 1 else torch.float32) for f, amx in SCHEDULES] + [
+    (0, False, torch.bfloat16)
+]
+OUTPUT_PATH_IDS = [f"format{f}{'-amx' if a else ''}-{str(d)[6:]}" for f, a, d in OUTPUT_PATHS]
+
+
+def run_path(packed_format, amx, x, bsr, bias, n, k, t, activation):
+    """tile_linear on one path; asserts AMX ran where it was asked to (and the shape allows)."""
+    packed = torch.ops.sparse_compile.tile_pack_blocks(bsr.values, packed_format)
+    before = cpu_tile_mm.use_amx(amx)
+    try:
+        amx_calls = cpu_tile_mm.amx_calls()
+        out = tile_linear(x, packed, bsr.crow_indices, bsr.col_indices, bias, n, k, t, packed_format, activation)
+        assert cpu_tile_mm.amx_calls() - amx_calls == int(amx and x.shape[0] >= 16 and t % 16 == 0 and k % t == 0)
+    finally:
+        cpu_tile_mm.use_amx(before)
+    return out
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("packed_format,amx,dtype", OUTPUT_PATHS, ids=OUTPUT_PATH_IDS)
+def test_an_output_tile_that_keeps_no_tile_is_the_activated_bias(activation, with_bias, packed_format, amx, dtype):
+    # Where a row of output tiles keeps no tile of W, the kernel computes activation(bias) once and
+    # copies it down the rows: those columns, and the kept ones beside them, against float64.
+    # Block rows 1 and 3 (the last, cut by N at 4 columns) empty; 50 rows = 48 on AMX tiles + 2.
+    n, k, t, rows = 100, 96, 32, 50
+    w = torch.randn(n, k)
+    w[32:64], w[96:] = 0, 0
+    w[0:32, 32:64] = 0  # block row 0 keeps two of its three tiles, block row 2 all three
+    w = w.to(dtype)
+    bsr = BsrWeight.from_dense(w, t)
+    assert bsr.crow_indices.diff().tolist() == [2, 0, 3, 0]
+    x = (torch.randn(rows, k) * 2).to(dtype)
+    bias = torch.randn(n) * 2 if with_bias else None
+    out = run_path(packed_format, amx, x, bsr, bias, n, k, t, activation)
+    expected = reference(x, w, bias)
+    if activation != "none":
+        expected = ACTIVATIONS[activation](expected)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    else:  # one rounding to bf16, fp32 sums (and GELU's erf to bf16 precision)
+        torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=2**-7)
+    empty_columns = torch.cat([torch.arange(32, 64), torch.arange(96, 100)])
+    assert (out[:, empty_columns] == out[:1, empty_columns]).all()
+
+
+def bf16_values_up_to(limit):
+    """Every finite bfloat16 value in [-limit, limit], padded with zeros to a multiple of 16."""
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = values[values.float().isfinite() & (values.float().abs() <= limit)]
+    return torch.cat([values, values.new_zeros(-len(values) % 16)])
+
+
+@pytest.mark.parametrize(
+    "packed_format,amx,dtype",
+    [p for p in OUTPUT_PATHS if p[2] == torch.bfloat16],
+    ids=[i for p, i in zip(OUTPUT_PATHS, OUTPUT_PATH_IDS) if p[2] == torch.bfloat16],
+)
+def test_the_gelu_of_a_bf16_output_over_every_bf16_value(packed_format, amx, dtype):
+    # A bf16 output gets GELU with an erf good to bf16 (a rational function, cheaper than the fp32
+    # path's): every bf16 input from -12 to 12 through an identity tile (exact sums), against
+    # float64. Within two bf16 ulps where |GELU| >= 1e-4, within 2e-6 below (x < -3.9, where
+    # 1 + erf cancels), and the nearest bf16 value of float64's almost everywhere.
+    eye = torch.eye(16, dtype=torch.bfloat16)
+    bsr = BsrWeight.from_dense(eye, 16)
+    values = bf16_values_up_to(12)
+    out = run_path(packed_format, amx, values.view(-1, 16), bsr, None, 16, 16, 16, "gelu").view(-1)
+    expected = gelu_float64(values.double())
+    error = (out.double() - expected).abs()
+    large = expected.abs() >= 1e-4
+    assert (error[large] <= 2**-6 * expected[large].abs()).all()  # two ulps: 2 x 2^-7 relative at most
+    assert (error[~large] <= 2e-6).all()
+    exact = out == expected.to(torch.bfloat16)
+    assert exact[large].float().mean() > 0.97, exact[large].float().mean()
+    special = torch.tensor([float("nan"), 0.0, -0.0, 100.0, -100.0, float("inf"), float("-inf")])
+    x = torch.zeros(16, 16)
+    x[: len(special), 0] = special  # one value per row
+    out = run_path(packed_format, amx, x.to(torch.bfloat16), bsr, None, 16, 16, 16, "gelu")[: len(special), 0]
+    # NaN stays NaN, GELU(-inf) is NaN (-inf * 0) as torch's, GELU(inf) is inf (torch's fp32 GELU
+    # says NaN, its bf16 one inf), and the negative tail is 0, never above.
+    expected = torch.tensor([float("nan"), 0.0, 0.0, 100.0, 0.0, float("inf"), float("nan")])
+    torch.testing.assert_close(out.float(), expected, atol=0, rtol=0, equal_nan=True)
+
+
 def test_tile_linear_refuses_an_unknown_activation():
     n, k, t = 64, 96, 32
     packed, crow, col, packed_format = converted(block_sparse(n, k, t, 0.5), t, torch.float32)
