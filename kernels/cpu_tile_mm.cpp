@@ -134,9 +134,11 @@ constexpr int32_t ACTIVATION_RELU = 2;
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef int32_t v16i __attribute__((vector_size(64)));
-template <typename V> struct IntVector;
-template <> struct IntVector<v8> { typedef v8i type; };
-template <> struct IntVector<v16> { typedef v16i type; };
+// The int32 vector of a float vector's width, by its size in bytes (a vector type with attributes
+// as a template argument draws GCC's -Wignored-attributes).
+template <size_t BYTES> struct IntVectorOfSize;
+template <> struct IntVectorOfSize<32> { typedef v8i type; };
+template <> struct IntVectorOfSize<64> { typedef v16i type; };
 
 template <typename V>
 inline V splat(float value) {
@@ -148,7 +150,7 @@ inline V splat(float value) {
 // of r, times 2^n built in the exponent bits. Below -87 the result is ~1e-38: clamped there.
 template <typename V>
 inline V exp_nonpositive(V x) {
-  typedef typename IntVector<V>::type VI;
+  typedef typename IntVectorOfSize<sizeof(V)>::type VI;
   x = x < -87.0f ? splat<V>(-87.0f) : x;
   const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -188,7 +190,7 @@ inline v16 reciprocal(v16 d) {
 
 template <typename V>
 inline V erf_approx(V x) {
-  typedef typename IntVector<V>::type VI;
+  typedef typename IntVectorOfSize<sizeof(V)>::type VI;
   VI bits;
   memcpy(&bits, &x, sizeof bits);
   const VI sign = bits & (int32_t)0x80000000u;

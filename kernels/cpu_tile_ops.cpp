@@ -163,7 +163,8 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   for (const at::Tensor* t : {&x, &packed, &row_ptr, &col_idx})
     TORCH_CHECK(t->device().is_cpu(), "tile_linear: CPU tensors only (the CUDA path is sparse_compile::bsr_linear)");
 
-  at::Tensor a = x.reshape({-1, in_features});
+  // A 2-D x (what a compiled graph passes) is read as it is: no view made and dropped per call.
+  at::Tensor a = x.dim() == 2 ? x : x.reshape({-1, in_features});
   if (dtype == at::kHalf) a = a.to(at::kFloat);  // no half arithmetic in the kernel: fp32, rounded back at the end
   if (a.stride(1) != 1) a = a.contiguous();
   const bool bf16 = a.scalar_type() == at::kBFloat16;
@@ -182,6 +183,7 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     TORCH_CHECK(status == 0, "tile_linear: this build of the tile kernel cannot run packed layout ", format, " with ", dtype);
   }
   if (dtype == at::kHalf) out = out.to(at::kHalf);
+  if (x.dim() == 2) return out;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return out.view(shape);
