@@ -24,7 +24,9 @@ result read twice) stays as it is, for Inductor.
 
 Numerics: the activation sees the fp32 sum before it is rounded to the output dtype (eager
 rounds first, then applies it): in bf16 the two differ by at most about one bf16 ulp of the
-result. GELU's erf is ATen's vectorized one (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7).
+result. GELU's erf is ATen's vectorized one (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7)
+for an fp32 output; for a bf16 one, a cheaper rational erf good to bf16 (``kernels/cpu_tile_mm.cpp``:
+``erf_rational``; within two bf16 ulps of the exact GELU where it is at least 1e-4 in magnitude).
 """
 
 from __future__ import annotations
