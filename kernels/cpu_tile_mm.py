@@ -42,8 +42,8 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 __all__ = [
-    "amx_calls", "bsr_mm", "load", "native_amx", "native_bfloat16", "pack_bsr_values", "tile_linear_calls", "tile_mm",
-    "unavailable_reason", "use_amx",
+    "amx_calls", "bsr_mm", "load", "native_amx", "native_bfloat16", "native_wide_fp32", "pack_bsr_values",
+    "tile_linear_calls", "tile_mm", "unavailable_reason", "use_amx", "use_wide_fp32",
 ]
 
 #: ``SPARSE_COMPILE_CPU_AMX=0`` keeps the bf16 path off the CPU's AMX tiles (see :func:`use_amx`).
@@ -290,6 +290,20 @@ def use_amx(enabled: bool) -> bool:
     benchmarks on an AMX host; ``SPARSE_COMPILE_CPU_AMX=0`` starts a process with it off."""
     load()
     return bool(torch.ops.sparse_compile.tile_set_amx(bool(enabled)))
+
+
+def native_wide_fp32() -> bool:
+    """Whether the fp32 path computes in 16-float (AVX-512) vectors: the kernel was built for a CPU
+    with AVX-512 (F, BW, VL). Else in 8-float ones. On by default where built (:func:`use_wide_fp32`)."""
+    return _library.get() is not None and bool(torch.ops.sparse_compile.tile_native_wide_fp32())
+
+
+def use_wide_fp32(enabled: bool) -> bool:
+    """Turns the fp32 path's 16-float vectors on or off for later calls in this process, returning
+    whether they were on (off for good where :func:`native_wide_fp32` is False): for tests of the
+    8-float path on an AVX-512 host and A/B benchmarks."""
+    load()
+    return bool(torch.ops.sparse_compile.tile_set_wide_fp32(bool(enabled)))
 
 
 def amx_calls() -> int:

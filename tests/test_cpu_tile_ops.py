@@ -54,6 +54,65 @@ def test_tile_linear_fp32_matches_float64(lead, n, k, t, with_bias):
     torch.testing.assert_close(out.double(), reference(x, w, bias), atol=1e-4, rtol=1e-4)
 
 
+# The fp32 path's vector widths this host runs: 8 floats always, 16 where the kernel was built for
+# AVX-512 (its default there).
+FP32_WIDTHS = [8] + ([16] if cpu_tile_mm.unavailable_reason() is None and cpu_tile_mm.native_wide_fp32() else [])
+
+
+@pytest.fixture(params=FP32_WIDTHS, ids=[f"{w}-wide" for w in FP32_WIDTHS])
+def fp32_width(request):
+    before = cpu_tile_mm.use_wide_fp32(request.param == 16)
+    yield request.param
+    cpu_tile_mm.use_wide_fp32(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_both_fp32_vector_widths_match_float64(fp32_width, threads, out_dtype):
+    # Every shape the fp32 path's register blocks meet: tiles of 16 (one vector of 16 columns),
+    # 32, 48 (32 + 16 columns) and 64; N cut inside a tile; K cut inside a tile; row counts below,
+    # at and past the 6-row block; a strided input; with and without bias; each activation; fp32
+    # and bf16 outputs (bf16 activations in: converted to fp32 rows first). Against float64.
+    for rows, n, k, t in [(1, 48, 64, 16), (5, 100, 96, 32), (13, 96, 144, 48), (97, 136, 128, 64), (6, 40, 70, 32)]:
+        # Any tile size through the masked op's packing (BSR takes powers of two only).
+        w = block_sparse(n, k, t, 0.6, out_dtype)
+        nb, kb = -(-n // t), -(-k // t)
+        padded = torch.zeros(nb * t, kb * t)
+        padded[:n, :k] = w.float()
+        tile_mask = (padded.view(nb, t, kb, t).abs().sum((1, 3)) > 0).float()
+        kept = int(tile_mask.sum())
+        packed, row_ptr, col_idx = torch.ops.sparse_compile.tile_pack_masked(w, tile_mask, t, kept, 0, False)
+        x = (torch.randn(k, rows).t() * 2).to(out_dtype)  # strided rows
+        for bias, activation in [(torch.randn(n), "none"), (None, "gelu"), (torch.randn(n), "relu")]:
+            out = tile_linear(x, packed, row_ptr, col_idx, bias, n, k, t, 0, activation)
+            expected = reference(x, w, bias)
+            if activation != "none":
+                expected = ACTIVATIONS[activation](expected)
+            assert out.dtype == out_dtype
+            if out_dtype == torch.float32:
+                torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+            else:
+                torch.testing.assert_close(out.double(), expected, atol=1e-3, rtol=2**-7)
+
+
+def test_both_fp32_vector_widths_give_the_same_sums():
+    # The 16-wide path does the 8-wide one's arithmetic in the same order (fused multiply-adds
+    # over the kept tiles, tile by tile): the same bits where both run.
+    if len(FP32_WIDTHS) < 2:
+        pytest.skip("one fp32 vector width on this host (no AVX-512)")
+    n, k, t = 136, 160, 32
+    w, x, bias = block_sparse(n, k, t, 0.5), torch.randn(50, k), torch.randn(n)
+    packed, crow, col, _ = converted(w, t, torch.float32)
+    results = []
+    for wide in (False, True):
+        before = cpu_tile_mm.use_wide_fp32(wide)
+        try:
+            results.append(tile_linear(x, packed, crow, col, bias, n, k, t, 0, "gelu"))
+        finally:
+            cpu_tile_mm.use_wide_fp32(before)
+    torch.testing.assert_close(results[1], results[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", [(torch.bfloat16, 3e-2, 2e-2), (torch.float16, 5e-3, 5e-3)])
 def test_tile_linear_half_in_half_out(dtype, atol, rtol):
     n, k, t = 96, 130, 32
