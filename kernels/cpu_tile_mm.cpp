@@ -39,9 +39,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <type_traits>
-
 #include <atomic>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
