@@ -10,9 +10,10 @@
 // all its kept tiles, and the rows are split over threads in one OpenMP region per call.
 //
 // Two packed layouts of the kept tiles, two arithmetic paths:
-//  - FP32: packed[p][kk][nn] fp32, fp32 multiply-adds (GCC vector extensions: AVX2, AVX-512,
-//    NEON, whatever -march gives). `a` and `out` may be fp32 or bfloat16 (converted in registers,
-//    so a bf16 call needs no fp32 copies of its activations or its result).
+//  - FP32: packed[p][kk][nn] fp32, fp32 multiply-adds: 16-float AVX-512 vectors where the build
+//    targets AVX-512 (SC_WIDE_FP32), else 8-float GCC vector extensions (AVX2, NEON, whatever
+//    -march gives). `a` and `out` may be fp32 or bfloat16 (a bf16 `a` converted once per row
+//    chunk, a bf16 `out` rounded in registers: no fp32 copy of the result).
 //  - BF16 pairs: packed[p][kk / 2][nn][kk % 2] bfloat16, consumed by the CPU's bf16 dot products
 //    (AVX-512 BF16 `vdpbf16ps`: two bf16 products added into an fp32 lane per instruction, twice
 //    the multiply-adds of an fp32 FMA per instruction and half the bytes). Only where the
