@@ -365,6 +365,21 @@ inline void for_each_column_block(int64_t nb, int64_t n, int64_t t, const int32_
   }
 }
 
+// Rows [begin, end) in register blocks of MAX rows (the last one shorter): block(r0, rows) with
+// `rows` a std::integral_constant, since a register block's accumulators are sized at compile time.
+// Every path's row chunk walks its rows this way.
+template <int R, typename Block>
+inline void register_block_of(int64_t rows, int64_t r0, Block& block) {
+  if constexpr (R > 1)
+    if (rows < R) return register_block_of<R - 1>(rows, r0, block);
+  block(r0, std::integral_constant<int, R>());
+}
+
+template <int MAX, typename Block>
+inline void for_each_register_block(int64_t begin, int64_t end, Block&& block) {
+  for (int64_t r0 = begin; r0 < end; r0 += MAX) register_block_of<MAX>(end - r0, r0, block);
+}
+
 // Rows [begin, end) of the output: every output tile, each as register blocks over all its kept
 // tiles. Its own function, arguments by value: inside the OpenMP region's outlined body the
 // loops read the captured variables through a pointer on every use (~15% slower, measured).
@@ -375,25 +390,23 @@ void row_chunk(const A* a, int64_t lda, const float* packed, const int32_t* row_
   for_each_column_block<COLS>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
                                                            int cols, const float* bias_block) {
     if (p0 == p1) return constant_rows(bias_block, cols, out + begin * ldo + out_col, ldo, end - begin, activation);
-    for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
-      const A* a_rows = a + r0 * lda;
-      O* out_block = out + r0 * ldo + out_col;
-#define SC_BLOCK(R) \
-  register_block<R>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation)
-      switch (end - r0 < ROWS ? end - r0 : ROWS) {
-        case 6: SC_BLOCK(6); break;
-        case 5: SC_BLOCK(5); break;
-        case 4: SC_BLOCK(4); break;
-        case 3: SC_BLOCK(3); break;
-        case 2: SC_BLOCK(2); break;
-        default: SC_BLOCK(1); break;
-      }
-#undef SC_BLOCK
-    }
+    for_each_register_block<ROWS>(begin, end, [&](int64_t r0, auto rows) {
+      register_block<decltype(rows)::value>(a + r0 * lda, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block,
+                                            cols, out + r0 * ldo + out_col, ldo, activation);
+    });
   });
 }
 
 // ---- the fp32 path in 16-float vectors (AVX-512) ------------------------------------------------
+
+#if defined(__AVX512F__)
+// The lanes of the 16-column vector v of a block `cols` wide (a block cut by N has fewer): the mask
+// of every masked load and store of the AVX-512 paths.
+inline __mmask16 column_lanes(int cols, int v) {
+  const int valid = cols - 16 * v >= 16 ? 16 : (cols - 16 * v > 0 ? cols - 16 * v : 0);
+  return (__mmask16)((1u << valid) - 1u);
+}
+#endif
 
 #if SC_WIDE_FP32
 std::atomic<int> wide_fp32_enabled{1};
@@ -426,10 +439,7 @@ inline void register_block_x16(const float* a, int64_t lda, const float* packed,
                                int32_t p1, int64_t k, int64_t t, int64_t tp, int64_t col0, const float* bias, int cols,
                                O* out, int64_t ldo, int32_t activation) {
   __mmask16 lanes[NV];
-  for (int v = 0; v < NV; v++) {
-    const int valid = cols - 16 * v >= 16 ? 16 : (cols - 16 * v > 0 ? cols - 16 * v : 0);
-    lanes[v] = (__mmask16)((1u << valid) - 1u);
-  }
+  for (int v = 0; v < NV; v++) lanes[v] = column_lanes(cols, v);
   __m512 acc[R][NV];
   for (int v = 0; v < NV; v++) {
     const __m512 start = bias ? _mm512_maskz_loadu_ps(lanes[v], bias + 16 * v) : _mm512_setzero_ps();
@@ -471,22 +481,17 @@ void row_chunk_x16(const float* a, int64_t lda, const float* packed, const int32
       if (cols > 16) constant_rows(bias_block ? bias_block + 16 : nullptr, cols - 16, out_rows + 16, ldo, end - begin, activation);
       return;
     }
-    for (int64_t r0 = begin; r0 < end; r0 += ROWS) {
-      const float* a_rows = a + r0 * lda;
-      O* out_block = out + r0 * ldo + out_col;
-#define SC_BLOCK(R)                                                                                                  \
-  (cols > 16 ? register_block_x16<R, 2>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation) \
-             : register_block_x16<R, 1>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation))
-      switch (end - r0 < ROWS ? end - r0 : ROWS) {
-        case 6: SC_BLOCK(6); break;
-        case 5: SC_BLOCK(5); break;
-        case 4: SC_BLOCK(4); break;
-        case 3: SC_BLOCK(3); break;
-        case 2: SC_BLOCK(2); break;
-        default: SC_BLOCK(1); break;
-      }
-#undef SC_BLOCK
-    }
+    // Two vectors only where the packed row has them (tp is a multiple of 16).
+    if (cols > 16)
+      for_each_register_block<ROWS>(begin, end, [&](int64_t r0, auto rows) {
+        register_block_x16<decltype(rows)::value, 2>(a + r0 * lda, lda, packed, col_idx, p0, p1, k, t, tp, col0,
+                                                     bias_block, cols, out + r0 * ldo + out_col, ldo, activation);
+      });
+    else
+      for_each_register_block<ROWS>(begin, end, [&](int64_t r0, auto rows) {
+        register_block_x16<decltype(rows)::value, 1>(a + r0 * lda, lda, packed, col_idx, p0, p1, k, t, tp, col0,
+                                                     bias_block, cols, out + r0 * ldo + out_col, ldo, activation);
+      });
   });
 }
 #endif  // SC_WIDE_FP32
@@ -525,8 +530,7 @@ inline void store_bf16_row(uint16_t* out, __m512 sums, __mmask16 lanes, int32_t 
 inline void constant_rows_bf16(const float* bias, int cols, uint16_t* out, int64_t ldo, int64_t rows,
                                int32_t activation) {
   for (int v = 0; v < 2 && 16 * v < cols; v++) {
-    const int valid = cols - 16 * v >= 16 ? 16 : cols - 16 * v;
-    const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
+    const __mmask16 lanes = column_lanes(cols, v);
     __m512 value = bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * v) : _mm512_setzero_ps();
     if (activation != ACTIVATION_NONE) value = (__m512)activate_for_bf16((v16)value, activation);
     const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(value);
@@ -541,10 +545,7 @@ inline void register_block_bf16(const uint16_t* a, int64_t lda, const uint16_t* 
                                 const float* bias, int cols, uint16_t* out, int64_t ldo, int32_t activation) {
   const int64_t pair_rows = (t + 1) / 2;
   __mmask16 lanes[NV];
-  for (int v = 0; v < NV; v++) {
-    const int valid = cols - 16 * v >= 16 ? 16 : (cols - 16 * v > 0 ? cols - 16 * v : 0);
-    lanes[v] = (__mmask16)((1u << valid) - 1u);
-  }
+  for (int v = 0; v < NV; v++) lanes[v] = column_lanes(cols, v);
   __m512 acc[R][NV];
   for (int v = 0; v < NV; v++) {
     const __m512 start = bias ? _mm512_maskz_loadu_ps(lanes[v], bias + 16 * v) : _mm512_setzero_ps();
@@ -587,23 +588,17 @@ void row_chunk_bf16(const uint16_t* a, int64_t lda, const uint16_t* packed, cons
   for_each_column_block<32>(nb, n, t, row_ptr, bias, [&](int32_t p0, int32_t p1, int64_t out_col, int64_t col0,
                                                          int cols, const float* bias_block) {
     if (p0 == p1) return constant_rows_bf16(bias_block, cols, out + begin * ldo + out_col, ldo, end - begin, activation);
-    for (int64_t r0 = begin; r0 < end; r0 += ROWS_BF16) {
-      const uint16_t* a_rows = a + r0 * lda;
-      uint16_t* out_block = out + r0 * ldo + out_col;
-      // Two vectors only where the packed row has them (tp is a multiple of 16).
-#define SC_BLOCK(R)                                                                                                   \
-  (cols > 16 ? register_block_bf16<R, 2>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation) \
-             : register_block_bf16<R, 1>(a_rows, lda, packed, col_idx, p0, p1, k, t, tp, col0, bias_block, cols, out_block, ldo, activation))
-      switch (end - r0 < ROWS_BF16 ? end - r0 : ROWS_BF16) {
-        case 6: SC_BLOCK(6); break;
-        case 5: SC_BLOCK(5); break;
-        case 4: SC_BLOCK(4); break;
-        case 3: SC_BLOCK(3); break;
-        case 2: SC_BLOCK(2); break;
-        default: SC_BLOCK(1); break;
-      }
-#undef SC_BLOCK
-    }
+    // Two vectors only where the packed row has them (tp is a multiple of 16).
+    if (cols > 16)
+      for_each_register_block<ROWS_BF16>(begin, end, [&](int64_t r0, auto rows) {
+        register_block_bf16<decltype(rows)::value, 2>(a + r0 * lda, lda, packed, col_idx, p0, p1, k, t, tp, col0,
+                                                      bias_block, cols, out + r0 * ldo + out_col, ldo, activation);
+      });
+    else
+      for_each_register_block<ROWS_BF16>(begin, end, [&](int64_t r0, auto rows) {
+        register_block_bf16<decltype(rows)::value, 1>(a + r0 * lda, lda, packed, col_idx, p0, p1, k, t, tp, col0,
+                                                      bias_block, cols, out + r0 * ldo + out_col, ldo, activation);
+      });
   });
 }
 #endif  // SC_NATIVE_BF16
@@ -677,8 +672,7 @@ inline void amx_block(const uint16_t* a, int64_t lda, const uint16_t* packed, co
   if (TWO_ROW_HALVES) _tile_stored(2, scratch + 16 * 32, 128);
   if (TWO_ROW_HALVES && TWO_COL_HALVES) _tile_stored(3, scratch + 16 * 32 + 16, 128);
   for (int v = 0; v < (TWO_COL_HALVES ? 2 : 1); v++) {
-    const int valid = cols - 16 * v >= 16 ? 16 : cols - 16 * v;
-    const __mmask16 lanes = (__mmask16)((1u << valid) - 1u);
+    const __mmask16 lanes = column_lanes(cols, v);
     const __m512 start = bias ? _mm512_maskz_loadu_ps(lanes, bias + 16 * v) : _mm512_setzero_ps();
     for (int r = 0; r < (TWO_ROW_HALVES ? 32 : 16); r++)
       store_bf16_row(out + r * ldo + 16 * v, _mm512_add_ps(_mm512_loadu_ps(scratch + r * 32 + 16 * v), start), lanes,
