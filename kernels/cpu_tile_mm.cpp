@@ -410,6 +410,7 @@ inline __mmask16 column_lanes(int cols, int v) {
 
 #if SC_WIDE_FP32
 std::atomic<int> wide_fp32_enabled{1};
+std::atomic<int64_t> wide_fp32_call_count{0};
 
 // 16 fp32 results of one output row at `out`, the lanes in `lanes` only (a block cut by N).
 inline void store_row_x16(float* out, __m512 value, __mmask16 lanes) {
@@ -803,6 +804,15 @@ int32_t sc_set_wide_fp32(int32_t enabled) {
 #endif
 }
 
+// How many sc_tile_mm calls ran the fp32 path in 16-float vectors: how a test sees which ran.
+int64_t sc_wide_fp32_calls(void) {
+#if SC_WIDE_FP32
+  return wide_fp32_call_count.load(std::memory_order_relaxed);
+#else
+  return 0;
+#endif
+}
+
 // How many sc_tile_mm calls ran rows on AMX tiles: how a test sees which path ran.
 int64_t sc_amx_calls(void) {
 #if SC_AMX
@@ -908,7 +918,8 @@ int32_t sc_tile_mm(const void* a, int32_t a_bf16, int64_t lda, int64_t m, const 
   chunk_rows = (chunk_rows + ROWS - 1) / ROWS * ROWS;
   chunks = (m + chunk_rows - 1) / chunk_rows;
 #if SC_WIDE_FP32
-  const bool wide = wide_fp32_enabled.load() != 0;
+  const bool wide = format == PACKED_FP32 && wide_fp32_enabled.load() != 0;
+  if (wide) wide_fp32_call_count.fetch_add(1, std::memory_order_relaxed);
 #else
   const bool wide = false;
 #endif

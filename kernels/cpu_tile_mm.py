@@ -43,7 +43,7 @@ from torch._dynamo.utils import counters
 
 __all__ = [
     "amx_calls", "bsr_mm", "load", "native_amx", "native_bfloat16", "native_wide_fp32", "pack_bsr_values",
-    "tile_linear_calls", "tile_mm", "unavailable_reason", "use_amx", "use_wide_fp32",
+    "tile_linear_calls", "tile_mm", "unavailable_reason", "use_amx", "use_wide_fp32", "wide_fp32_calls",
 ]
 
 #: ``SPARSE_COMPILE_CPU_AMX=0`` keeps the bf16 path off the CPU's AMX tiles (see :func:`use_amx`).
@@ -304,6 +304,14 @@ def use_wide_fp32(enabled: bool) -> bool:
     8-float path on an AVX-512 host and A/B benchmarks."""
     load()
     return bool(torch.ops.sparse_compile.tile_set_wide_fp32(bool(enabled)))
+
+
+def wide_fp32_calls() -> int:
+    """How many kernel calls in this process ran the fp32 path in 16-float vectors (0 before the
+    library is loaded): how a test sees which width ran."""
+    if _loaded_path is None:
+        return 0
+    return int(torch.ops.sparse_compile.tile_wide_fp32_calls())
 
 
 def amx_calls() -> int:

@@ -35,6 +35,7 @@ int32_t sc_set_amx(int32_t enabled);
 int64_t sc_amx_calls(void);
 int32_t sc_native_wide_fp32(void);
 int32_t sc_set_wide_fp32(int32_t enabled);
+int64_t sc_wide_fp32_calls(void);
 int64_t sc_pack_kept_tiles(const void* w, int32_t w_bf16, int64_t n, int64_t k, int64_t w_s0, int64_t w_s1,
                            const float* mask, int64_t nb, int64_t kb, int64_t mask_s0, int64_t mask_s1, int64_t t,
                            int64_t tp, int64_t capacity, int32_t format, int32_t round_bf16, int32_t* row_ptr,
@@ -203,6 +204,8 @@ bool tile_native_wide_fp32() { return sc_native_wide_fp32() != 0; }
 
 bool tile_set_wide_fp32(bool enabled) { return sc_set_wide_fp32(enabled ? 1 : 0) != 0; }
 
+int64_t tile_wide_fp32_calls() { return sc_wide_fp32_calls(); }
+
 int64_t tile_linear_calls() { return tile_linear_call_count.load(std::memory_order_relaxed); }
 
 }  // namespace
@@ -221,6 +224,7 @@ TORCH_LIBRARY_FRAGMENT(sparse_compile, m) {
   m.def("tile_amx_calls() -> int", &tile_amx_calls);
   m.def("tile_native_wide_fp32() -> bool", &tile_native_wide_fp32);
   m.def("tile_set_wide_fp32(bool enabled) -> bool", &tile_set_wide_fp32);
+  m.def("tile_wide_fp32_calls() -> int", &tile_wide_fp32_calls);
   m.def("tile_linear_calls() -> int", &tile_linear_calls);
 }
 

@@ -84,7 +84,9 @@ def test_both_fp32_vector_widths_match_float64(fp32_width, threads, out_dtype):
         packed, row_ptr, col_idx = torch.ops.sparse_compile.tile_pack_masked(w, tile_mask, t, kept, 0, False)
         x = (torch.randn(k, rows).t() * 2).to(out_dtype)  # strided rows
         for bias, activation in [(torch.randn(n), "none"), (None, "gelu"), (torch.randn(n), "relu")]:
+            wide_calls = cpu_tile_mm.wide_fp32_calls()
             out = tile_linear(x, packed, row_ptr, col_idx, bias, n, k, t, 0, activation)
+            assert cpu_tile_mm.wide_fp32_calls() - wide_calls == int(fp32_width == 16)  # the width asked for ran
             expected = reference(x, w, bias)
             if activation != "none":
                 expected = ACTIVATIONS[activation](expected)
@@ -107,7 +109,9 @@ def test_both_fp32_vector_widths_give_the_same_sums():
     for wide in (False, True):
         before = cpu_tile_mm.use_wide_fp32(wide)
         try:
+            wide_calls = cpu_tile_mm.wide_fp32_calls()
             results.append(tile_linear(x, packed, crow, col, bias, n, k, t, 0, "gelu"))
+            assert cpu_tile_mm.wide_fp32_calls() - wide_calls == int(wide)
         finally:
             cpu_tile_mm.use_wide_fp32(before)
     torch.testing.assert_close(results[1], results[0], atol=0, rtol=0)
